@@ -1,0 +1,204 @@
+"""The Kangaroo adapter: the only trained part of the self-draft model.
+
+``A(h) = RMSNorm_2(h + Attn(RMSNorm_1(h)))`` over exit-layer hidden states ``h`` (``[B, T, D]``),
+followed by the target's own LM head. The attention is built from the target's own HF attention
+class (same head layout, same RoPE), with its own KV cache; the norms from the target's RMSNorm
+class. No MLP, nothing copied from the target at run time: for SmolLM2-135M that is 885,888
+parameters (0.66% of the model).
+
+On disk an adapter is a folder with ``adapter.safetensors`` and ``adapter_config.json``; the
+config records which model and exit layer it was made for, and loading checks both.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import KangarooError
+from .model import Backbone
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "adapter.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AdapterConfig:
+    """Saved beside the weights; says what the adapter was made for."""
+
+    base_model: str  # display name of the target (embedded name, hub id or path)
+    exit_layer: int  # ℓ: the adapter reads hidden states after decoder layer ℓ (1-based count of layers run)
+    fingerprint: dict  # Backbone.fingerprint() of the target
+    dtype: str = "float32"  # dtype the weights were saved in
+    format_version: int = FORMAT_VERSION
+    training: dict = field(default_factory=dict)  # training config, data and final metrics (kangaroo train)
+
+
+class Adapter(nn.Module):
+    """RMSNorm -> self-attention (target's class, RoPE, own KV cache) -> residual -> RMSNorm.
+
+    Args:
+        backbone: the target, whose attention/norm classes and config the adapter reuses.
+        exit_layer: ℓ, the number of target layers run before the adapter.
+    """
+
+    def __init__(self, backbone: Backbone, exit_layer: int) -> None:
+        super().__init__()
+        check_exit_layer(exit_layer, backbone.num_layers)
+        config = copy.copy(backbone.config)
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = ["full_attention"] * len(config.layer_types)
+        norm_cls = backbone.norm_class()
+        eps = getattr(config, "rms_norm_eps", 1e-6)
+        self.exit_layer = exit_layer
+        self.input_norm = norm_cls(config.hidden_size, eps=eps)
+        self.self_attn = type(backbone.attention_module(0))(config, layer_idx=0)
+        self.post_norm = norm_cls(config.hidden_size, eps=eps)
+
+    def forward(self, hidden: torch.Tensor, backbone: Backbone, cache, pos: int) -> torch.Tensor:
+        """Adapter over exit-layer states ``hidden`` ``[B, T, D]`` at positions ``pos..pos+T-1``.
+
+        ``cache`` is a one-layer :class:`~kangaroo.kv_cache.KVCache` (or None for teacher-forced
+        training over whole sequences). Returns normalised states ``[B, T, D]`` ready for the LM head.
+        """
+        rope = backbone.position_embeddings(hidden, pos)
+        mask = backbone.attention_mask(hidden.shape[1], pos, None, hidden.dtype, hidden.device)
+        kwargs = {backbone._cache_kw: cache} if cache is not None else {}
+        attn_out = self.self_attn(
+            hidden_states=self.input_norm(hidden),
+            position_embeddings=rope,
+            attention_mask=mask,
+            **kwargs,
+        )[0]
+        return self.post_norm(hidden + attn_out)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def random(cls, backbone: Backbone, exit_layer: int, seed: int = 0) -> "Adapter":
+        """A seeded, untrained adapter (demo and tests): small random attention, unit norms."""
+        gen = torch.Generator().manual_seed(seed)
+        adapter = cls(backbone, exit_layer)
+        std = getattr(backbone.config, "initializer_range", 0.02)
+        with torch.no_grad():
+            for name, p in adapter.named_parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+                elif "norm" not in name:
+                    p.zero_()
+        return adapter.to(device=backbone.device, dtype=backbone.dtype).eval()
+
+    @classmethod
+    def from_backbone(cls, backbone: Backbone, exit_layer: int) -> "Adapter":
+        """Warm start for training: attention and input norm copied from target layer ``exit_layer``,
+        output norm from the target's final norm, so the adapter starts as a one-layer shortcut
+        through the target rather than from noise."""
+        adapter = cls(backbone, exit_layer)
+        source = backbone.layers[min(exit_layer, backbone.num_layers - 1)]
+        with torch.no_grad():
+            adapter.self_attn.load_state_dict(source.self_attn.state_dict())
+            adapter.input_norm.load_state_dict(source.input_layernorm.state_dict())
+            adapter.post_norm.load_state_dict(backbone.norm.state_dict())
+        return adapter.to(device=backbone.device, dtype=backbone.dtype)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike, config: AdapterConfig) -> Path:
+        """Write ``adapter.safetensors`` + ``adapter_config.json`` atomically into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        config = AdapterConfig(**{**asdict(config), "dtype": str(next(self.parameters()).dtype).removeprefix("torch.")})
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+        _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(asdict(config), indent=2) + "\n"))
+        return directory
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, backbone: Backbone, exit_layer: int | None = None
+    ) -> tuple["Adapter", AdapterConfig]:
+        """Load an adapter folder and check it was made for ``backbone`` (and ``exit_layer`` if given).
+
+        Raises:
+            KangarooError: missing or corrupt files, or an adapter made for another model or exit layer.
+        """
+        path = Path(path).expanduser()
+        if path.is_file():
+            path = path.parent
+        weights, cfg_file = path / WEIGHTS_NAME, path / CONFIG_NAME
+        if not path.exists():
+            raise KangarooError(f"adapter not found: {path}")
+        if not weights.is_file() or not cfg_file.is_file():
+            raise KangarooError(f"not an adapter folder: {path} (needs {WEIGHTS_NAME} and {CONFIG_NAME})")
+        try:
+            raw = json.loads(cfg_file.read_text())
+            config = AdapterConfig(**raw)
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+            raise KangarooError(f"corrupt adapter config {cfg_file}: {exc}") from None
+        check_compatible(config, backbone, str(path))
+        if exit_layer is not None and exit_layer != config.exit_layer:
+            raise KangarooError(
+                f"adapter {path} was trained for exit layer {config.exit_layer}, not {exit_layer}: "
+                f"drop --exit-layer or pass --exit-layer {config.exit_layer}"
+            )
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise KangarooError(f"corrupt adapter weights {weights}: {str(exc).splitlines()[0]}") from None
+        adapter = cls(backbone, config.exit_layer)
+        expected = {k: v.shape for k, v in adapter.state_dict().items()}
+        found = {k: v.shape for k, v in state.items()}
+        if expected != found:
+            raise KangarooError(f"adapter weights {weights} do not fit this model's layout (tensor names or shapes differ)")
+        adapter.load_state_dict(state)
+        return adapter.to(device=backbone.device, dtype=backbone.dtype).eval(), config
+
+
+def check_exit_layer(exit_layer: int, num_layers: int) -> None:
+    """ℓ must leave at least one target layer for verification: ``1 <= ℓ < L``."""
+    if not isinstance(exit_layer, int) or not 1 <= exit_layer < num_layers:
+        raise KangarooError(f"exit layer {exit_layer} out of range: this model has {num_layers} layers, use 1..{num_layers - 1}")
+
+
+def check_compatible(config: AdapterConfig, backbone: Backbone, where: str) -> None:
+    """Raise unless ``config`` was made for ``backbone`` (same architecture numbers and embeddings)."""
+    mine, theirs = backbone.fingerprint(), dict(config.fingerprint)
+    probe_theirs = theirs.pop("embedding_probe", None)
+    probe_mine = mine.pop("embedding_probe")
+    diffs = [f"{k} {theirs.get(k)} != {v}" for k, v in mine.items() if theirs.get(k) != v]
+    if diffs:
+        raise KangarooError(f"adapter {where} was made for another model ({config.base_model}): {'; '.join(diffs)}")
+    if probe_theirs is not None and not all(
+        math.isclose(a, b, rel_tol=1e-2, abs_tol=1e-3) for a, b in zip(probe_theirs, probe_mine)
+    ):
+        raise KangarooError(
+            f"adapter {where} was made for another model ({config.base_model}): same shape, different embedding weights"
+        )
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename over ``target``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()

@@ -1,0 +1,184 @@
+"""The user-facing object: a model, its tokenizer and an adapter, ready to generate.
+
+>>> from kangaroo import KangarooModel
+>>> km = KangarooModel.from_pretrained()               # embedded SmolLM2-135M-Instruct + shipped adapter
+>>> out = km.generate("Write a haiku about kangaroos.", max_new_tokens=64)
+>>> out.text, out.result.compression_rate
+>>> for delta in km.stream("Tell me a joke."): print(delta, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .adapter import Adapter, AdapterConfig, check_exit_layer
+from .config import KangarooConfig
+from .decoding import AutoregressiveDecoder, GenerationResult, KangarooDecoder, Step, collect
+from .errors import KangarooError
+from .loading import DEFAULT_MODEL, load_model, model_identity
+from .model import Backbone
+from .streaming import text_deltas
+
+logger = logging.getLogger(__name__)
+
+RANDOM_ADAPTER = "random"
+
+
+def shipped_adapter(model_name: str) -> Path | None:
+    """The adapter folder shipped inside the package for ``model_name``, if any."""
+    root = resources.files("kangaroo") / "adapters" / model_name.lower()
+    path = Path(str(root))
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+@dataclass
+class Output:
+    """Generated text plus the ids and statistics behind it."""
+
+    text: str
+    prompt_token_ids: list[int]
+    result: GenerationResult
+
+
+class KangarooModel:
+    """A target model with a Kangaroo adapter.
+
+    Args:
+        model: a HF causal LM of a supported architecture.
+        tokenizer: its tokenizer (with chat template, if it is a chat model).
+        adapter: the adapter; ``adapter_config`` describes it (None for a random one).
+        config: ℓ, γ, η.
+        model_name: display name recorded in outputs.
+    """
+
+    def __init__(self, model, tokenizer, adapter: Adapter, config: KangarooConfig, model_name: str,
+                 adapter_config: AdapterConfig | None = None, adapter_source: str = RANDOM_ADAPTER) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model_name = model_name
+        self.backbone = Backbone(model)
+        self.adapter, self.adapter_config, self.adapter_source = adapter, adapter_config, adapter_source
+        self.decoder = KangarooDecoder(self.backbone, adapter, config)
+        self.baseline = AutoregressiveDecoder(self.backbone)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+
+    @property
+    def adapter_is_random(self) -> bool:
+        return self.adapter_source == RANDOM_ADAPTER
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_MODEL,
+        adapter: str | None = None,
+        exit_layer: int | None = None,
+        max_steps: int = 6,
+        threshold: float = 0.6,
+        dtype: torch.dtype | str = torch.float32,
+        device: str = "cpu",
+        seed: int = 0,
+    ) -> "KangarooModel":
+        """Load a model and an adapter.
+
+        Args:
+            model: embedded name (default ``smollm2-135m-instruct``), local folder, ``.gguf`` file or hub id.
+            adapter: adapter folder; None = the adapter shipped for ``model`` if any, else a seeded
+                random adapter (logged as a warning); ``"random"`` = always the random adapter.
+            exit_layer: ℓ; None = the adapter's own (2 for a random adapter).
+            max_steps: γ. threshold: η.
+            dtype: ``torch.float32``/``bfloat16``/``float16`` or their names.
+        """
+        dtype = _dtype(dtype)
+        hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
+        backbone = Backbone(hf_model)
+        name = model_identity(model)
+        source = adapter
+        if adapter is None:
+            shipped = shipped_adapter(name)
+            source = str(shipped) if shipped is not None else RANDOM_ADAPTER
+            if shipped is None:
+                logger.warning("no trained adapter for %s: using a seeded random adapter (expect few accepted drafts)", name)
+        if source == RANDOM_ADAPTER:
+            ℓ = 2 if exit_layer is None else exit_layer
+            check_exit_layer(ℓ, backbone.num_layers)
+            module, adapter_config = Adapter.random(backbone, ℓ, seed=seed), None
+        else:
+            module, adapter_config = Adapter.load(source, backbone, exit_layer)
+            ℓ = adapter_config.exit_layer
+        config = KangarooConfig(exit_layer=ℓ, max_steps=max_steps, threshold=threshold)
+        return cls(hf_model, tokenizer, module, config, name, adapter_config, source)
+
+    # ------------------------------------------------------------------ prompts
+    def encode(self, prompt: str | list[dict] | torch.Tensor | list[int], chat: bool | None = None) -> torch.Tensor:
+        """Prompt -> ``[1, n]`` ids. Strings go through the chat template when ``chat`` (default:
+        when the tokenizer has one); a list of ``{"role", "content"}`` messages always does."""
+        if isinstance(prompt, torch.Tensor):
+            ids = prompt.reshape(1, -1)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = torch.tensor([prompt], dtype=torch.long)
+        else:
+            messages = prompt if isinstance(prompt, list) else None
+            if messages is None and not str(prompt).strip():
+                raise KangarooError("empty prompt: give some text")
+            use_chat = messages is not None or (chat if chat is not None else self.has_chat_template)
+            if use_chat:
+                if not self.has_chat_template:
+                    raise KangarooError(f"{self.model_name} has no chat template: use --no-chat")
+                messages = messages or [{"role": "user", "content": prompt}]
+                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+            else:
+                ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.numel() == 0:
+            raise KangarooError("empty prompt: it encodes to no tokens")
+        return ids.to(self.backbone.device)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    # ------------------------------------------------------------------ generation
+    def steps(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, kangaroo: bool = True) -> Iterator[Step]:
+        """Per-round :class:`Step` iterator (Kangaroo, or the autoregressive baseline)."""
+        ids = self.encode(prompt, chat)
+        decoder = self.decoder if kangaroo else self.baseline
+        return decoder.stream(ids, max_new_tokens, self.eos_token_ids)
+
+    def generate(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, kangaroo: bool = True) -> Output:
+        """Generate greedily; ``kangaroo=False`` runs the plain autoregressive loop instead."""
+        ids = self.encode(prompt, chat)
+        decoder = self.decoder if kangaroo else self.baseline
+        result = collect(decoder.stream(ids, max_new_tokens, self.eos_token_ids), ids.shape[1], self.backbone)
+        return Output(self.decode(result.token_ids), ids[0].tolist(), result)
+
+    def stream(self, prompt, max_new_tokens: int = 128, chat: bool | None = None) -> Iterator[str]:
+        """Yield text deltas as each round's tokens are accepted."""
+        yield from text_deltas(self.tokenizer, (step.tokens for step in self.steps(prompt, max_new_tokens, chat)))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise KangarooError(f"unknown dtype '{dtype}': use one of {', '.join(names)}")
+    return names[dtype]

@@ -1,0 +1,178 @@
+"""``kangaroo`` command line: ``generate`` here; ``train``, ``bench``, ``serve`` from their modules.
+
+Every user error is one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from .errors import KangarooError
+
+logger = logging.getLogger("kangaroo")
+
+# subcommand -> module exposing add_arguments(parser) and run(args) -> int
+SUBCOMMANDS = {
+    "generate": "kangaroo.cli",
+    "train": "kangaroo.training.cli",
+    "bench": "kangaroo.benchmark",
+    "serve": "kangaroo.server",
+}
+HELP = {
+    "generate": "generate text with Kangaroo decoding (streams to the terminal)",
+    "train": "train an adapter for a model",
+    "bench": "run Spec-Bench with Kangaroo and its peers",
+    "serve": "OpenAI-compatible HTTP server",
+}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by every subcommand that loads a model and an adapter."""
+    from .loading import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, local folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--adapter", default=None, help="adapter folder; default: the adapter shipped for the model, else a seeded random one; 'random' forces the random one")
+    p.add_argument("--exit-layer", type=int, default=None, help="ℓ: decoder layers run before the adapter (default: the adapter's)")
+    p.add_argument("--threshold", type=float, default=0.6, help="η: stop drafting when the draft's top-1 probability is below this (default 0.6)")
+    p.add_argument("--max-steps", type=int, default=6, help="γ: most drafted tokens per round (default 6)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random adapter")
+
+
+def load_from_args(args):
+    """Build a :class:`~kangaroo.api.KangarooModel` from the shared options."""
+    import torch
+
+    from .api import KangarooModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return KangarooModel.from_pretrained(
+        args.model, adapter=args.adapter, exit_layer=args.exit_layer, max_steps=args.max_steps,
+        threshold=args.threshold, dtype=args.dtype, device=args.device, seed=args.seed,
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most new tokens (default 128)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help="apply the chat template (default: on when the model has one)")
+    p.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
+    p.add_argument("--compare", action="store_true", help="also run plain greedy decoding; report speeds and whether outputs are identical")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def run(args) -> int:
+    """``kangaroo generate``."""
+    from .decoding import collect
+    from .streaming import TextDeltas
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise KangarooError("empty prompt: pass --prompt TEXT or pipe text on stdin")
+    if args.max_new_tokens <= 0:
+        raise KangarooError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    km = load_from_args(args)
+    if km.adapter_is_random:
+        print("note: no trained adapter given: using a seeded random adapter, so few drafts are accepted", file=sys.stderr)
+    ids = km.encode(prompt, args.chat)
+    if args.compare:  # warm both loops up so that neither timing pays first-call costs
+        km.decoder.generate(ids[:, -8:], 4, km.eos_token_ids)
+        km.baseline.generate(ids[:, -8:], 4, km.eos_token_ids)
+
+    deltas = TextDeltas(km.tokenizer)
+
+    def printed(steps):
+        for step in steps:
+            if not args.json:
+                sys.stdout.write(deltas.push(step.tokens))
+                sys.stdout.flush()
+            yield step
+
+    result = collect(printed(km.decoder.stream(ids, args.max_new_tokens, km.eos_token_ids)), ids.shape[1], km.backbone)
+    if not args.json:
+        sys.stdout.write(deltas.flush() + "\n")
+    record = {
+        "text": km.decode(result.token_ids),
+        "prompt_token_ids": ids[0].tolist(),
+        "token_ids": result.token_ids,
+        **result.stats(),
+        "model": km.model_name,
+        "adapter": km.adapter_source,
+        "exit_layer": km.config.exit_layer,
+        "threshold": km.config.threshold,
+        "max_steps": km.config.max_steps,
+        "dtype": args.dtype,
+    }
+    if args.compare:
+        ar = km.baseline.generate(ids, args.max_new_tokens, km.eos_token_ids)
+        record.update(
+            ar_token_ids=ar.token_ids,
+            ar_tokens_per_s=ar.tokens_per_s,
+            identical_to_greedy=ar.token_ids == result.token_ids,
+            speedup=result.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s else None,
+        )
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False))
+    elif args.stats or args.compare:
+        print(_stats_line(record), file=sys.stderr)
+    return 0
+
+
+def _stats_line(r: dict) -> str:
+    line = (
+        f"[kangaroo] {r['new_tokens']} tokens in {r['target_forwards']} target forwards "
+        f"(compression {r['compression_rate']:.2f}), accepted {r['accepted']}/{r['drafted']} drafts "
+        f"({100 * r['acceptance_rate']:.0f}%), {r['tokens_per_s']:.1f} tok/s; "
+        f"ℓ={r['exit_layer']} γ={r['max_steps']} η={r['threshold']} adapter={r['adapter']}"
+    )
+    if "ar_tokens_per_s" in r:
+        line += (
+            f"\n[greedy]   {r['ar_tokens_per_s']:.1f} tok/s; speed-up {r['speedup']:.2f}x; "
+            f"outputs identical: {'yes' if r['identical_to_greedy'] else 'NO'}"
+        )
+    return line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kangaroo", description="Lossless self-speculative decoding (Kangaroo) for HF decoder LLMs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            module = sys.modules[__name__] if module_name == __name__ else importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("kangaroo"):
+                continue  # subcommand not part of this build
+            raise
+        p = sub.add_parser(name, help=HELP[name], description=HELP[name])
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args._run(args)
+    except KangarooError as exc:
+        print(f"kangaroo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kangaroo: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

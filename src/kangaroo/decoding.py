@@ -1,0 +1,223 @@
+"""Greedy decoding loops: Kangaroo (double early exit) and the plain autoregressive baseline.
+
+Both run on the same :class:`~kangaroo.model.Backbone` and cache, so the baseline is the same
+code minus speculation. Each loop is a generator of :class:`Step` (the tokens one target forward
+committed), so streaming, statistics and :meth:`generate` all come from one loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .adapter import Adapter
+from .config import KangarooConfig
+from .drafting import Drafter
+from .errors import KangarooError
+from .kv_cache import KVCache
+from .model import Backbone
+from .verification import greedy_accept, truncate_at_stop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    """What one target forward committed.
+
+    ``tokens`` = accepted drafts + the target's own token; ``accepted = len(tokens) - 1`` (the last
+    committed token always equals the target's argmax at its position). ``drafted`` counts drafts
+    sent for verification, ``draft_steps`` adapter steps run, ``confidences`` their top-1 probabilities.
+    """
+
+    tokens: list[int]
+    drafted: int = 0
+    accepted: int = 0
+    draft_steps: int = 0
+    confidences: list[float] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    """Output ids (new tokens only) and per-round statistics of one generation."""
+
+    token_ids: list[int]
+    steps: list[Step]
+    prompt_tokens: int
+    prefill_s: float
+    total_s: float
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def rounds(self) -> int:
+        """Target forwards, the prefill included (it commits the first token)."""
+        return len(self.steps)
+
+    @property
+    def drafted(self) -> int:
+        return sum(s.drafted for s in self.steps)
+
+    @property
+    def accepted(self) -> int:
+        return sum(s.accepted for s in self.steps)
+
+    @property
+    def compression_rate(self) -> float:
+        """Mean tokens per target forward (bonus token counted, as Spec-Bench does)."""
+        return self.new_tokens / max(self.rounds, 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted drafts / drafts sent for verification."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    def stats(self) -> dict:
+        return {
+            "new_tokens": self.new_tokens,
+            "rounds": self.rounds,
+            "target_forwards": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "compression_rate": self.compression_rate,
+            "acceptance_rate": self.acceptance_rate,
+            "tokens_per_s": self.tokens_per_s,
+            "prefill_s": self.prefill_s,
+            "total_s": self.total_s,
+        }
+
+
+def check_request(backbone: Backbone, input_ids: torch.Tensor, max_new_tokens: int) -> int:
+    """Validate a request; return the number of new tokens the context leaves room for."""
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise KangarooError(f"expected input ids of shape [1, n], got {list(input_ids.shape)} (batch size 1 only)")
+    n = input_ids.shape[1]
+    if n == 0:
+        raise KangarooError("empty prompt: give at least one token")
+    if max_new_tokens <= 0:
+        raise KangarooError(f"max_new_tokens must be > 0, got {max_new_tokens}")
+    limit = backbone.max_positions
+    if limit is not None and n >= limit:
+        raise KangarooError(f"prompt of {n} tokens does not fit the model's context of {limit} tokens")
+    if limit is not None and n + max_new_tokens > limit:
+        logger.warning("max_new_tokens %d cut to %d to fit the context of %d", max_new_tokens, limit - n, limit)
+        return limit - n
+    return max_new_tokens
+
+
+def _prefill(backbone: Backbone, cache: KVCache, input_ids: torch.Tensor, exit_layer: int):
+    """Whole prompt through all layers; returns (first token, exit-layer states ``[1, n, D]``)."""
+    h_exit = backbone.run_layers(0, exit_layer, backbone.embed(input_ids), cache, 0)
+    h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, 0)
+    first = int(backbone.logits(h_last[:, -1:]).argmax(-1))
+    return first, h_exit
+
+
+class KangarooDecoder:
+    """Greedy Kangaroo decoding, token-identical to the target's plain greedy decoding.
+
+    Args:
+        backbone: the target.
+        adapter: adapter for ``config.exit_layer``.
+        config: ℓ (``exit_layer``), γ (``max_steps``), η (``threshold``).
+    """
+
+    def __init__(self, backbone: Backbone, adapter: Adapter, config: KangarooConfig) -> None:
+        if adapter.exit_layer != config.exit_layer:
+            raise KangarooError(f"adapter is for exit layer {adapter.exit_layer}, config asks for {config.exit_layer}")
+        self.backbone, self.config = backbone, config
+        self.drafter = Drafter(backbone, adapter, config)
+        self.cache = KVCache(backbone.num_layers)
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset()) -> Iterator[Step]:
+        """Yield one :class:`Step` per target forward until EOS or ``max_new_tokens``.
+
+        Args:
+            input_ids: ``[1, n]`` prompt ids.
+        """
+        bb, ℓ, L = self.backbone, self.config.exit_layer, self.backbone.num_layers
+        budget = check_request(bb, input_ids, max_new_tokens)
+        self.cache.reset()
+        y, h_prompt = _prefill(bb, self.cache, input_ids, ℓ)
+        self.drafter.start(h_prompt)
+        pos = input_ids.shape[1]  # position of y, the last committed token
+        tokens, done = truncate_at_stop([y], eos_token_ids, budget)
+        yield Step(tokens)
+        budget -= len(tokens)
+        while not done:
+            # 1. draft: shallow layers + adapter, at most γ tokens, stop when top-1 prob < η
+            #    (one token of the budget is kept for the target's own token)
+            draft = self.drafter.draft(y, pos, self.cache, budget - 1, eos_token_ids)
+            # 2. verify: only layers [ℓ, L) run, over the exit-layer states drafting already computed
+            h_last = bb.run_layers(ℓ, L, draft.hidden, self.cache, pos)  # [1, k+1, D]
+            target = bb.logits(h_last)[0].argmax(-1)  # [k+1]
+            # 3. accept the longest agreeing prefix plus the target's own next token
+            new, m = greedy_accept(draft.tokens, target)
+            tokens, done = truncate_at_stop(new, eos_token_ids, budget)
+            # 4. roll back every cache to the committed length (the adapter may keep a pending state)
+            self.cache.crop(pos + m + 1)
+            self.drafter.rollback(pos + m + 1, draft.hidden, pos)
+            yield Step(tokens, len(draft.tokens), len(tokens) - 1, draft.steps, draft.confidences)
+            budget -= len(tokens)
+            pos, y = pos + m + 1, new[-1]
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset()) -> GenerationResult:
+        """Run :meth:`stream` to the end and collect ids, statistics and timings."""
+        return collect(self.stream(input_ids, max_new_tokens, eos_token_ids), input_ids.shape[1], self.backbone)
+
+
+class AutoregressiveDecoder:
+    """Plain greedy decoding through the same backbone and cache: the in-house baseline."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self.cache = KVCache(backbone.num_layers)
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset()) -> Iterator[Step]:
+        bb, L = self.backbone, self.backbone.num_layers
+        budget = check_request(bb, input_ids, max_new_tokens)
+        self.cache.reset()
+        y, _ = _prefill(bb, self.cache, input_ids, L)
+        pos = input_ids.shape[1]
+        tokens, done = truncate_at_stop([y], eos_token_ids, budget)
+        yield Step(tokens)
+        budget -= len(tokens)
+        while not done:
+            h = bb.run_layers(0, L, bb.embed(torch.tensor([[y]], device=bb.device)), self.cache, pos)
+            y = int(bb.logits(h).argmax(-1))
+            tokens, done = truncate_at_stop([y], eos_token_ids, budget)
+            yield Step(tokens)
+            budget, pos = budget - 1, pos + 1
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset()) -> GenerationResult:
+        return collect(self.stream(input_ids, max_new_tokens, eos_token_ids), input_ids.shape[1], self.backbone)
+
+
+def collect(steps: Iterator[Step], prompt_tokens: int, backbone: Backbone) -> GenerationResult:
+    """Drain a step iterator, timing the prefill (first step) and the whole run."""
+    sync = torch.cuda.synchronize if backbone.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out: list[Step] = []
+    prefill_s = 0.0
+    for step in steps:
+        out.append(step)
+        if len(out) == 1:
+            sync()
+            prefill_s = time.perf_counter() - start
+    sync()
+    total = time.perf_counter() - start
+    ids = [t for s in out for t in s.tokens]
+    return GenerationResult(token_ids=ids, steps=out, prompt_tokens=prompt_tokens, prefill_s=prefill_s, total_s=total)

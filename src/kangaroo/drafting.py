@@ -1,0 +1,124 @@
+"""The self-draft model: shallow layers ``[0, ℓ)`` + adapter + shared LM head, with the second early exit.
+
+A drafter owns the adapter's KV cache. It writes the shallow layers' KV into the target's cache
+(those layers are the target's own), keeps every drafted token's exit-layer state ``h_ℓ`` for
+verification, and after verification is told how many positions survived (:meth:`Drafter.rollback`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapter import Adapter
+from .config import KangarooConfig
+from .kv_cache import KVCache
+from .model import Backbone
+
+
+@dataclass
+class Draft:
+    """One round's proposal.
+
+    Attributes:
+        tokens: ``[k]`` drafted ids ``d_1..d_k`` to verify.
+        hidden: ``[1, k+1, D]`` exit-layer states of ``y_0, d_1..d_k`` (``y_0`` = last committed token).
+        confidences: top-1 draft probability of each drafted token (``k`` or ``k+1`` values when the
+            low-confidence token was dropped).
+        steps: adapter + LM-head steps run (``k``, or ``k+1`` when the low-confidence token was dropped).
+    """
+
+    tokens: torch.Tensor
+    hidden: torch.Tensor
+    confidences: list[float]
+    steps: int
+
+
+class Drafter:
+    """Drafts up to γ tokens per round, stopping early when the top-1 probability drops below η.
+
+    Args:
+        backbone: the target model.
+        adapter: the trained (or random) adapter for ``config.exit_layer``.
+        config: ℓ, γ, η.
+    """
+
+    def __init__(self, backbone: Backbone, adapter: Adapter, config: KangarooConfig) -> None:
+        self.backbone, self.adapter, self.config = backbone, adapter, config
+        self.cache = KVCache(num_layers=1)
+        # exit-layer states the adapter has not seen yet, for positions [cache.length(), ...): the
+        # prompt after prefill, or the last drafted token when every draft was accepted
+        self.pending: torch.Tensor | None = None
+
+    def start(self, prompt_hidden: torch.Tensor) -> None:
+        """New sequence: the prompt's exit-layer states ``[1, n, D]`` become the adapter's first input."""
+        self.cache.reset()
+        self.pending = prompt_hidden
+
+    @torch.no_grad()
+    def draft(self, y0: int, pos: int, target_cache: KVCache, budget: int, eos_token_ids: set[int]) -> Draft:
+        """Draft from the last committed token ``y0`` at position ``pos``.
+
+        Args:
+            target_cache: the target's cache; shallow layers ``[0, ℓ)`` hold ``pos`` positions.
+            budget: draft at most this many tokens (the caller reserves one for the target's token).
+        """
+        bb, cfg, ℓ = self.backbone, self.config, self.config.exit_layer
+        device = bb.device
+        tokens: list[int] = []
+        hidden: list[torch.Tensor] = []
+        confidences: list[float] = []
+        y, low_confidence = y0, False
+        for step in range(min(cfg.max_steps, budget)):
+            # shallow layers on the newest token, then the adapter (fed any states it has not seen)
+            ids = torch.tensor([[y]], device=device)
+            h = bb.run_layers(0, ℓ, bb.embed(ids), target_cache, pos + step)  # [1, 1, D]
+            hidden.append(h)
+            a_in = h if self.pending is None else torch.cat([self.pending, h], dim=1)
+            out = self.adapter(a_in, bb, self.cache, self.cache.length())[:, -1:]  # [1, 1, D]
+            self.pending = None
+            probs = torch.softmax(bb.lm_head(out).float()[0, -1], dim=-1)  # [V]
+            conf, tok = probs.max(dim=-1)
+            y = int(tok)
+            tokens.append(y)
+            confidences.append(float(conf))
+            if confidences[-1] < cfg.threshold:  # second early exit
+                low_confidence = True
+                break
+            if y in eos_token_ids:  # nothing worth drafting after an end of sequence
+                break
+        steps = len(tokens)
+        if low_confidence and not cfg.verify_low_confidence:
+            tokens.pop()
+        if len(hidden) == len(tokens):
+            # the last token to verify has no exit-layer state yet: run the shallow layers on it
+            last = tokens[-1] if tokens else y0
+            ids = torch.tensor([[last]], device=device)
+            hidden.append(bb.run_layers(0, ℓ, bb.embed(ids), target_cache, pos + len(tokens)))
+        return Draft(
+            tokens=torch.tensor(tokens, dtype=torch.long, device=device),
+            hidden=torch.cat(hidden, dim=1),
+            confidences=confidences,
+            steps=steps,
+        )
+
+    def rollback(self, new_len: int, hidden: torch.Tensor, pos: int) -> None:
+        """Keep ``new_len`` positions in the adapter's view of the sequence.
+
+        Args:
+            new_len: committed positions after this round (``pos + m + 1``).
+            hidden: ``[1, k+1, D]`` exit-layer states verified this round, starting at ``pos``.
+            pos: position of ``hidden[:, 0]``.
+
+        If drafts were rejected the adapter's cache is simply cropped. If every draft was accepted the
+        adapter never saw the last draft's state: it is kept in :attr:`pending` and fed together with
+        the next round's first state (the case the authors handle by feeding two hidden states).
+        """
+        seen = self.cache.length()
+        if seen >= new_len:
+            self.cache.crop(new_len)
+            return
+        parts = [] if self.pending is None else [self.pending]  # pending covers [seen, pos)
+        parts.append(hidden[:, max(seen - pos, 0) : new_len - pos])
+        self.pending = torch.cat(parts, dim=1)

@@ -1,0 +1,78 @@
+"""A pre-allocated key/value cache whose rollback is free.
+
+Kangaroo's layers see different numbers of tokens inside one round: the shallow layers ``[0, ℓ)`` and
+the adapter run ahead on drafted tokens while the deep layers ``[ℓ, L)`` only catch up at verification.
+So every layer keeps its own length, and rolling back a rejected draft is just lowering that length:
+the stale slots are overwritten by the next write (the gpt-fast static-cache idea).
+
+The class speaks the one method HF attention modules call on a cache,
+``update(key_states, value_states, layer_idx, ...) -> (keys, values)``, so HF's own attention
+modules write into it unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer key/value buffers of shape ``[B, H_kv, capacity, D]``.
+
+    Args:
+        num_layers: number of attention layers this cache serves (layer_idx in ``[0, num_layers)``).
+        capacity: initial number of positions; buffers double when a write would overflow.
+    """
+
+    def __init__(self, num_layers: int, capacity: int = 256) -> None:
+        self.num_layers = num_layers
+        self.capacity = max(1, capacity)
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths: list[int] = [0] * num_layers
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Append ``[B, H_kv, T, D]`` keys/values at the layer's current length; return all of them.
+
+        Returns:
+            ``(keys, values)``, each ``[B, H_kv, length + T, D]`` (views into the buffers).
+        """
+        start, T = self.lengths[layer_idx], key_states.shape[-2]
+        end = start + T
+        buf_k = self.keys[layer_idx]
+        if buf_k is None or end > buf_k.shape[-2] or buf_k.dtype != key_states.dtype:
+            self._grow(layer_idx, key_states, value_states, end)
+        self.keys[layer_idx][:, :, start:end] = key_states
+        self.values[layer_idx][:, :, start:end] = value_states
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def _grow(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        """(Re)allocate one layer's buffers with room for at least ``needed`` positions."""
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        self.capacity = capacity
+        B, H, _, D = key_states.shape
+        new_k = key_states.new_zeros(B, H, capacity, D)
+        new_v = value_states.new_zeros(B, H, capacity, value_states.shape[-1])
+        old_len = self.lengths[layer_idx]
+        if self.keys[layer_idx] is not None and old_len:
+            new_k[:, :, :old_len] = self.keys[layer_idx][:, :, :old_len]
+            new_v[:, :, :old_len] = self.values[layer_idx][:, :, :old_len]
+        self.keys[layer_idx], self.values[layer_idx] = new_k, new_v
+
+    def length(self, layer_idx: int = 0) -> int:
+        """Number of positions stored for ``layer_idx``."""
+        return self.lengths[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # HF name, for code that asks a cache its length
+        return self.lengths[layer_idx]
+
+    def crop(self, length: int, layers: range | None = None) -> None:
+        """Roll back ``layers`` (default: all) to at most ``length`` positions. Costs nothing."""
+        for i in layers if layers is not None else range(self.num_layers):
+            self.lengths[i] = min(self.lengths[i], length)
+
+    def reset(self) -> None:
+        """Forget every position but keep the buffers for the next sequence."""
+        self.lengths = [0] * self.num_layers
