@@ -93,3 +93,15 @@ def test_low_confidence_token_choice_is_lossless(verify_low_confidence):
         assert all(steps == drafted for steps, drafted in steps_vs_drafted)
     else:
         assert any(steps == drafted + 1 for steps, drafted in steps_vs_drafted)
+
+
+def test_early_exit_drafter_without_adapter_is_lossless():
+    from kangaroo.adapter import EarlyExitHead
+
+    model = tiny_model("qwen2", seed=6, damp_from=2)
+    backbone = Backbone(model)
+    decoder = KangarooDecoder(backbone, EarlyExitHead(2), KangarooConfig(exit_layer=2, max_steps=5, threshold=0.0))
+    ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(2))
+    result = decoder.generate(ids, 50)
+    assert result.token_ids == hf_greedy(model, ids, 50)
+    assert result.accepted > 0

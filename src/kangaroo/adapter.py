@@ -169,6 +169,22 @@ class Adapter(nn.Module):
         return adapter.to(device=backbone.device, dtype=backbone.dtype).eval(), config
 
 
+class EarlyExitHead(nn.Module):
+    """No adapter at all: draft with ``lm_head(final_norm(h_ℓ))`` (LayerSkip-style self-speculation).
+
+    A baseline for benchmarks; it has no cache, so the drafter keeps no state for it.
+    """
+
+    stateless = True
+
+    def __init__(self, exit_layer: int) -> None:
+        super().__init__()
+        self.exit_layer = exit_layer
+
+    def forward(self, hidden: torch.Tensor, backbone: Backbone, cache=None, pos: int = 0) -> torch.Tensor:
+        return backbone.final_norm(hidden)
+
+
 def check_exit_layer(exit_layer: int, num_layers: int) -> None:
     """ℓ must leave at least one target layer for verification: ``1 <= ℓ < L``."""
     if not isinstance(exit_layer, int) or not 1 <= exit_layer < num_layers:

@@ -50,11 +50,12 @@ class Drafter:
         # exit-layer states the adapter has not seen yet, for positions [cache.length(), ...): the
         # prompt after prefill, or the last drafted token when every draft was accepted
         self.pending: torch.Tensor | None = None
+        self.stateless = getattr(adapter, "stateless", False)  # e.g. EarlyExitHead: nothing to keep
 
     def start(self, prompt_hidden: torch.Tensor) -> None:
         """New sequence: the prompt's exit-layer states ``[1, n, D]`` become the adapter's first input."""
         self.cache.reset()
-        self.pending = prompt_hidden
+        self.pending = None if self.stateless else prompt_hidden
 
     @torch.no_grad()
     def draft(self, y0: int, pos: int, target_cache: KVCache, budget: int, eos_token_ids: set[int]) -> Draft:
@@ -116,6 +117,8 @@ class Drafter:
         the next round's first state (the case the authors handle by feeding two hidden states).
         """
         seen = self.cache.length()
+        if self.stateless:
+            return
         if seen >= new_len:
             self.cache.crop(new_len)
             return
