@@ -1,0 +1,248 @@
+"""The decoding methods ``kangaroo bench`` compares, one small plug-in each.
+
+A method turns prompt ids into new token ids plus per-round statistics. All methods share one
+loaded model (so one dtype, one device, one thread setting) and answer the same prompts with the
+same ``max_new_tokens`` and EOS ids; the runner times each call. To add a method, subclass
+:class:`Method` and decorate it with :func:`register`.
+
+Round statistics follow Spec-Bench's ``accept_lengths``: one entry per target forward, the number
+of tokens it committed (accepted drafts + the target's own "bonus" token; the prefill commits 1).
+``draft_lengths`` (our addition) holds the drafts sent for verification in the same round (0 for
+the prefill), or is None when a method cannot report it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+from ..errors import KangarooError
+
+
+@dataclass
+class Run:
+    """One answer turn: new token ids and round statistics."""
+
+    token_ids: list[int]
+    accept_lengths: list[int]  # tokens committed per target forward (prefill first)
+    draft_lengths: list[int] | None = None  # drafts verified per target forward (0 for the prefill)
+
+
+@dataclass
+class Options:
+    """What a method may be built with, beyond the loaded model (CLI options)."""
+
+    pld_tokens: int = 10  # prompt lookup: tokens proposed per lookup (transformers' num_output_tokens)
+    pld_ngram: int = 2  # prompt lookup: longest n-gram matched (transformers' default max_matching_ngram_size)
+
+
+class Method:
+    """A named decoding method over a :class:`~kangaroo.api.KangarooModel`."""
+
+    name: str = ""
+    description: str = ""
+    reports_drafts: bool = False  # fills Run.draft_lengths (acceptance rate, CTAR, draft length)
+
+    def __init__(self, km, options: Options) -> None:
+        self.km, self.options = km, options
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """What this method ran with (written to summary.json)."""
+        return {}
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build(names: list[str], km, options: Options) -> list[Method]:
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise KangarooError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise KangarooError(f"a method is listed twice in {','.join(names)}")
+    return [METHODS[n](km, options) for n in names]
+
+
+# ---------------------------------------------------------------------------- our decoding loops
+class _OurDecoder(Method):
+    """A :class:`~kangaroo.decoding.KangarooDecoder` or :class:`~kangaroo.decoding.AutoregressiveDecoder`."""
+
+    def _decoder(self):
+        raise NotImplementedError
+
+    def __init__(self, km, options: Options) -> None:
+        super().__init__(km, options)
+        self.decoder = self._decoder()
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
+        result = self.decoder.generate(input_ids, max_new_tokens, self.km.eos_token_ids)
+        return Run(
+            token_ids=result.token_ids,
+            accept_lengths=[len(s.tokens) for s in result.steps],
+            draft_lengths=[s.drafted for s in result.steps] if self.reports_drafts else None,
+        )
+
+
+@register
+class Autoregressive(_OurDecoder):
+    name = "ar"
+    description = "our autoregressive greedy loop, same backbone and KV cache as Kangaroo"
+
+    def _decoder(self):
+        return self.km.baseline
+
+    def settings(self) -> dict:
+        return {"cache": "kangaroo.kv_cache.KVCache (preallocated, grown by doubling)"}
+
+
+@register
+class Kangaroo(_OurDecoder):
+    name = "kangaroo"
+    description = "Kangaroo: shallow layers + adapter drafts, stop when confidence < η (double early exit)"
+    reports_drafts = True
+
+    def _decoder(self):
+        return self.km.decoder
+
+    def settings(self) -> dict:
+        return {**self.km.config.to_dict(), "adapter": self.km.adapter_source}
+
+
+@register
+class KangarooFixed(_OurDecoder):
+    name = "kangaroo-fixed"
+    description = "Kangaroo without the second early exit (η = 0): always γ drafts"
+    reports_drafts = True
+
+    def _decoder(self):
+        from dataclasses import replace
+
+        from ..decoding import KangarooDecoder
+
+        self.config = replace(self.km.config, threshold=0.0)
+        return KangarooDecoder(self.km.backbone, self.km.adapter, self.config)
+
+    def settings(self) -> dict:
+        return {**self.config.to_dict(), "adapter": self.km.adapter_source}
+
+
+@register
+class EarlyExit(_OurDecoder):
+    name = "early-exit"
+    description = "self-speculation with no adapter: LM head on the exit layer's state (LayerSkip-style)"
+    reports_drafts = True
+
+    def _decoder(self):
+        from ..adapter import EarlyExitHead
+        from ..decoding import KangarooDecoder
+
+        self.config = self.km.config
+        return KangarooDecoder(self.km.backbone, EarlyExitHead(self.config.exit_layer), self.config)
+
+    def settings(self) -> dict:
+        return self.config.to_dict()
+
+
+# ---------------------------------------------------------------------------- transformers generate
+class _HFGenerate(Method):
+    """``model.generate`` (greedy) with extra keyword arguments."""
+
+    def _kwargs(self) -> dict:
+        return {}
+
+    def _generate(self, input_ids: torch.Tensor, max_new_tokens: int, **extra) -> list[int]:
+        eos = sorted(self.km.eos_token_ids)
+        gen = self.km.model.generation_config
+        pad = gen.pad_token_id if gen.pad_token_id is not None else (eos[0] if eos else 0)
+        with torch.no_grad():
+            out = self.km.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos or None,
+                pad_token_id=pad,
+                **self._kwargs(),
+                **extra,
+            )
+        return out[0, input_ids.shape[1] :].tolist()
+
+
+@register
+class HFGreedy(_HFGenerate):
+    name = "ar-hf"
+    description = "transformers model.generate(do_sample=False): the reference autoregressive baseline"
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
+        ids = self._generate(input_ids, max_new_tokens)
+        return Run(ids, [1] * len(ids))  # one target forward per token (no streamer: nothing slows it)
+
+    def settings(self) -> dict:
+        return {"cache": "transformers DynamicCache (generate's default)"}
+
+
+class _RoundLengths:
+    """A transformers streamer that records how many tokens each ``put`` delivers.
+
+    ``generate`` first puts the prompt, then, in assisted decoding, the tokens of each round.
+    """
+
+    def __init__(self) -> None:
+        self.lengths: list[int] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.lengths.append(int(value.numel()))
+
+    def end(self) -> None:
+        pass
+
+
+@register
+class PromptLookup(_HFGenerate):
+    name = "pld"
+    description = "prompt lookup decoding through transformers (prompt_lookup_num_tokens)"
+
+    def _kwargs(self) -> dict:
+        return {"prompt_lookup_num_tokens": self.options.pld_tokens, "max_matching_ngram_size": self.options.pld_ngram}
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
+        rounds = _RoundLengths()
+        ids = self._generate(input_ids, max_new_tokens, streamer=rounds)
+        lengths = rounds.lengths if sum(rounds.lengths) == len(ids) else [1] * len(ids)
+        return Run(ids, lengths)  # drafted counts are not exposed by transformers
+
+    def settings(self) -> dict:
+        return {"prompt_lookup_num_tokens": self.options.pld_tokens, "max_matching_ngram_size": self.options.pld_ngram,
+                "cache": "transformers DynamicCache (generate's default)"}
+
+
+
+class KangarooVariant(_OurDecoder):
+    """Kangaroo with an explicit adapter and config (``--sweep`` grid points); not in the registry."""
+
+    reports_drafts = True
+
+    def __init__(self, km, options: Options, adapter, config, name: str, adapter_label: str) -> None:
+        self.adapter, self.config, self.name, self.adapter_label = adapter, config, name, adapter_label
+        self.description = f"Kangaroo with {adapter_label}, ℓ={config.exit_layer} γ={config.max_steps} η={config.threshold}"
+        super().__init__(km, options)
+
+    def _decoder(self):
+        from ..decoding import KangarooDecoder
+
+        return KangarooDecoder(self.km.backbone, self.adapter, self.config)
+
+    def settings(self) -> dict:
+        return {**self.config.to_dict(), "adapter": self.adapter_label}

@@ -1,0 +1,219 @@
+"""``kangaroo bench`` end to end on a tiny random model, and its metrics recomputed from answer files alone.
+
+The tiny model uses the real SmolLM2 tokenizer (chat template included), which CI fetches into
+``~/.cache/kangaroo/models/smollm2-135m-instruct`` before the tests run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import mean
+
+import pytest
+import torch
+
+from kangaroo.bench import metrics
+from kangaroo.bench.questions import load_questions, task_of
+from kangaroo.cli import main
+from kangaroo.errors import KangarooError
+from kangaroo.loading import cache_dir
+
+TOKENIZER = cache_dir() / "models" / "smollm2-135m-instruct"
+ALL_METHODS = "ar-hf,ar,kangaroo,kangaroo-fixed,early-exit,pld"
+QUESTIONS = [
+    {"question_id": 81, "category": "writing", "turns": ["Write a short poem about the sea.", "Now make it rhyme."]},
+    {"question_id": 82, "category": "coding", "turns": ["Write a Python function that adds two numbers.", "Add type hints."]},
+    {"question_id": 161, "category": "translation", "turns": ["Translate German to English: Guten Morgen, wie geht es dir?"]},
+    {"question_id": 162, "category": "translation", "turns": ["Translate German to English: Das Wetter ist heute schön."]},
+    {"question_id": 241, "category": "math_reasoning", "turns": ["Tom has 3 apples and buys 4 more. How many apples does he have?"]},
+    {"question_id": 321, "category": "rag", "turns": ["Context: the sea is salty. The sea is salty because of the salt. Question: why is the sea salty?"]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 4-layer random Llama with the SmolLM2 vocabulary; deep layers damped so early drafts often agree."""
+    if not (TOKENIZER / "tokenizer.json").is_file():
+        pytest.skip(f"SmolLM2 tokenizer not in {TOKENIZER} (CI fetches it first)")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         initializer_range=0.25, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # peaked, stable argmaxes; layers 2.. barely change the exit-layer state
+        for layer in model.model.layers[2:]:
+            layer.self_attn.o_proj.weight.mul_(0.05)
+            layer.mlp.down_proj.weight.mul_(0.05)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    folder = tmp_path_factory.mktemp("tiny-smollm2")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def question_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("questions") / "question.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_model_dir, question_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    torch.set_num_threads(1)
+    rc = main(["bench", "--model", str(tiny_model_dir), "--adapter", "random", "--threads", "1",
+               "--questions", str(question_file), "--methods", ALL_METHODS, "--max-new-tokens", "12",
+               "--max-steps", "4", "--threshold", "0.3", "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def read_answers(out: Path, method: str) -> list[dict]:
+    return [json.loads(line) for line in (out / "model_answer" / f"{method}.jsonl").read_text().splitlines()]
+
+
+def test_every_output_is_written(bench_run):
+    for name in ("summary.json", "report.md", "speedup_by_category.png", "accept_lengths.png", "ctar.png"):
+        assert (bench_run / name).is_file(), name
+    summary = json.loads((bench_run / "summary.json").read_text())
+    assert set(summary) >= {"config", "machine", "methods", "baseline", "reference"}
+    assert summary["machine"]["torch_threads"] == 1 and summary["machine"]["dtype"] == "float32"
+    assert summary["machine"]["torch"] and summary["machine"]["transformers"] and summary["machine"]["cpu"] is not None
+    assert summary["baseline"] in ("ar", "ar-hf") and summary["reference"] == "ar-hf"
+    assert list(summary["methods"]) == ALL_METHODS.split(",")
+    tasks = ["mt_bench", "translation", "math_reasoning", "rag"]
+    for name, entry in summary["methods"].items():
+        assert list(entry["by_category"]) == tasks
+        for m in (entry["overall"], *entry["by_category"].values()):
+            for key in ("tokens_per_s", "speedup", "speedup_vs_ar_hf", "compression_rate", "acceptance_rate", "ctar",
+                        "mean_draft_length", "identical_fraction", "new_tokens", "wall_time"):
+                assert key in m, (name, key)
+        o = entry["overall"]
+        if name in ("kangaroo", "kangaroo-fixed", "early-exit"):
+            assert len(o["ctar"]) == 4 and 0.0 <= o["acceptance_rate"] <= 1.0 and o["mean_draft_length"] > 0
+        else:
+            assert o["ctar"] is None and o["acceptance_rate"] is None
+    # kangaroo-fixed never stops drafting early: every round drafts γ unless the token budget is shorter
+    fixed = summary["methods"]["kangaroo-fixed"]["overall"]
+    assert fixed["mean_draft_length"] > summary["methods"]["kangaroo"]["overall"]["mean_draft_length"] - 1e-9
+    report = (bench_run / "report.md").read_text()
+    assert "| `kangaroo` |" in report and "CTAR" in report and "![ctar.png](ctar.png)" in report
+
+
+def test_answer_files_follow_spec_bench_layout(bench_run):
+    for method in ALL_METHODS.split(","):
+        rows = read_answers(bench_run, method)
+        assert [r["question_id"] for r in rows] == [q["question_id"] for q in QUESTIONS]
+        for r, q in zip(rows, QUESTIONS):
+            assert r["category"] == q["category"] and r["model_id"].endswith(method)
+            c = r["choices"][0]
+            assert c["index"] == 0
+            assert len(c["turns"]) == len(c["new_tokens"]) == len(c["wall_time"]) == len(q["turns"])
+            assert sum(c["accept_lengths"]) == sum(c["new_tokens"])  # every token counted once
+            assert all(t > 0 for t in c["wall_time"]) and all(0 < n <= 12 for n in c["new_tokens"])
+
+
+def test_outputs_are_identical_to_autoregressive(bench_run):
+    """The lossless check: greedy Kangaroo (every variant) and PLD reproduce transformers' greedy tokens."""
+    reference = read_answers(bench_run, "ar-hf")
+    for method in ALL_METHODS.split(","):
+        for r, ref in zip(read_answers(bench_run, method), reference):
+            assert r["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"], (method, r["question_id"])
+            assert r["choices"][0]["turns"] == ref["choices"][0]["turns"]
+            assert r["choices"][0]["identical"] is True and r["choices"][0]["mismatch"] is None
+    summary = json.loads((bench_run / "summary.json").read_text())
+    assert all(e["overall"]["identical_fraction"] == 1.0 for e in summary["methods"].values())
+
+
+def test_speed_and_accepted_tokens_recomputed_from_answer_files_alone(bench_run):
+    """Spec-Bench's evaluation/speed.py, re-done by hand: per-answer speed = sum(new_tokens)/sum(wall_time);
+    tokens/s = mean over answers; speedup = ratio of the means; #mean accepted tokens = mean of the
+    pooled accept_lengths. (speed.py re-tokenises the baseline's text to count its tokens; we count ids.)"""
+    summary = json.loads((bench_run / "summary.json").read_text())
+    baseline = summary["baseline"]
+    groups = {"overall": lambda r: True}
+    groups.update({t: (lambda t: lambda r: task_of(r["category"]) == t)(t) for t in summary["tasks"]})
+    base_rows = read_answers(bench_run, baseline)
+    for method in ALL_METHODS.split(","):
+        rows = read_answers(bench_run, method)
+        for group, keep in groups.items():
+            speeds = [sum(r["choices"][0]["new_tokens"]) / sum(r["choices"][0]["wall_time"]) for r in rows if keep(r)]
+            speeds0 = [sum(r["choices"][0]["new_tokens"]) / sum(r["choices"][0]["wall_time"]) for r in base_rows if keep(r)]
+            accept = [n for r in rows if keep(r) for n in r["choices"][0]["accept_lengths"]]
+            m = summary["methods"][method]["overall" if group == "overall" else "by_category"]
+            m = m if group == "overall" else m[group]
+            assert m["tokens_per_s"] == pytest.approx(mean(speeds), rel=1e-9)
+            assert m["speedup"] == pytest.approx(mean(speeds) / mean(speeds0), rel=1e-9)
+            assert m["compression_rate"] == pytest.approx(mean(accept), rel=1e-9)
+
+
+def test_ctar_and_rounds_by_hand():
+    # two turns: [prefill, round, round] + [prefill, round]; drafts 0,3,2 | 0,4
+    choice = {"turns": ["a", "b"], "new_tokens": [1 + 4 + 1, 1 + 3], "accept_lengths": [1, 4, 1, 1, 3], "draft_lengths": [0, 3, 2, 0, 4]}
+    rounds = metrics.verification_rounds(choice)
+    assert rounds == [(3, 3), (2, 0), (4, 2)]
+    assert metrics.ctar(rounds, 4) == [2 / 3, 2 / 3, 1 / 2, 0.0]
+    assert metrics.ctar([], 2) == [None, None]
+    m = metrics.group_metrics([{"question_id": 1, "category": "writing", "choices": [dict(choice, wall_time=[1.0, 1.0])]}], 4)
+    assert m["acceptance_rate"] == pytest.approx(5 / 9)
+    assert m["mean_draft_length"] == pytest.approx(3.0)
+    assert m["compression_rate"] == pytest.approx(10 / 5)
+    assert m["tokens_per_s"] == pytest.approx(5.0)
+    assert m["accept_length_histogram"] == {"1": 1, "3": 1, "4": 1}
+
+
+def test_question_selection(question_file):
+    assert [q["question_id"] for q in load_questions(question_file, ["mt_bench"])] == [81, 82]
+    assert [q["question_id"] for q in load_questions(question_file, ["coding", "rag"])] == [82, 321]
+    a = load_questions(question_file, per_category=1, seed=3)
+    assert a == load_questions(question_file, per_category=1, seed=3)
+    assert sorted(task_of(q["category"]) for q in a) == ["math_reasoning", "mt_bench", "rag", "translation"]
+    with pytest.raises(KangarooError, match="unknown categories"):
+        load_questions(question_file, ["poetry"])
+    with pytest.raises(KangarooError, match="per-category"):
+        load_questions(question_file, per_category=0)
+
+
+def test_missing_question_file_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KANGAROO_SPEC_BENCH", str(tmp_path / "nope.jsonl"))
+    with pytest.raises(KangarooError, match="KANGAROO_SPEC_BENCH"):
+        load_questions()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "turns": "not a list"}\n')
+    with pytest.raises(KangarooError, match="bad.jsonl:1"):
+        load_questions(bad)
+
+
+def test_unknown_method_is_a_user_error(tiny_model_dir, question_file, tmp_path, capsys):
+    rc = main(["bench", "--model", str(tiny_model_dir), "--adapter", "random", "--questions", str(question_file),
+               "--methods", "ar,medusa", "--out", str(tmp_path)])
+    assert rc == 2 and "unknown method(s) medusa" in capsys.readouterr().err
+
+
+def test_sweep_prints_the_best_setting(tiny_model_dir, question_file, tmp_path, capsys):
+    rc = main(["bench", "--model", str(tiny_model_dir), "--adapter", "random", "--threads", "1", "--sweep",
+               "--questions", str(question_file), "--categories", "translation", "--max-new-tokens", "6",
+               "--sweep-exit-layers", "1,2", "--sweep-max-steps", "2", "--sweep-thresholds", "0.3,0.9",
+               "--no-plots", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "best setting on this machine: kangaroo[" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["sweep"]["ranking"]) == 4
+    assert {"ar-hf", "ar"} <= set(summary["methods"])
+
+
+def test_benchmarks_markdown(bench_run, tmp_path):
+    from kangaroo.bench.report import write_benchmarks
+
+    summary = json.loads((bench_run / "summary.json").read_text())
+    write_benchmarks(summary, bench_run, tmp_path / "BENCHMARKS.md", tmp_path / "docs" / "benchmarks", "scripts/make_benchmarks.sh")
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "1.68" in text and "EAGLE-2" in text and "seeded random adapter" in text
+    assert "![ctar.png](docs/benchmarks/ctar.png)" in text and (tmp_path / "docs" / "benchmarks" / "ctar.png").is_file()
+    assert "Where Kangaroo loses" in text
