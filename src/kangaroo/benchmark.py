@@ -282,7 +282,7 @@ def _config(args, km, methods, questions, γ) -> dict:
         counts[task_of(q["category"])] = counts.get(task_of(q["category"]), 0) + 1
     adapter_cfg = km.adapter_config
     return {
-        "command": "kangaroo " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "kangaroo" else " ".join(sys.argv),
+        "command": ("kangaroo " if Path(sys.argv[0]).name in ("kangaroo", "cli.py") else sys.argv[0] + " ") + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": km.model_name,
         "adapter": km.adapter_source,

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 from typing import TextIO
 
+BUSY_LOAD = 1.0  # load average that, on a 2-core machine, means another busy process shared the CPU
 PLOTS = ("speedup_by_category.png", "accept_lengths.png", "ctar.png")
 TASK_NAMES = {"mt_bench": "MT-bench", "translation": "Translation", "summarization": "Summarization", "qa": "QA",
               "math_reasoning": "Math", "rag": "RAG"}
@@ -88,25 +89,27 @@ def mismatch_table(summary: dict) -> str | None:
 
 
 def losses(summary: dict, method: str = "kangaroo") -> list[str]:
-    """Tasks where ``method`` is slower than the headline autoregressive baseline or than another method."""
+    """One line per task (and overall) where ``method`` is slower than the headline autoregressive
+    baseline or than another method."""
     if method not in summary["methods"]:
         return []
     out = []
     entry = summary["methods"][method]
     for t in summary["tasks"] + ["overall"]:
-        m = entry["overall"] if t == "overall" else entry["by_category"][t]
-        label = TASK_NAMES.get(t, t)
+        pick = (lambda e: e["overall"]) if t == "overall" else (lambda e: e["by_category"][t])
+        m = pick(entry)
+        why = []
         if m.get("speedup") is not None and m["speedup"] < 1.0:
-            out.append(f"{label}: `{method}` is slower than `{summary['baseline']}` ({_x(m['speedup'])}).")
-        better = [
-            (n, e["overall"] if t == "overall" else e["by_category"][t])
-            for n, e in summary["methods"].items() if n != method
-        ]
-        better = [(n, o) for n, o in better if o.get("tokens_per_s", 0) > m.get("tokens_per_s", 0)]
-        for n, o in better:
-            if n in ("ar-hf", "ar"):
-                continue  # already said above
-            out.append(f"{label}: `{n}` beats `{method}` ({_f(o['tokens_per_s'])} vs {_f(m['tokens_per_s'])} tokens/s).")
+            why.append(f"slower than `{summary['baseline']}` ({_x(m['speedup'])})")
+        faster = sorted(
+            ((n, pick(e)["tokens_per_s"]) for n, e in summary["methods"].items()
+             if n not in (method, "ar", "ar-hf") and pick(e).get("tokens_per_s", 0) > m.get("tokens_per_s", 0)),
+            key=lambda r: -r[1],
+        )
+        if faster:
+            why.append("beaten by " + ", ".join(f"`{n}` ({v:.2f} vs {m['tokens_per_s']:.2f} tokens/s)" for n, v in faster))
+        if why:
+            out.append(f"{TASK_NAMES.get(t, t.capitalize())}: " + "; ".join(why) + ".")
     return out
 
 
@@ -138,7 +141,8 @@ def header(summary: dict) -> str:
         f"torch threads {mc['torch_threads']}; dtype {mc['dtype']}; torch {mc['torch']}, transformers {mc['transformers']}, Python {mc['python']}",
         f"- 1-minute load average: {load} (a busy machine slows multi-row matmuls on few cores and makes timings unreliable)",
         f"- Headline baseline: `{summary.get('baseline')}` (the faster autoregressive loop); identity reference: `{summary.get('reference')}`",
-    ])
+    ] + ([f"- **Warning: the machine was busy during this run (load average above {BUSY_LOAD}); treat the timings as unreliable.**"]
+         if max(mc.get("load_average_before") or 0, mc.get("load_average_after") or 0) > BUSY_LOAD else []))
 
 
 DEFINITIONS = """\
@@ -348,12 +352,26 @@ def benchmarks_markdown(summary: dict, image_dir: str, script: str) -> str:
         "on far less data on CPU (see the adapter's `adapter_config.json`), so acceptance is lower.",
         "- **Answer length.** Short answers (here ≤ " + str(c["max_new_tokens"]) + " tokens) weigh the prefill more.",
     ]
+    training = _scalars(c.get("adapter_training"))
+    if training:
+        parts += ["", "Adapter training metadata (from its `adapter_config.json`): " + ", ".join(f"{a} = {b}" for a, b in training.items()) + "."]
     if k:
         parts += ["", f"Headline: `kangaroo` overall {_x(k.get('speedup'))} against `{summary.get('baseline')}`, "
                   f"{_f(k.get('compression_rate'))} mean accepted tokens, acceptance rate {_pct(k.get('acceptance_rate'))}, "
                   f"identical outputs {_pct(k.get('identical_fraction'))}."]
     parts += ["", "## Definitions", "", DEFINITIONS, "", "## Reproduce", "", "```sh", script, "```", ""]
     return "\n".join(parts)
+
+
+def _scalars(d, prefix: str = "", limit: int = 16) -> dict:
+    """Flatten the scalar leaves of a (nested) dict, for a one-line summary."""
+    out: dict = {}
+    for key, value in (d or {}).items():
+        if isinstance(value, dict):
+            out.update(_scalars(value, f"{prefix}{key}.", limit))
+        elif isinstance(value, (int, float, str, bool)) and len(str(value)) < 80:
+            out[f"{prefix}{key}"] = round(value, 4) if isinstance(value, float) else value
+    return dict(list(out.items())[:limit])
 
 
 def _short_path(path: str) -> str:
@@ -372,3 +390,25 @@ def write_benchmarks(summary: dict, run_dir: Path, md_path: Path, image_dir: Pat
     rel = Path(image_dir).resolve().relative_to(Path(md_path).resolve().parent)
     md_path.write_text(benchmarks_markdown(summary, rel.as_posix(), script), encoding="utf-8")
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kangaroo.bench.report RUN_DIR --md BENCHMARKS.md --images docs/benchmarks --script CMD``."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="write BENCHMARKS.md from a kangaroo bench run folder")
+    p.add_argument("run_dir", help="a kangaroo bench --out folder (summary.json + plots)")
+    p.add_argument("--md", default="BENCHMARKS.md", help="markdown file to write (default BENCHMARKS.md)")
+    p.add_argument("--images", default="docs/benchmarks", help="folder the plots are copied to (default docs/benchmarks)")
+    p.add_argument("--script", default="scripts/make_benchmarks.sh", help="the command that produced the run, quoted in the page")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    write_benchmarks(summary, run_dir, Path(args.md), Path(args.images), args.script)
+    print(f"wrote {args.md} and {args.images}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Regenerate BENCHMARKS.md (and docs/benchmarks/*.png) from one real `kangaroo bench` run:
+# 2 seeded questions per Spec-Bench task, at most 64 new tokens per turn, every method, all cores.
+#
+#   scripts/make_benchmarks.sh                      # the default model with its shipped adapter
+#   scripts/make_benchmarks.sh --adapter random     # extra options go to `kangaroo bench`
+#
+# Run it on a quiet machine: on 2 cores, any other busy process slows torch's multi-threaded
+# matmuls by up to ~30x for multi-token forwards (verification), which distorts every speedup.
+# The run records the load average before and after; the page shows it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-runs/bench-quick}
+THREADS=${THREADS:-$(nproc)}
+PER_CATEGORY=${PER_CATEGORY:-2}
+MAX_NEW=${MAX_NEW:-64}
+
+echo "load: $(cut -d' ' -f1-3 /proc/loadavg)  (busy processes below, if any)"
+ps -eo pcpu,pid,args --sort=-pcpu | awk 'NR>1 && $1>20 {print "  " $0}' | cut -c1-120
+$PY -m kangaroo.cli bench --per-category "$PER_CATEGORY" --max-new-tokens "$MAX_NEW" --threads "$THREADS" --out "$OUT" "$@"
+$PY -m kangaroo.bench.report "$OUT" --md BENCHMARKS.md --images docs/benchmarks \
+    --script "scripts/make_benchmarks.sh${*:+ $*}  # = kangaroo bench --per-category $PER_CATEGORY --max-new-tokens $MAX_NEW --threads $THREADS${*:+ $*}"
