@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import TextIO
 
@@ -215,8 +216,11 @@ def print_table(summary: dict, f: TextIO) -> None:
 # ---------------------------------------------------------------------------- plots
 def make_plots(out: Path, summary: dict) -> list[str]:
     """Write the PNG plots into ``out``; returns their file names."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: matplotlib is not installed (pip install 'kangaroo-decoding[bench]'): no plots", file=sys.stderr)
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
