@@ -5,8 +5,8 @@
     kangaroo bench --sweep --per-category 1 --sweep-thresholds 0.4,0.6 --sweep-max-steps 4,6
 
 Every method answers the same questions with the same model object (one dtype, one thread setting),
-the same ``max_new_tokens`` and EOS ids. Methods run interleaved, question by question, so that a
-slow spell of a shared machine hurts them alike; each method first generates once untimed (warm-up).
+the same ``max_new_tokens`` and EOS ids. Methods run interleaved, question by question (in a rotating
+order), so that a slow spell of a shared machine hurts them alike; each method first generates once untimed (warm-up).
 Each answer turn is timed around the method's generate call alone (tokenisation excluded, as in
 Spec-Bench). MT-bench questions are answered turn by turn: the method's own first answer goes back
 into the chat as the assistant's message before the second question.
@@ -140,8 +140,9 @@ def run_methods(km, methods, questions, max_new_tokens: int, warmup: int = 1):
     prompts = {m.name: {} for m in methods}
     model_id = km.model_name
     bar = tqdm(questions, desc="bench", unit="q", disable=None, file=sys.stderr)
-    for q in bar:
-        for m in methods:
+    for i, q in enumerate(bar):
+        # rotate the order per question so that no method always runs first (or right after another)
+        for m in methods[i % len(methods):] + methods[: i % len(methods)]:
             messages, turns, new_tokens, wall, accept, drafts, token_ids, turn_prompts = [], [], [], [], [], [], [], []
             for turn in q["turns"]:
                 messages.append({"role": "user", "content": turn})

@@ -149,7 +149,8 @@ def header(summary: dict) -> str:
 DEFINITIONS = """\
 - **Tokens/s**: mean over answers of new tokens ÷ wall time (an answer's turns pooled), as Spec-Bench's
   `evaluation/speed.py`; **speedup** is the ratio of those means on the same questions. Warm-up excluded; each turn is
-  timed around the generate call only.
+  timed around the generate call only. (speed.py counts the baseline's tokens by re-tokenising its text; we count the
+  generated ids for every method.)
 - **Mean accepted tokens** (compression rate): new tokens ÷ target forwards, the prefill forward and the bonus token
   counted (Spec-Bench's `accept_lengths` pooled). Autoregressive = 1.00.
 - **Acceptance rate**: accepted drafts ÷ drafts verified. **Mean draft length**: drafts verified per verification round.
