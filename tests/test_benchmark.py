@@ -20,7 +20,7 @@ from kangaroo.errors import KangarooError
 from kangaroo.loading import cache_dir
 
 TOKENIZER = cache_dir() / "models" / "smollm2-135m-instruct"
-ALL_METHODS = "ar-hf,ar,kangaroo,kangaroo-fixed,early-exit,pld"
+ALL_METHODS = "ar-hf,ar-hf-static,ar,kangaroo,kangaroo-fixed,early-exit,pld"
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a short poem about the sea.", "Now make it rhyme."]},
     {"question_id": 82, "category": "coding", "turns": ["Write a Python function that adds two numbers.", "Add type hints."]},
@@ -84,7 +84,7 @@ def test_every_output_is_written(bench_run):
     assert set(summary) >= {"config", "machine", "methods", "baseline", "reference"}
     assert summary["machine"]["torch_threads"] == 1 and summary["machine"]["dtype"] == "float32"
     assert summary["machine"]["torch"] and summary["machine"]["transformers"] and summary["machine"]["cpu"] is not None
-    assert summary["baseline"] in ("ar", "ar-hf") and summary["reference"] == "ar-hf"
+    assert summary["baseline"] in ("ar", "ar-hf", "ar-hf-static") and summary["reference"] == "ar-hf"
     assert list(summary["methods"]) == ALL_METHODS.split(",")
     tasks = ["mt_bench", "translation", "math_reasoning", "rag"]
     for name, entry in summary["methods"].items():

@@ -32,7 +32,7 @@ from .errors import KangarooError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = "ar-hf,ar,kangaroo,kangaroo-fixed,early-exit,pld"
+DEFAULT_METHODS = "ar-hf,ar-hf-static,ar,kangaroo,kangaroo-fixed,early-exit,pld"
 BUSY_LOAD = 0.5  # 1-minute load average above which timings on a small machine are suspect
 
 
@@ -64,6 +64,7 @@ def run(args) -> int:
     import torch
 
     from .bench import methods as M
+    from .bench.metrics import AR_BASELINES
     from .bench.questions import load_questions
     from .cli import load_from_args
 
@@ -84,7 +85,7 @@ def run(args) -> int:
     km = load_from_args(args)
     options = M.Options(pld_tokens=args.pld_tokens)
     if args.sweep:
-        methods = M.build([n for n in names if n in ("ar-hf", "ar")] or ["ar-hf", "ar"], km, options)
+        methods = M.build([n for n in names if n in AR_BASELINES] or ["ar-hf", "ar"], km, options)
         methods += _sweep_variants(args, km, options)
     else:
         methods = M.build(names, km, options)
@@ -105,7 +106,7 @@ def run(args) -> int:
     summary["machine"] = _machine(args, load_before, _loadavg())
     write_outputs(out, km, summary, answers)
     if args.sweep:
-        summary["sweep"] = _best(summary, [m.name for m in methods if m.name not in ("ar-hf", "ar")])
+        summary["sweep"] = _best(summary, [m.name for m in methods if m.name not in AR_BASELINES])
         (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     from .bench.report import print_table, write_report
 

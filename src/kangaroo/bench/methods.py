@@ -189,6 +189,18 @@ class HFGreedy(_HFGenerate):
         return {"cache": "transformers DynamicCache (generate's default)"}
 
 
+@register
+class HFGreedyStatic(HFGreedy):
+    name = "ar-hf-static"
+    description = "transformers model.generate(do_sample=False, cache_implementation='static'): preallocated cache, like ours"
+
+    def _kwargs(self) -> dict:
+        return {"cache_implementation": "static"}
+
+    def settings(self) -> dict:
+        return {"cache": "transformers StaticCache (cache_implementation='static'), eager (no torch.compile)"}
+
+
 class _RoundLengths:
     """A transformers streamer that records how many tokens each ``put`` delivers.
 
