@@ -28,3 +28,35 @@ class KangarooConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How tokens are chosen: greedy (``temperature == 0``) or lossless speculative sampling.
+
+    The target's and the draft's logits go through the same processing, in Hugging Face's order:
+    temperature, then top-k, then top-p. Kangaroo sampling then draws exactly from the processed
+    target distribution (Leviathan et al. 2023; Chen et al. 2023), whatever the adapter.
+    """
+
+    temperature: float = 0.0  # 0 = greedy: the existing lossless-greedy path, token-identical to argmax decoding
+    top_p: float = 1.0  # nucleus: keep the smallest set of most likely tokens whose probability reaches top_p
+    top_k: int = 0  # keep only the k most likely tokens (0 = all)
+    seed: int | None = None  # seeds a fresh torch.Generator for every generation (None = a random seed)
+
+    def __post_init__(self) -> None:
+        from .errors import KangarooError
+
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise KangarooError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise KangarooError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise KangarooError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,7 +1,9 @@
-"""Greedy decoding loops: Kangaroo (double early exit) and the plain autoregressive baseline.
+"""Decoding loops: Kangaroo (double early exit) and the plain autoregressive baseline.
 
 Both run on the same :class:`~kangaroo.model.Backbone` and cache, so the baseline is the same
-code minus speculation. Each loop is a generator of :class:`Step` (the tokens one target forward
+code minus speculation. Both are greedy by default; given a :class:`~kangaroo.config.SamplingConfig`
+with temperature > 0 they sample, Kangaroo with lossless speculative sampling (same output
+distribution as the baseline's plain sampling). Each loop is a generator of :class:`Step` (the tokens one target forward
 committed), so streaming, statistics and :meth:`generate` all come from one loop.
 """
 
@@ -15,11 +17,12 @@ from typing import Iterator
 import torch
 
 from .adapter import Adapter
-from .config import KangarooConfig
+from .config import KangarooConfig, SamplingConfig
 from .drafting import Drafter
 from .errors import KangarooError
 from .kv_cache import KVCache
 from .model import Backbone
+from .sampling import Sampler
 from .verification import greedy_accept, truncate_at_stop
 
 logger = logging.getLogger(__name__)
@@ -30,7 +33,8 @@ class Step:
     """What one target forward committed.
 
     ``tokens`` = accepted drafts + the target's own token; ``accepted = len(tokens) - 1`` (the last
-    committed token always equals the target's argmax at its position). ``drafted`` counts drafts
+    committed token always comes from the target: its argmax when greedy, a draw from ``p`` or from
+    the residual ``max(0, p - q)`` when sampling). ``drafted`` counts drafts
     sent for verification, ``draft_steps`` adapter steps run, ``confidences`` their top-1 probabilities.
     """
 
@@ -115,16 +119,21 @@ def check_request(backbone: Backbone, input_ids: torch.Tensor, max_new_tokens: i
     return max_new_tokens
 
 
-def _prefill(backbone: Backbone, cache: KVCache, input_ids: torch.Tensor, exit_layer: int):
+def _prefill(backbone: Backbone, cache: KVCache, input_ids: torch.Tensor, exit_layer: int, sampler: Sampler | None = None):
     """Whole prompt through all layers; returns (first token, exit-layer states ``[1, n, D]``)."""
     h_exit = backbone.run_layers(0, exit_layer, backbone.embed(input_ids), cache, 0)
     h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, 0)
-    first = int(backbone.logits(h_last[:, -1:]).argmax(-1))
-    return first, h_exit
+    return _next_token(backbone.logits(h_last[:, -1:])[0, -1], sampler), h_exit
+
+
+def _next_token(logits: torch.Tensor, sampler: Sampler | None) -> int:
+    """The target's token from its logits ``[V]``: argmax, or a draw from the processed ``p``."""
+    return int(logits.argmax(-1)) if sampler is None else sampler.sample(sampler.probs(logits))
 
 
 class KangarooDecoder:
-    """Greedy Kangaroo decoding, token-identical to the target's plain greedy decoding.
+    """Kangaroo decoding: greedy (token-identical to the target's plain greedy decoding) or sampling
+    (lossless speculative sampling: the same output distribution as plain sampling from the target).
 
     Args:
         backbone: the target.
@@ -140,30 +149,38 @@ class KangarooDecoder:
         self.cache = KVCache(backbone.num_layers)
 
     @torch.no_grad()
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset()) -> Iterator[Step]:
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset(),
+               sampling: SamplingConfig | None = None) -> Iterator[Step]:
         """Yield one :class:`Step` per target forward until EOS or ``max_new_tokens``.
 
         Args:
             input_ids: ``[1, n]`` prompt ids.
+            sampling: None or temperature 0 = greedy; else temperature/top-k/top-p sampling, seeded
+                by ``sampling.seed`` (the same seed gives the same tokens).
         """
         bb, ℓ, L = self.backbone, self.config.exit_layer, self.backbone.num_layers
         budget = check_request(bb, input_ids, max_new_tokens)
+        sampler = Sampler.for_config(sampling, bb.device)
         self.cache.reset()
-        y, h_prompt = _prefill(bb, self.cache, input_ids, ℓ)
+        y, h_prompt = _prefill(bb, self.cache, input_ids, ℓ, sampler)
         self.drafter.start(h_prompt)
         pos = input_ids.shape[1]  # position of y, the last committed token
         tokens, done = truncate_at_stop([y], eos_token_ids, budget)
         yield Step(tokens)
         budget -= len(tokens)
         while not done:
-            # 1. draft: shallow layers + adapter, at most γ tokens, stop when top-1 prob < η
-            #    (one token of the budget is kept for the target's own token)
-            draft = self.drafter.draft(y, pos, self.cache, budget - 1, eos_token_ids)
+            # 1. draft: shallow layers + adapter, at most γ tokens, stop when top-1 prob < η; one
+            #    token of the budget is kept for the target's own (sampling: drafts are drawn from q)
+            draft = self.drafter.draft(y, pos, self.cache, budget - 1, eos_token_ids, sampler)
             # 2. verify: only layers [ℓ, L) run, over the exit-layer states drafting already computed
             h_last = bb.run_layers(ℓ, L, draft.hidden, self.cache, pos)  # [1, k+1, D]
-            target = bb.logits(h_last)[0].argmax(-1)  # [k+1]
-            # 3. accept the longest agreeing prefix plus the target's own next token
-            new, m = greedy_accept(draft.tokens, target)
+            logits = bb.logits(h_last)[0]  # [k+1, V]
+            # 3. accept the longest agreeing prefix plus the target's own next token (greedy), or
+            #    each draft with prob min(1, p/q), then a residual or bonus draw (sampling)
+            if sampler is None:
+                new, m = greedy_accept(draft.tokens, logits.argmax(-1))
+            else:
+                new, m = sampler.accept(draft.tokens, draft.probs, logits)
             tokens, done = truncate_at_stop(new, eos_token_ids, budget)
             # 4. roll back every cache to the committed length (the adapter may keep a pending state)
             self.cache.crop(pos + m + 1)
@@ -172,37 +189,44 @@ class KangarooDecoder:
             budget -= len(tokens)
             pos, y = pos + m + 1, new[-1]
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset()) -> GenerationResult:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset(),
+                 sampling: SamplingConfig | None = None) -> GenerationResult:
         """Run :meth:`stream` to the end and collect ids, statistics and timings."""
-        return collect(self.stream(input_ids, max_new_tokens, eos_token_ids), input_ids.shape[1], self.backbone)
+        steps = self.stream(input_ids, max_new_tokens, eos_token_ids, sampling)
+        return collect(steps, input_ids.shape[1], self.backbone)
 
 
 class AutoregressiveDecoder:
-    """Plain greedy decoding through the same backbone and cache: the in-house baseline."""
+    """Plain decoding through the same backbone and cache: the in-house baseline (greedy, or
+    sampling from the processed target distribution when given a :class:`SamplingConfig`)."""
 
     def __init__(self, backbone: Backbone) -> None:
         self.backbone = backbone
         self.cache = KVCache(backbone.num_layers)
 
     @torch.no_grad()
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset()) -> Iterator[Step]:
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset(),
+               sampling: SamplingConfig | None = None) -> Iterator[Step]:
         bb, L = self.backbone, self.backbone.num_layers
         budget = check_request(bb, input_ids, max_new_tokens)
+        sampler = Sampler.for_config(sampling, bb.device)
         self.cache.reset()
-        y, _ = _prefill(bb, self.cache, input_ids, L)
+        y, _ = _prefill(bb, self.cache, input_ids, L, sampler)
         pos = input_ids.shape[1]
         tokens, done = truncate_at_stop([y], eos_token_ids, budget)
         yield Step(tokens)
         budget -= len(tokens)
         while not done:
             h = bb.run_layers(0, L, bb.embed(torch.tensor([[y]], device=bb.device)), self.cache, pos)
-            y = int(bb.logits(h).argmax(-1))
+            y = _next_token(bb.logits(h)[0, -1], sampler)
             tokens, done = truncate_at_stop([y], eos_token_ids, budget)
             yield Step(tokens)
             budget, pos = budget - 1, pos + 1
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset()) -> GenerationResult:
-        return collect(self.stream(input_ids, max_new_tokens, eos_token_ids), input_ids.shape[1], self.backbone)
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset(),
+                 sampling: SamplingConfig | None = None) -> GenerationResult:
+        steps = self.stream(input_ids, max_new_tokens, eos_token_ids, sampling)
+        return collect(steps, input_ids.shape[1], self.backbone)
 
 
 def collect(steps: Iterator[Step], prompt_tokens: int, backbone: Backbone) -> GenerationResult:

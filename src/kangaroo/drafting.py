@@ -15,6 +15,7 @@ from .adapter import Adapter
 from .config import KangarooConfig
 from .kv_cache import KVCache
 from .model import Backbone
+from .sampling import Sampler
 
 
 @dataclass
@@ -27,12 +28,15 @@ class Draft:
         confidences: top-1 draft probability of each drafted token (``k`` or ``k+1`` values when the
             low-confidence token was dropped).
         steps: adapter + LM-head steps run (``k``, or ``k+1`` when the low-confidence token was dropped).
+        probs: when sampling, ``[k, V]`` processed draft distributions ``q`` the tokens were drawn
+            from (None when greedy or ``k == 0``).
     """
 
     tokens: torch.Tensor
     hidden: torch.Tensor
     confidences: list[float]
     steps: int
+    probs: torch.Tensor | None = None
 
 
 class Drafter:
@@ -58,18 +62,23 @@ class Drafter:
         self.pending = None if self.stateless else prompt_hidden
 
     @torch.no_grad()
-    def draft(self, y0: int, pos: int, target_cache: KVCache, budget: int, eos_token_ids: set[int]) -> Draft:
+    def draft(self, y0: int, pos: int, target_cache: KVCache, budget: int, eos_token_ids: set[int],
+              sampler: Sampler | None = None) -> Draft:
         """Draft from the last committed token ``y0`` at position ``pos``.
 
         Args:
             target_cache: the target's cache; shallow layers ``[0, ℓ)`` hold ``pos`` positions.
             budget: draft at most this many tokens (the caller reserves one for the target's token).
+            sampler: None = greedy drafts (argmax); else each draft is drawn from the processed draft
+                distribution ``q`` (same temperature/top-k/top-p as the target), and the second early
+                exit looks at ``max q``.
         """
         bb, cfg, ℓ = self.backbone, self.config, self.config.exit_layer
         device = bb.device
         tokens: list[int] = []
         hidden: list[torch.Tensor] = []
         confidences: list[float] = []
+        qs: list[torch.Tensor] = []
         y, low_confidence = y0, False
         for step in range(min(cfg.max_steps, budget)):
             # shallow layers on the newest token, then the adapter (fed any states it has not seen)
@@ -79,9 +88,14 @@ class Drafter:
             a_in = h if self.pending is None else torch.cat([self.pending, h], dim=1)
             out = self.adapter(a_in, bb, self.cache, self.cache.length())[:, -1:]  # [1, 1, D]
             self.pending = None
-            probs = torch.softmax(bb.lm_head(out).float()[0, -1], dim=-1)  # [V]
-            conf, tok = probs.max(dim=-1)
-            y = int(tok)
+            logits = bb.lm_head(out).float()[0, -1]  # [V]
+            if sampler is None:
+                conf, tok = torch.softmax(logits, dim=-1).max(dim=-1)
+                y = int(tok)
+            else:
+                q = sampler.probs(logits)  # [V]
+                conf, y = q.max(), sampler.sample(q)
+                qs.append(q)
             tokens.append(y)
             confidences.append(float(conf))
             if confidences[-1] < cfg.threshold:  # second early exit
@@ -92,6 +106,7 @@ class Drafter:
         steps = len(tokens)
         if low_confidence and not cfg.verify_low_confidence:
             tokens.pop()
+            qs = qs[: len(tokens)]
         if len(hidden) == len(tokens):
             # the last token to verify has no exit-layer state yet: run the shallow layers on it
             last = tokens[-1] if tokens else y0
@@ -102,6 +117,7 @@ class Drafter:
             hidden=torch.cat(hidden, dim=1),
             confidences=confidences,
             steps=steps,
+            probs=torch.stack(qs) if qs else None,
         )
 
     def rollback(self, new_len: int, hidden: torch.Tensor, pos: int) -> None:
