@@ -5,6 +5,7 @@
 >>> out = km.generate("Write a haiku about kangaroos.", max_new_tokens=64)
 >>> out.text, out.result.compression_rate
 >>> for delta in km.stream("Tell me a joke."): print(delta, end="", flush=True)
+>>> km.generate("Tell me a story.", temperature=0.8, top_p=0.95, seed=1).text  # lossless sampling
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Iterator
 import torch
 
 from .adapter import Adapter, AdapterConfig, check_exit_layer
-from .config import KangarooConfig
+from .config import KangarooConfig, SamplingConfig
 from .decoding import AutoregressiveDecoder, GenerationResult, KangarooDecoder, Step, collect
 from .errors import KangarooError
 from .loading import DEFAULT_MODEL, load_model, model_identity
@@ -143,25 +144,55 @@ class KangarooModel:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
     # ------------------------------------------------------------------ generation
-    def steps(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, kangaroo: bool = True) -> Iterator[Step]:
+    # Sampling: pass ``sampling=SamplingConfig(...)`` or the keywords ``temperature``, ``top_p``,
+    # ``top_k``, ``seed`` (they override ``sampling``'s fields). Temperature 0 (the default) is greedy.
+    def steps(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, kangaroo: bool = True,
+              sampling: SamplingConfig | None = None, **sampling_kw) -> Iterator[Step]:
         """Per-round :class:`Step` iterator (Kangaroo, or the autoregressive baseline)."""
         ids = self.encode(prompt, chat)
         decoder = self.decoder if kangaroo else self.baseline
-        return decoder.stream(ids, max_new_tokens, self.eos_token_ids)
+        return decoder.stream(ids, max_new_tokens, self.eos_token_ids, sampling_config(sampling, **sampling_kw))
 
-    def generate(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, kangaroo: bool = True) -> Output:
-        """Generate greedily; ``kangaroo=False`` runs the plain autoregressive loop instead."""
+    def generate(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, kangaroo: bool = True,
+                 sampling: SamplingConfig | None = None, **sampling_kw) -> Output:
+        """Generate (greedy unless a temperature > 0 is given); ``kangaroo=False`` runs the plain
+        autoregressive loop instead. Sampling with a ``seed`` is reproducible.
+
+        Args:
+            sampling: a :class:`SamplingConfig`; keywords ``temperature``, ``top_p``, ``top_k`` and
+                ``seed`` override its fields.
+        """
         ids = self.encode(prompt, chat)
         decoder = self.decoder if kangaroo else self.baseline
-        result = collect(decoder.stream(ids, max_new_tokens, self.eos_token_ids), ids.shape[1], self.backbone)
+        config = sampling_config(sampling, **sampling_kw)
+        result = collect(decoder.stream(ids, max_new_tokens, self.eos_token_ids, config), ids.shape[1], self.backbone)
         return Output(self.decode(result.token_ids), ids[0].tolist(), result)
 
-    def stream(self, prompt, max_new_tokens: int = 128, chat: bool | None = None) -> Iterator[str]:
-        """Yield text deltas as each round's tokens are accepted."""
-        yield from text_deltas(self.tokenizer, (step.tokens for step in self.steps(prompt, max_new_tokens, chat)))
+    def stream(self, prompt, max_new_tokens: int = 128, chat: bool | None = None,
+               sampling: SamplingConfig | None = None, **sampling_kw) -> Iterator[str]:
+        """Yield text deltas as each round's tokens are accepted (sampling as in :meth:`generate`)."""
+        steps = self.steps(prompt, max_new_tokens, chat, sampling=sampling, **sampling_kw)
+        yield from text_deltas(self.tokenizer, (step.tokens for step in steps))
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def sampling_config(sampling: SamplingConfig | None = None, **overrides) -> SamplingConfig | None:
+    """``sampling`` with the given fields (``temperature``, ``top_p``, ``top_k``, ``seed``) replaced.
+
+    Raises:
+        KangarooError: an unknown keyword or an out-of-range value.
+    """
+    fields = set(SamplingConfig.__dataclass_fields__)
+    unknown = set(overrides) - fields
+    if unknown:
+        raise KangarooError(f"unknown sampling option(s) {', '.join(sorted(unknown))}: use {', '.join(sorted(fields))}")
+    overrides = {k: v for k, v in overrides.items() if v is not None or k == "seed"}
+    if not overrides:
+        return sampling
+    base = sampling.to_dict() if sampling is not None else {}
+    return SamplingConfig(**{**base, **overrides})
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

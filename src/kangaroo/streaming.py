@@ -10,8 +10,14 @@ class TextDeltas:
 
     Decoding token by token breaks multi-byte characters (a UTF-8 emoji spread over byte tokens) and
     tokenizers whose spacing depends on neighbours. So we decode the whole generated sequence each
-    time, emit only what lies past the text already emitted, and hold back a trailing U+FFFD (an
-    incomplete character) until the bytes that finish it arrive.
+    time and emit only what lies past the text already emitted, holding back the tail that later
+    tokens may still change:
+
+    * trailing U+FFFD: an incomplete character whose remaining bytes have not arrived yet;
+    * trailing whitespace: tokenizers that clean up spaces (``"Hello ."`` -> ``"Hello."``) or whose
+      leading-space handling depends on the next token can still remove it.
+
+    So the concatenated deltas equal ``tokenizer.decode(ids)`` after :meth:`flush`.
     """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
@@ -20,21 +26,31 @@ class TextDeltas:
         self.ids: list[int] = []
         self.emitted = ""
 
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        return self.emitted
+
     def push(self, token_ids: Iterable[int]) -> str:
         """Add tokens; return the new text they complete (may be empty)."""
         self.ids.extend(token_ids)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        if text.endswith("\ufffd"):
-            return ""
-        delta = text[len(_common_prefix(text, self.emitted)) :]
-        self.emitted = text
-        return delta
+        return self._emit(text.rstrip("\ufffd").rstrip())
 
     def flush(self) -> str:
         """Whatever is left at the end (a genuinely invalid byte sequence is emitted as U+FFFD)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        delta = text[len(_common_prefix(text, self.emitted)) :]
-        self.emitted = text
+        return self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens))
+
+    def _emit(self, stable: str) -> str:
+        if stable.startswith(self.emitted):
+            delta, self.emitted = stable[len(self.emitted) :], stable
+            return delta
+        if len(stable) < len(self.emitted) and self.emitted.startswith(stable):
+            return ""  # the stable part is shorter than what is out already: wait for more tokens
+        # the tokenizer rewrote text that was already emitted (should not happen with the hold-back):
+        # continue from the common prefix so that at least no text is lost
+        delta = stable[len(_common_prefix(stable, self.emitted)) :]
+        self.emitted = stable
         return delta
 
 
