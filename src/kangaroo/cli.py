@@ -53,6 +53,11 @@ def load_from_args(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not getattr(args, "verbose", False):  # keep stderr for our own messages
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     return KangarooModel.from_pretrained(
         args.model, adapter=args.adapter, exit_layer=args.exit_layer, max_steps=args.max_steps,
         threshold=args.threshold, dtype=args.dtype, device=args.device, seed=args.seed,
@@ -79,9 +84,7 @@ def run(args) -> int:
         raise KangarooError("empty prompt: pass --prompt TEXT or pipe text on stdin")
     if args.max_new_tokens <= 0:
         raise KangarooError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
-    km = load_from_args(args)
-    if km.adapter_is_random:
-        print("note: no trained adapter given: using a seeded random adapter, so few drafts are accepted", file=sys.stderr)
+    km = load_from_args(args)  # warns when it falls back to a random adapter
     ids = km.encode(prompt, args.chat)
     if args.compare:  # warm both loops up so that neither timing pays first-call costs
         km.decoder.generate(ids[:, -8:], 4, km.eos_token_ids)

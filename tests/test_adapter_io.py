@@ -1,0 +1,83 @@
+"""Adapter files: round trip, and a clear error for every way they can be wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from kangaroo.adapter import Adapter, AdapterConfig
+from kangaroo.errors import KangarooError
+from kangaroo.model import Backbone
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    bb = Backbone(tiny_model("qwen3", seed=1))
+    adapter = Adapter.random(bb, 2, seed=4)
+    adapter.save(tmp_path / "ad", AdapterConfig(base_model="tiny-qwen3", exit_layer=2, fingerprint=bb.fingerprint()))
+    return bb, adapter, tmp_path / "ad"
+
+
+def test_round_trip_and_shared_lm_head(saved):
+    bb, adapter, path = saved
+    loaded, config = Adapter.load(path, bb)
+    assert config.exit_layer == 2 and config.base_model == "tiny-qwen3" and config.dtype == "float32"
+    for (k, a), (_, b) in zip(adapter.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not any("lm_head" in k or "embed" in k for k in loaded.state_dict())  # the LM head is shared, not copied
+    assert sorted(p.name for p in path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+
+
+def test_loads_in_another_dtype(saved):
+    bb, _, path = saved
+    bb16 = Backbone(tiny_model("qwen3", seed=1).to(torch.bfloat16))
+    loaded, _ = Adapter.load(path, bb16)
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+
+
+def test_wrong_exit_layer(saved):
+    bb, _, path = saved
+    with pytest.raises(KangarooError, match="exit layer 2, not 3"):
+        Adapter.load(path, bb, exit_layer=3)
+
+
+def test_other_model_same_shape(saved):
+    _, _, path = saved
+    with pytest.raises(KangarooError, match="another model.*different embedding"):
+        Adapter.load(path, Backbone(tiny_model("qwen3", seed=99)))
+
+
+def test_other_architecture_or_size(saved):
+    _, _, path = saved
+    with pytest.raises(KangarooError, match="another model"):
+        Adapter.load(path, Backbone(tiny_model("llama", seed=1)))
+    with pytest.raises(KangarooError, match="another model.*hidden_size"):
+        Adapter.load(path, Backbone(tiny_model("qwen3", seed=1, hidden_size=32)))
+
+
+def test_missing_and_corrupt_files(saved, tmp_path):
+    bb, _, path = saved
+    with pytest.raises(KangarooError, match="adapter not found"):
+        Adapter.load(tmp_path / "nope", bb)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(KangarooError, match="not an adapter folder"):
+        Adapter.load(empty, bb)
+    weights = path / "adapter.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(KangarooError, match="corrupt adapter weights"):
+        Adapter.load(path, bb)
+    weights.write_bytes(b"garbage")
+    with pytest.raises(KangarooError, match="corrupt adapter weights"):
+        Adapter.load(path, bb)
+    weights.write_bytes(good)
+    (path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(KangarooError, match="corrupt adapter config"):
+        Adapter.load(path, bb)
+    (path / "adapter_config.json").write_text(json.dumps({"unexpected": 1}))
+    with pytest.raises(KangarooError, match="corrupt adapter config"):
+        Adapter.load(path, bb)

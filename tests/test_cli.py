@@ -1,0 +1,113 @@
+"""`kangaroo generate`: JSON fields, streaming, --compare, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kangaroo.cli import main
+
+JSON_FIELDS = {
+    "text", "prompt_token_ids", "token_ids", "new_tokens", "rounds", "target_forwards", "drafted", "accepted",
+    "compression_rate", "acceptance_rate", "tokens_per_s", "model", "adapter", "exit_layer", "threshold",
+    "max_steps", "dtype",
+}
+
+
+def run_cli(capsys, *args):
+    code = main(["generate", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_json_output(capsys, tiny_chat_model_dir):
+    code, out, err = run_cli(capsys, "--model", str(tiny_chat_model_dir), "--prompt", "Hello there", "--max-new-tokens", "20", "--json", "--compare")
+    assert code == 0, err
+    record = json.loads(out)
+    assert JSON_FIELDS | {"ar_token_ids", "ar_tokens_per_s", "identical_to_greedy"} <= set(record)
+    assert record["identical_to_greedy"] is True and record["ar_token_ids"] == record["token_ids"]
+    assert record["new_tokens"] == len(record["token_ids"]) == record["accepted"] + record["rounds"]
+    assert record["target_forwards"] == record["rounds"]
+    assert record["adapter"] == "random"
+    assert record["exit_layer"] == 2 and record["threshold"] == 0.6 and record["max_steps"] == 6
+    # the chat template was applied: the prompt holds the template's role markers
+    assert record["prompt_token_ids"][0] == 1  # <|im_start|>
+
+
+def test_streamed_text_equals_json_text(capsys, tiny_chat_model_dir):
+    args = ["--model", str(tiny_chat_model_dir), "--prompt", "Count to ten", "--max-new-tokens", "24"]
+    _, out_json, _ = run_cli(capsys, *args, "--json")
+    code, out_text, err = run_cli(capsys, *args, "--stats")
+    assert code == 0
+    assert out_text == json.loads(out_json)["text"] + "\n"
+    assert "target forwards" in err and "compression" in err
+
+
+def test_prompt_from_stdin_and_no_chat(capsys, monkeypatch, tiny_chat_model_dir):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time"))
+    code, out, _ = run_cli(capsys, "--model", str(tiny_chat_model_dir), "--no-chat", "--max-new-tokens", "5", "--json")
+    record = json.loads(out)
+    assert code == 0 and record["new_tokens"] == 5
+    assert 1 not in record["prompt_token_ids"]  # no chat template markers
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model-anywhere"], "unknown model"),
+        (["--model", "./does/not/exist"], "does/not/exist"),
+        (["--exit-layer", "4"], "exit layer 4 out of range"),
+        (["--exit-layer", "0"], "exit layer 0 out of range"),
+        (["--prompt", "   "], "empty prompt"),
+        (["--max-new-tokens", "0"], "max-new-tokens must be > 0"),
+        (["--prompt", "word " * 400], "does not fit the model's context of 256"),
+        (["--threshold", "2"], "threshold"),
+    ],
+)
+def test_bad_input_is_one_line_error(capsys, monkeypatch, tiny_chat_model_dir, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = {"--model": str(tiny_chat_model_dir), "--prompt": "hi"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    code, out, err = run_cli(capsys, *[x for kv in base.items() for x in kv], "--max-new-tokens", base.get("--max-new-tokens", "4"))
+    assert code == 2
+    errors = [line for line in err.splitlines() if not line.startswith("WARNING")]
+    assert len(errors) == 1 and errors[0].startswith("kangaroo: error:") and message in errors[0]
+    assert "Traceback" not in err
+
+
+def test_adapter_mismatch_and_corrupt_adapter(capsys, tmp_path, tiny_chat_model_dir):
+    from kangaroo.adapter import Adapter, AdapterConfig
+    from kangaroo.loading import load_model
+    from kangaroo.model import Backbone
+
+    model, _ = load_model(str(tiny_chat_model_dir))
+    bb = Backbone(model)
+    Adapter.random(bb, 3).save(tmp_path / "a3", AdapterConfig(base_model="tiny", exit_layer=3, fingerprint=bb.fingerprint()))
+    code, out, err = run_cli(capsys, "--model", str(tiny_chat_model_dir), "--adapter", str(tmp_path / "a3"), "--prompt", "hi", "--max-new-tokens", "4", "--json")
+    assert code == 0 and json.loads(out)["exit_layer"] == 3
+    code, _, err = run_cli(capsys, "--model", str(tiny_chat_model_dir), "--adapter", str(tmp_path / "a3"), "--exit-layer", "2", "--prompt", "hi")
+    assert code == 2 and "exit layer 3, not 2" in err
+    fingerprint = {**bb.fingerprint(), "hidden_size": 999}
+    Adapter.random(bb, 2).save(tmp_path / "other", AdapterConfig(base_model="other", exit_layer=2, fingerprint=fingerprint))
+    code, _, err = run_cli(capsys, "--model", str(tiny_chat_model_dir), "--adapter", str(tmp_path / "other"), "--prompt", "hi")
+    assert code == 2 and "made for another model" in err
+    (tmp_path / "a3" / "adapter.safetensors").write_bytes(b"\x00" * 10)
+    code, _, err = run_cli(capsys, "--model", str(tiny_chat_model_dir), "--adapter", str(tmp_path / "a3"), "--prompt", "hi")
+    assert code == 2 and "corrupt adapter weights" in err
+
+
+def test_console_script_error_has_no_traceback(tiny_chat_model_dir):
+    exe = os.path.join(os.path.dirname(sys.executable), "kangaroo")
+    proc = subprocess.run(
+        [exe, "generate", "--model", str(tiny_chat_model_dir), "--prompt", "hi", "--exit-layer", "9"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("kangaroo: error: exit layer 9 out of range")
+    assert "Traceback" not in proc.stderr
