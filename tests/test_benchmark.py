@@ -96,6 +96,8 @@ def test_every_output_is_written(bench_run):
         o = entry["overall"]
         if name in ("kangaroo", "kangaroo-fixed", "early-exit"):
             assert len(o["ctar"]) == 4 and 0.0 <= o["acceptance_rate"] <= 1.0 and o["mean_draft_length"] > 0
+        elif name == "pld":  # transformers' default of 10 proposed tokens
+            assert len(o["ctar"]) == 10 and 0.0 <= o["acceptance_rate"] <= 1.0
         else:
             assert o["ctar"] is None and o["acceptance_rate"] is None
     # kangaroo-fixed never stops drafting early: every round drafts γ unless the token budget is shorter

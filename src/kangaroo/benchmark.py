@@ -99,10 +99,9 @@ def run(args) -> int:
 
     from .bench.metrics import summarize
 
-    γ = max([km.config.max_steps] + [getattr(getattr(m, "config", None), "max_steps", 0) for m in methods])
-    summary = summarize(answers, γ)
+    summary = summarize(answers, {m.name: m.max_draft for m in methods})
     summary["reference"] = reference
-    summary["config"] = _config(args, km, methods, questions, γ)
+    summary["config"] = _config(args, km, methods, questions)
     summary["machine"] = _machine(args, load_before, _loadavg())
     write_outputs(out, km, summary, answers)
     if args.sweep:
@@ -276,7 +275,7 @@ def write_outputs(out: Path, km, summary: dict, answers: dict) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
 
-def _config(args, km, methods, questions, γ) -> dict:
+def _config(args, km, methods, questions) -> dict:
     from .bench.questions import default_question_file, task_of
 
     counts: dict[str, int] = {}
@@ -294,7 +293,6 @@ def _config(args, km, methods, questions, γ) -> dict:
         "max_steps": km.config.max_steps,
         "threshold": km.config.threshold,
         "verify_low_confidence": km.config.verify_low_confidence,
-        "ctar_max_w": γ,
         "dtype": args.dtype,
         "device": args.device,
         "max_new_tokens": args.max_new_tokens,
@@ -305,7 +303,7 @@ def _config(args, km, methods, questions, γ) -> dict:
         "sample_seed": args.sample_seed,
         "questions": len(questions),
         "questions_per_task": counts,
-        "methods": {m.name: {"description": m.description, **m.settings()} for m in methods},
+        "methods": {m.name: {"description": m.description, "max_draft": m.max_draft, **m.settings()} for m in methods},
     }
 
 

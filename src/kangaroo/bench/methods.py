@@ -53,6 +53,12 @@ class Method:
         """What this method ran with (written to summary.json)."""
         return {}
 
+    @property
+    def max_draft(self) -> int:
+        """Most drafts one round can verify (the CTAR curve's last w); 0 for autoregressive methods."""
+        config = getattr(self, "config", None)
+        return config.max_steps if config is not None and self.reports_drafts else 0
+
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -110,6 +116,7 @@ class Kangaroo(_OurDecoder):
     reports_drafts = True
 
     def _decoder(self):
+        self.config = self.km.config
         return self.km.decoder
 
     def settings(self) -> dict:
@@ -225,20 +232,53 @@ class _RoundLengths:
 class PromptLookup(_HFGenerate):
     name = "pld"
     description = "prompt lookup decoding through transformers (prompt_lookup_num_tokens)"
+    reports_drafts = True
 
     def _kwargs(self) -> dict:
         return {"prompt_lookup_num_tokens": self.options.pld_tokens, "max_matching_ngram_size": self.options.pld_ngram}
 
+    @property
+    def max_draft(self) -> int:
+        return self.options.pld_tokens
+
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
         rounds = _RoundLengths()
-        ids = self._generate(input_ids, max_new_tokens, streamer=rounds)
-        lengths = rounds.lengths if sum(rounds.lengths) == len(ids) else [1] * len(ids)
-        return Run(ids, lengths)  # drafted counts are not exposed by transformers
+        with _count_candidates() as drafted:
+            ids = self._generate(input_ids, max_new_tokens, streamer=rounds)
+        if sum(rounds.lengths) != len(ids) or len(drafted) != len(rounds.lengths):
+            raise KangarooError("pld: could not follow transformers' assisted-generation rounds (this transformers "
+                                "version calls the streamer or the candidate generator differently)")
+        # assisted generation has no separate prefill: its first forward (prompt + candidates) is round 1
+        return Run(ids, rounds.lengths, drafted)
 
     def settings(self) -> dict:
         return {"prompt_lookup_num_tokens": self.options.pld_tokens, "max_matching_ngram_size": self.options.pld_ngram,
                 "cache": "transformers DynamicCache (generate's default)"}
 
+
+class _count_candidates:
+    """Record how many tokens transformers' prompt-lookup candidate generator proposes in each round.
+
+    Wraps ``PromptLookupCandidateGenerator.get_candidates`` for the duration of one ``generate`` call
+    (a function call per round: negligible next to a forward).
+    """
+
+    def __enter__(self) -> list[int]:
+        from transformers.generation.candidate_generator import PromptLookupCandidateGenerator as PLG
+
+        self.cls, self.original, drafted = PLG, PLG.get_candidates, []
+        original = self.original
+
+        def get_candidates(gen, input_ids, *args, **kwargs):
+            out = original(gen, input_ids, *args, **kwargs)
+            drafted.append(int(out[0].shape[-1] - input_ids.shape[-1]))
+            return out
+
+        PLG.get_candidates = get_candidates
+        return drafted
+
+    def __exit__(self, *exc) -> None:
+        self.cls.get_candidates = self.original
 
 
 class KangarooVariant(_OurDecoder):

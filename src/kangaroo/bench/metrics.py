@@ -70,10 +70,13 @@ def group_metrics(answers: list[dict], max_steps: int) -> dict:
         m["ctar"] = ctar(rs, max_steps)
     hist: dict[int, int] = {}
     for c in choices:
-        starts = set(_turn_starts(c))
-        for i, n in enumerate(c["accept_lengths"]):
-            if i not in starts:
-                hist[n] = hist.get(n, 0) + 1
+        if c.get("draft_lengths") is not None:
+            committed = [a + 1 for _, a in verification_rounds(c)]
+        else:
+            starts = set(_turn_starts(c))
+            committed = [n for i, n in enumerate(c["accept_lengths"]) if i not in starts]
+        for n in committed:
+            hist[n] = hist.get(n, 0) + 1
     m["accept_length_histogram"] = {str(k): hist[k] for k in sorted(hist)}  # verification rounds only
     flags = [c.get("identical") for c in choices if c.get("identical") is not None]
     m["identical_fraction"] = mean(1.0 if f else 0.0 for f in flags) if flags else None
@@ -81,11 +84,12 @@ def group_metrics(answers: list[dict], max_steps: int) -> dict:
 
 
 def verification_rounds(choice: dict) -> list[tuple[int, int]]:
-    """``(drafted, accepted)`` per verification round of one answer; each turn's prefill (its first
-    forward, recorded with ``draft_lengths`` 0) is left out."""
+    """``(drafted, accepted)`` per verification round of one answer. Each turn's prefill (its first
+    forward, when it verified no drafts) is left out; transformers' assisted generation verifies
+    candidates in its first forward already, and such a round counts."""
     drafts, lengths = choice["draft_lengths"], choice["accept_lengths"]
     starts = set(_turn_starts(choice))
-    return [(d, n - 1) for i, (d, n) in enumerate(zip(drafts, lengths)) if i not in starts]
+    return [(d, n - 1) for i, (d, n) in enumerate(zip(drafts, lengths)) if not (i in starts and d == 0)]
 
 
 def _turn_starts(choice: dict) -> list[int]:
@@ -110,18 +114,20 @@ def ctar(rounds_: list[tuple[int, int]], max_steps: int) -> list[float | None]:
     return out
 
 
-def summarize(answers: dict[str, list[dict]], max_steps: int) -> dict:
+def summarize(answers: dict[str, list[dict]], max_steps: int | dict[str, int]) -> dict:
     """``{"baseline": NAME | None, "methods": {NAME: {"overall": M, "by_category": {TASK: M}}}}``.
 
+    ``max_steps``: the largest CTAR ``w`` (γ), one for all methods or per method name.
     Speedups are against the fastest (overall tokens/s) of the autoregressive baselines that ran
     (``speedup``), and against ``ar-hf`` and ``ar`` individually when they ran.
     """
     tasks = task_order({task_of(a["category"]) for rows in answers.values() for a in rows})
     methods: dict[str, dict] = {}
     for name, rows in answers.items():
+        w = max_steps.get(name, 0) if isinstance(max_steps, dict) else max_steps
         methods[name] = {
-            "overall": group_metrics(rows, max_steps),
-            "by_category": {t: group_metrics([a for a in rows if task_of(a["category"]) == t], max_steps) for t in tasks},
+            "overall": group_metrics(rows, w),
+            "by_category": {t: group_metrics([a for a in rows if task_of(a["category"]) == t], w) for t in tasks},
         }
         methods[name]["overall"]["mismatches"] = [
             {"question_id": a["question_id"], "category": a["category"], **a["choices"][0]["mismatch"]}

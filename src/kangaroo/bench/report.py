@@ -162,7 +162,9 @@ DEFINITIONS = """\
   accepted (for `kangaroo-fixed`, η = 0, every round drafts γ: the paper's consistent token acceptance rate).
 - **Identical to AR**: share of answers whose token ids equal the reference autoregressive answer in every turn; a
   mismatch lists the reference model's top-2 logit gap at the first differing token (≈ 0 means a float near-tie).
-- `pld` goes through transformers' assisted generation, which does not expose drafted counts: no acceptance rate or CTAR."""
+- `pld` runs transformers' assisted generation; its drafted counts come from wrapping transformers' prompt-lookup
+  candidate generator, and its first round (prompt + candidates in one forward) counts as a verification round.
+  A round where the lookup finds nothing drafts 0 tokens."""
 
 
 def report_markdown(summary: dict, image_prefix: str = "") -> str:
