@@ -219,3 +219,34 @@ def test_benchmarks_markdown(bench_run, tmp_path):
     assert "1.68" in text and "EAGLE-2" in text and "seeded random adapter" in text
     assert "![ctar.png](docs/benchmarks/ctar.png)" in text and (tmp_path / "docs" / "benchmarks" / "ctar.png").is_file()
     assert "Where Kangaroo loses" in text
+
+
+def test_a_mismatch_is_located_and_its_logit_gap_measured(tiny_model_dir):
+    from kangaroo.api import KangarooModel
+    from kangaroo.benchmark import check_identical
+
+    km = KangarooModel.from_pretrained(str(tiny_model_dir), adapter="random")
+    prompt = km.encode("Hello").tolist()[0]
+    ref = km.baseline.generate(torch.tensor([prompt]), 8, km.eos_token_ids).token_ids
+    bad = ref[:3] + [(ref[3] + 1) % 49152] + ref[4:]
+
+    def answer(ids):
+        return {"question_id": 1, "category": "qa", "choices": [{"token_ids": [ids], "identical": None, "mismatch": None}]}
+
+    answers = {"ar": [answer(ref)], "broken": [answer(bad)], "same": [answer(list(ref))]}
+    prompts = {name: {1: [prompt]} for name in answers}
+    check_identical(km, answers, prompts, "ar")
+    assert answers["ar"][0]["choices"][0]["identical"] is True
+    assert answers["same"][0]["choices"][0]["identical"] is True
+    choice = answers["broken"][0]["choices"][0]
+    assert choice["identical"] is False
+    mm = choice["mismatch"]
+    assert (mm["turn"], mm["position"], mm["reference_token"], mm["token"]) == (0, 3, ref[3], bad[3])
+    with torch.no_grad():
+        logits = km.model(torch.tensor([prompt + ref[:3]])).logits[0, -1]
+    top2 = logits.topk(2).values
+    assert mm["top2_logit_gap"] == pytest.approx(float(top2[0] - top2[1]), abs=1e-4) and mm["top2_logit_gap"] >= 0
+    m = metrics.summarize({n: [dict(a, choices=[dict(a["choices"][0], turns=["x"], new_tokens=[8], wall_time=[1.0],
+                                                     accept_lengths=[1] * 8)]) for a in rows] for n, rows in answers.items()}, 0)
+    assert m["methods"]["broken"]["overall"]["identical_fraction"] == 0.0
+    assert m["methods"]["broken"]["overall"]["mismatches"][0]["position"] == 3
