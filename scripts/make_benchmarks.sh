@@ -4,6 +4,7 @@
 #
 #   scripts/make_benchmarks.sh                      # the default model with its shipped adapter
 #   scripts/make_benchmarks.sh --adapter random     # extra options go to `kangaroo bench`
+#   SWEEP=1 scripts/make_benchmarks.sh              # also sweep η × γ (1 question per task) and add the table
 #
 # Run it on a quiet machine: on 2 cores, any other busy process slows torch's multi-threaded
 # matmuls by up to ~30x for multi-token forwards (verification), which distorts every speedup.
@@ -19,5 +20,11 @@ MAX_NEW=${MAX_NEW:-64}
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)  (busy processes below, if any)"
 ps -eo pcpu,pid,args --sort=-pcpu | awk 'NR>1 && $1>20 {print "  " $0}' | cut -c1-120
 $PY -m kangaroo.cli bench --per-category "$PER_CATEGORY" --max-new-tokens "$MAX_NEW" --threads "$THREADS" --out "$OUT" "$@"
-$PY -m kangaroo.bench.report "$OUT" --md BENCHMARKS.md --images docs/benchmarks \
-    --script "scripts/make_benchmarks.sh${*:+ $*}  # = kangaroo bench --per-category $PER_CATEGORY --max-new-tokens $MAX_NEW --threads $THREADS${*:+ $*}"
+SWEEP_ARGS=()
+if [ "${SWEEP:-0}" = 1 ]; then
+  $PY -m kangaroo.cli bench --sweep --per-category 1 --max-new-tokens "$MAX_NEW" --threads "$THREADS" \
+      --methods ar-hf,ar --sweep-thresholds 0.4,0.6,0.8 --sweep-max-steps 3,6 --no-plots --out "$OUT-sweep" "$@"
+  SWEEP_ARGS=(--sweep-dir "$OUT-sweep")
+fi
+$PY -m kangaroo.bench.report "$OUT" --md BENCHMARKS.md --images docs/benchmarks "${SWEEP_ARGS[@]}" \
+    --script "${SWEEP:+SWEEP=$SWEEP }scripts/make_benchmarks.sh${*:+ $*}  # = kangaroo bench --per-category $PER_CATEGORY --max-new-tokens $MAX_NEW --threads $THREADS${*:+ $*}"

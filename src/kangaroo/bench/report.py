@@ -294,7 +294,7 @@ def make_plots(out: Path, summary: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- BENCHMARKS.md
-def benchmarks_markdown(summary: dict, image_dir: str, script: str) -> str:
+def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict | None = None) -> str:
     c, mc = summary["config"], summary["machine"]
     ms = summary["methods"]
     k = ms.get("kangaroo", {}).get("overall", {})
@@ -370,6 +370,15 @@ def benchmarks_markdown(summary: dict, image_dir: str, script: str) -> str:
         parts += ["", f"Headline: `kangaroo` overall {_x(k.get('speedup'))} against `{summary.get('baseline')}`, "
                   f"{_f(k.get('compression_rate'))} mean accepted tokens, acceptance rate {_pct(k.get('acceptance_rate'))}, "
                   f"identical outputs {_pct(k.get('identical_fraction'))}."]
+    if sweep and sweep.get("sweep"):
+        sc, best = sweep["config"], sweep["sweep"]["best"]
+        parts += [
+            "", "## Setting sweep", "",
+            f"`{sc['command']}` ({sc['date']}; {sc['questions']} questions, at most {sc['max_new_tokens']} new tokens, "
+            f"load average {_f(sweep['machine'].get('load_average_before'))}). Speedup against `{sweep.get('baseline')}`.",
+            "", _sweep_table(sweep["sweep"]), "",
+            f"Best on this machine: `{best['method']}` at {_x(best['speedup'])}." if best else "No setting ran.",
+        ]
     parts += ["", "## Definitions", "", DEFINITIONS, "", "## Reproduce", "", "```sh", script, "```", ""]
     return "\n".join(parts)
 
@@ -391,7 +400,7 @@ def _short_path(path: str) -> str:
     return p[i:] if i >= 0 else p
 
 
-def write_benchmarks(summary: dict, run_dir: Path, md_path: Path, image_dir: Path, script: str) -> None:
+def write_benchmarks(summary: dict, run_dir: Path, md_path: Path, image_dir: Path, script: str, sweep: dict | None = None) -> None:
     """Copy the run's plots into ``image_dir`` and write ``md_path`` (links relative to it)."""
     image_dir.mkdir(parents=True, exist_ok=True)
     plots = [p for p in PLOTS if (run_dir / p).is_file()]
@@ -399,7 +408,7 @@ def write_benchmarks(summary: dict, run_dir: Path, md_path: Path, image_dir: Pat
         shutil.copyfile(run_dir / p, image_dir / p)
     summary = dict(summary, _plots=plots)
     rel = Path(image_dir).resolve().relative_to(Path(md_path).resolve().parent)
-    md_path.write_text(benchmarks_markdown(summary, rel.as_posix(), script), encoding="utf-8")
+    md_path.write_text(benchmarks_markdown(summary, rel.as_posix(), script, sweep), encoding="utf-8")
 
 
 
@@ -413,10 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", default="BENCHMARKS.md", help="markdown file to write (default BENCHMARKS.md)")
     p.add_argument("--images", default="docs/benchmarks", help="folder the plots are copied to (default docs/benchmarks)")
     p.add_argument("--script", default="scripts/make_benchmarks.sh", help="the command that produced the run, quoted in the page")
+    p.add_argument("--sweep-dir", default=None, help="a kangaroo bench --sweep --out folder to add as a section")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    write_benchmarks(summary, run_dir, Path(args.md), Path(args.images), args.script)
+    sweep = json.loads((Path(args.sweep_dir) / "summary.json").read_text()) if args.sweep_dir else None
+    write_benchmarks(summary, run_dir, Path(args.md), Path(args.images), args.script, sweep)
     print(f"wrote {args.md} and {args.images}/")
     return 0
 
