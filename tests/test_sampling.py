@@ -250,3 +250,24 @@ def test_sampling_stops_at_eos_and_budget(small):
 def test_sampling_config_rejects_bad_values(bad):
     with pytest.raises(KangarooError):
         SamplingConfig(**bad)
+
+
+def test_generate_cli_sampling_options(capsys, tiny_chat_model_dir):
+    import json
+
+    from kangaroo.cli import main
+
+    def run(*extra):
+        code = main(["generate", "--model", str(tiny_chat_model_dir), "--prompt", "Hello", "--max-new-tokens", "12",
+                     "--json", *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        return json.loads(captured.out)
+
+    a = run("--temperature", "0.8", "--top-p", "0.9", "--top-k", "50", "--seed", "3")
+    assert a["sampling"] == {"temperature": 0.8, "top_p": 0.9, "top_k": 50, "seed": 3}
+    assert run("--temperature", "0.8", "--top-p", "0.9", "--top-k", "50", "--seed", "3")["token_ids"] == a["token_ids"]
+    compared = run("--temperature", "0.8", "--compare")
+    assert compared["identical_to_greedy"] is None and compared["speedup"] > 0
+    assert main(["generate", "--model", str(tiny_chat_model_dir), "--prompt", "x", "--temperature", "-1"]) == 2
+    assert "temperature must be >= 0" in capsys.readouterr().err

@@ -42,7 +42,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random adapter")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random adapter and of sampling (default 0)")
 
 
 def load_from_args(args):
@@ -72,10 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
     p.add_argument("--compare", action="store_true", help="also run plain greedy decoding; report speeds and whether outputs are identical")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 = lossless speculative sampling, seeded by --seed")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this probability (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
 
 
 def run(args) -> int:
     """``kangaroo generate``."""
+    from .config import SamplingConfig
     from .decoding import collect
     from .streaming import TextDeltas
 
@@ -84,6 +88,7 @@ def run(args) -> int:
         raise KangarooError("empty prompt: pass --prompt TEXT or pipe text on stdin")
     if args.max_new_tokens <= 0:
         raise KangarooError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    sampling = SamplingConfig(args.temperature, args.top_p, args.top_k, args.seed)
     km = load_from_args(args)  # warns when it falls back to a random adapter
     ids = km.encode(prompt, args.chat)
     if args.compare:  # warm both loops up so that neither timing pays first-call costs
@@ -99,7 +104,8 @@ def run(args) -> int:
                 sys.stdout.flush()
             yield step
 
-    result = collect(printed(km.decoder.stream(ids, args.max_new_tokens, km.eos_token_ids)), ids.shape[1], km.backbone)
+    steps = km.decoder.stream(ids, args.max_new_tokens, km.eos_token_ids, sampling)
+    result = collect(printed(steps), ids.shape[1], km.backbone)
     if not args.json:
         sys.stdout.write(deltas.flush() + "\n")
     record = {
@@ -113,13 +119,15 @@ def run(args) -> int:
         "threshold": km.config.threshold,
         "max_steps": km.config.max_steps,
         "dtype": args.dtype,
+        "sampling": sampling.to_dict(),
     }
     if args.compare:
-        ar = km.baseline.generate(ids, args.max_new_tokens, km.eos_token_ids)
+        ar = km.baseline.generate(ids, args.max_new_tokens, km.eos_token_ids, sampling)
         record.update(
             ar_token_ids=ar.token_ids,
             ar_tokens_per_s=ar.tokens_per_s,
-            identical_to_greedy=ar.token_ids == result.token_ids,
+            # sampled outputs agree in distribution, not token by token
+            identical_to_greedy=ar.token_ids == result.token_ids if sampling.greedy else None,
             speedup=result.tokens_per_s / ar.tokens_per_s if ar.tokens_per_s else None,
         )
     if args.json:
@@ -136,7 +144,9 @@ def _stats_line(r: dict) -> str:
         f"({100 * r['acceptance_rate']:.0f}%), {r['tokens_per_s']:.1f} tok/s; "
         f"ℓ={r['exit_layer']} γ={r['max_steps']} η={r['threshold']} adapter={r['adapter']}"
     )
-    if "ar_tokens_per_s" in r:
+    if "ar_tokens_per_s" in r and r["identical_to_greedy"] is None:  # sampling: compare speeds only
+        line += f"\n[sampling] autoregressive {r['ar_tokens_per_s']:.1f} tok/s; speed-up {r['speedup']:.2f}x"
+    elif "ar_tokens_per_s" in r:
         line += (
             f"\n[greedy]   {r['ar_tokens_per_s']:.1f} tok/s; speed-up {r['speedup']:.2f}x; "
             f"outputs identical: {'yes' if r['identical_to_greedy'] else 'NO'}"
