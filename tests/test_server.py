@@ -159,6 +159,7 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "temperature": 3}, 400, "temperature"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "top_p": 0}, 400, "top_p"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "seed": "x"}, 400, "seed"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "seed": 2**70}, 400, "seed"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "stop": 5}, 400, "stop"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "stream": "yes"}, 400, "stream"),
     ("/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "n": 2}, 400, "n"),
@@ -205,6 +206,22 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
     # and the server still answers
     resp = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5, temperature=0)
     assert resp.usage.completion_tokens == 5 or resp.choices[0].finish_reason == "stop"
+
+
+def test_a_client_that_leaves_mid_stream_does_not_block_the_others(client, server):
+    worker = server.app.state.worker
+    abandoned = worker.abandoned
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # leave after the first chunk
+    start = time.perf_counter()
+    resp = client.completions.create(model=MODEL, prompt="Twice", max_tokens=4, temperature=0)
+    assert resp.usage.completion_tokens >= 1
+    assert time.perf_counter() - start < 30
+    assert worker.abandoned == abandoned + 1  # the abandoned generation was stopped, not run to the end
 
 
 # ---------------------------------------------------------------------------------------------- load

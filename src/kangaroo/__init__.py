@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "KangarooModel": "kangaroo.api",
     "KangarooConfig": "kangaroo.config",
+    "SamplingConfig": "kangaroo.config",
     "KangarooError": "kangaroo.errors",
     "Adapter": "kangaroo.adapter",
     "AdapterConfig": "kangaroo.adapter",

@@ -53,6 +53,8 @@ class SamplingConfig:
             raise KangarooError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise KangarooError(f"top_k must be >= 0 (0 = no top-k), got {self.top_k}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator accepts
+            raise KangarooError(f"seed must fit in 64 bits, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

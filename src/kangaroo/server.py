@@ -134,6 +134,8 @@ def parse_request(body: Any, kind: str, model_name: str) -> Request:
     if top_k < 0:
         raise APIError(400, f"Invalid 'top_k': {top_k}; it must be >= 0 (0 = off).", "top_k", "invalid_value")
     seed = _get(body, "seed", _is_int, "an integer")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise APIError(400, "Invalid 'seed': it must fit in 64 bits.", "seed", "invalid_value")
     stop = _get(body, "stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
                 "a string or a list of strings", [])
     stop = [stop] if isinstance(stop, str) else stop
@@ -246,6 +248,8 @@ class Worker:
     def __init__(self, kangaroo_model, default_max_tokens: int = DEFAULT_MAX_TOKENS, max_queue: int = 256) -> None:
         self.km, self.default_max_tokens = kangaroo_model, default_max_tokens
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.served = 0  # requests that ran to the end
+        self.abandoned = 0  # requests whose client left before the end (generation stopped early)
         self.thread = threading.Thread(target=self._loop, name="kangaroo-worker", daemon=True)
         self.thread.start()
 
@@ -314,6 +318,10 @@ class Worker:
                 job.emit("delta", text)
 
         result = collect(emitted(km.decoder.stream(ids, max_tokens, km.eos_token_ids, sampling)), n, km.backbone)
+        if job.cancelled.is_set():
+            self.abandoned += 1
+            return
+        self.served += 1
         job.emit("done", {"finish_reason": state["finish"], "result": result})
 
 
@@ -387,7 +395,8 @@ def create_app(kangaroo_model, model_name: str | None = None, api_key: str | Non
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "queued": worker.jobs.qsize()}
+        return {"status": "ok", "model": model_name, "queued": worker.jobs.qsize(), "served": worker.served,
+                "abandoned": worker.abandoned}
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "kangaroo"}
@@ -502,6 +511,7 @@ class ServerThread:
     def __init__(self, app, host: str = DEFAULT_HOST, port: int = 0) -> None:
         import uvicorn
 
+        self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, name="kangaroo-uvicorn", daemon=True)
         self.host = host
