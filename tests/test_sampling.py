@@ -13,7 +13,8 @@ Cells whose expected count is below 5 are pooled, as the χ² approximation need
 * The decoder, end to end: real tiny HF models decode long sequences with Kangaroo sampling; each
   token's exact target distribution comes from one teacher-forced forward, and the randomised
   probability integral transform U = F(y-1) + V·p(y) must be uniform on [0, 1] (it is i.i.d.
-  uniform exactly when every token is drawn from its p). That tests every position, every round
+  uniform exactly when every token is drawn from its p; χ² over 20 bins), and the summed
+  probability of the emitted tokens must match its expectation (|z| < 3.29, the same ALPHA). That tests every position, every round
   shape and every cache rollback, not only the first tokens, at 5,000 tokens per setting (20,000 in
   all): decoding is batch size 1 and costs a few ms per round on CPU, so 20,000 per setting would
   not fit the suite's time budget.
@@ -167,12 +168,12 @@ DECODER_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(DECODER_SETTINGS))
-def test_kangaroo_sampling_is_distributed_as_the_target(name):
+def _decoder_statistics(name: str, tokens_wanted: int) -> dict:
+    """Decode until ``tokens_wanted`` tokens; return the PIT χ² test, the Σp(y) z-score and counters."""
     sampling, config, kind = DECODER_SETTINGS[name]
-    V, tokens_wanted, max_new = 32, 5_000, 250
+    V, max_new = 32, 250
     model = tiny_model("llama", seed=11, vocab_size=V, damp_from=1 if kind == "good" else None, initializer_range=0.1,
-                       num_hidden_layers=3, hidden_size=32, intermediate_size=64)
+                       num_hidden_layers=config.exit_layer + 1, hidden_size=32, intermediate_size=64)
     backbone = Backbone(model)
     adapter = Adapter.random(backbone, config.exit_layer, seed=3)
     if kind == "good":
@@ -183,6 +184,7 @@ def test_kangaroo_sampling_is_distributed_as_the_target(name):
     decoder = KangarooDecoder(backbone, adapter, config)
     gen = torch.Generator().manual_seed(0)
     pits, drafted, accepted, full_rounds, seed = [], 0, 0, 0, 0
+    score = mean = var = 0.0  # Σ p_t(y_t), its expectation Σ_t Σ_v p_t(v)², and its variance
     while sum(len(u) for u in pits) < tokens_wanted:
         prompt = torch.randint(0, V, (1, int(torch.randint(1, 9, (1,), generator=gen))), generator=gen)
         result = decoder.generate(prompt, max_new, sampling=SamplingConfig(**{**sampling.to_dict(), "seed": seed}))
@@ -193,16 +195,44 @@ def test_kangaroo_sampling_is_distributed_as_the_target(name):
         with torch.no_grad():
             logits = model(ids[None]).logits[0, prompt.shape[1] - 1 : -1]  # [T, V] teacher-forced
         p = process_logits(logits.double(), sampling.temperature, sampling.top_k, sampling.top_p)
-        pits.append(_pit(torch.tensor(result.token_ids), p, gen))
+        y = torch.tensor(result.token_ids)
+        pits.append(_pit(y, p, gen))
+        score += float(p.gather(-1, y[:, None]).sum())
+        mean += float((p**2).sum())
+        var += float(((p**3).sum(-1) - (p**2).sum(-1) ** 2).sum())
     u = torch.cat(pits)
     counts = torch.bincount((u * 20).long().clamp(max=19), minlength=20)
     stat, df, p_value = chi2_test(counts, torch.full((20,), 1 / 20))
-    print(f"{name}: {len(u)} tokens, acceptance {accepted}/{drafted}, χ²={stat:.1f} df={df} p={p_value:.3g}")
-    assert p_value > ALPHA, f"{name}: PIT χ²={stat:.1f} df={df} p={p_value:.2e}"
+    return dict(tokens=len(u), chi2=stat, df=df, p_value=p_value, z=(score - mean) / var**0.5,
+                drafted=drafted, accepted=accepted, full_rounds=full_rounds, kind=kind)
+
+
+@pytest.mark.parametrize("name", list(DECODER_SETTINGS))
+def test_kangaroo_sampling_is_distributed_as_the_target(name):
+    r = _decoder_statistics(name, 5_000)
+    print(f"{name}: {r['tokens']} tokens, acceptance {r['accepted']}/{r['drafted']}, "
+          f"χ²={r['chi2']:.1f} df={r['df']} p={r['p_value']:.3g}, z={r['z']:.2f}")
+    assert r["p_value"] > ALPHA, r
+    # a sharper check in the direction a lossy sampler errs (too often the draft's favourite tokens):
+    # the mean probability of the emitted tokens, z-scored; |z| < 3.29 is the two-sided ALPHA test
+    assert abs(r["z"]) < 3.29, r
     # the paths that matter were exercised: rejections (residual draws) and fully accepted rounds
-    assert drafted - accepted > 50, (drafted, accepted)
-    if kind == "good":
-        assert full_rounds > 50, full_rounds
+    assert r["drafted"] - r["accepted"] > 50, r
+    if r["kind"] == "good":
+        assert r["full_rounds"] > 50, r
+
+
+def test_the_decoder_check_catches_a_lossy_sampler(monkeypatch):
+    """Sensitivity: accepting every draft (no min(1, p/q) test) fails both checks on 1,000 tokens."""
+    import kangaroo.sampling
+
+    def accept_all(x, q, p, generator=None):
+        bonus = torch.multinomial(p[:, -1], 1, generator=generator)
+        return torch.cat([x, bonus], 1), torch.full((x.shape[0],), x.shape[1])
+
+    monkeypatch.setattr(kangaroo.sampling, "speculative_accept", accept_all)
+    r = _decoder_statistics("bad adapter T=1", 1_000)
+    assert r["p_value"] < 1e-6 and abs(r["z"]) > 5, r  # measured: p ≈ 6e-62, z ≈ 8.3
 
 
 # ---------------------------------------------------------------------------------------------- behaviour
