@@ -1,23 +1,24 @@
 """Lossless speculative sampling: the maths on exact tables, then the whole decoder on tiny models.
 
-Statistical checks use Pearson's χ² goodness of fit with fixed seeds and pass when the p-value is
-above ALPHA = 1e-3: a correct sampler fails one such check with probability 0.1% for a fresh seed
-(about 1% over the dozen checks here), while the sensitivity checks below show that a lossy sampler
-(drafts accepted without the min(1, p/q) test) gets p-values far below 1e-6 on the same data sizes.
-Cells whose expected count is below 5 are pooled, as the χ² approximation needs.
+Statistical checks use fixed seeds and pass when the p-value is above ALPHA = 1e-3: a correct
+sampler fails one such check with probability 0.1% for a fresh seed (about 1.5% over the fourteen
+checks here), while the sensitivity checks show that a lossy sampler (drafts accepted without the
+min(1, p/q) test) gets p-values below 1e-6 on the same or smaller data sizes. χ² cells whose
+expected count is below 5 are pooled, as the χ² approximation needs.
 
 * The maths (:func:`speculative_accept`), vectorised: 200,000 chains per setting draw the first
   three tokens with Kangaroo's two-round pattern (prefill sample, a round of 2 drafts, a second round
   for the chains that rejected early) from exact target/draft tables; the joint distribution of
-  (y1, y2, y3) over 512 cells is compared with the exact product p1·p2·p3.
+  (y1, y2, y3) over 512 cells is compared with the exact product p1·p2·p3 (Pearson χ²; the total
+  variation distance is printed).
 * The decoder, end to end: real tiny HF models decode long sequences with Kangaroo sampling; each
-  token's exact target distribution comes from one teacher-forced forward, and the randomised
+  token's exact target distribution comes from one teacher-forced forward. The randomised
   probability integral transform U = F(y-1) + V·p(y) must be uniform on [0, 1] (it is i.i.d.
   uniform exactly when every token is drawn from its p; χ² over 20 bins), and the summed
-  probability of the emitted tokens must match its expectation (|z| < 3.29, the same ALPHA). That tests every position, every round
-  shape and every cache rollback, not only the first tokens, at 5,000 tokens per setting (20,000 in
-  all): decoding is batch size 1 and costs a few ms per round on CPU, so 20,000 per setting would
-  not fit the suite's time budget.
+  probability of the emitted tokens must match its expectation (|z| < 3.29, the two-sided ALPHA).
+  This covers every position, round shape and cache rollback, not only the first tokens, at 5,000
+  tokens per setting (20,000 in all): decoding is batch size 1 and costs a few ms per round on CPU,
+  so 20,000 per setting would not fit the suite's time budget.
 """
 
 from __future__ import annotations
