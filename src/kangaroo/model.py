@@ -181,7 +181,7 @@ class Backbone:
         """
         c = self.config
         weight = self.embed_tokens.weight
-        idx = torch.linspace(0, weight.numel() - 1, 16).long()
+        idx = torch.linspace(0, weight.numel() - 1, 16, dtype=torch.float64).long()  # float32 rounds 28,311,551 up: out of range
         probe = weight.detach().reshape(-1)[idx.to(weight.device)].float().cpu().tolist()
         return {
             "model_type": self.model_type,
