@@ -2,9 +2,10 @@
 
 Both run on the same :class:`~kangaroo.model.Backbone` and cache, so the baseline is the same
 code minus speculation. Both are greedy by default; given a :class:`~kangaroo.config.SamplingConfig`
-with temperature > 0 they sample, Kangaroo with lossless speculative sampling (same output
-distribution as the baseline's plain sampling). Each loop is a generator of :class:`Step` (the tokens one target forward
-committed), so streaming, statistics and :meth:`generate` all come from one loop.
+with temperature > 0 they sample, Kangaroo with lossless speculative sampling (the same output
+distribution as the baseline's plain sampling). Each loop is a generator of :class:`Step` (the
+tokens one target forward committed), so streaming, statistics and :meth:`generate` all come from
+one loop.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class Step:
 
     ``tokens`` = accepted drafts + the target's own token; ``accepted = len(tokens) - 1`` (the last
     committed token always comes from the target: its argmax when greedy, a draw from ``p`` or from
-    the residual ``max(0, p - q)`` when sampling). ``drafted`` counts drafts
-    sent for verification, ``draft_steps`` adapter steps run, ``confidences`` their top-1 probabilities.
+    the residual ``max(0, p - q)`` when sampling). ``drafted`` counts drafts sent for verification,
+    ``draft_steps`` adapter steps run, ``confidences`` their top-1 probabilities.
     """
 
     tokens: list[int]
