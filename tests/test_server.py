@@ -292,6 +292,13 @@ def test_concurrent_clients_get_the_answers_they_get_alone(client):
 
 # ---------------------------------------------------------------------------------------------- CLI
 
+def test_serve_binds_to_localhost_by_default():
+    from kangaroo.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
+
+
 def test_missing_fastapi_is_a_clear_error(monkeypatch):
     from kangaroo.errors import KangarooError
     from kangaroo.server import _require_server_deps

@@ -285,7 +285,12 @@ class Worker:
 
         km, r = self.km, job.request
         param = "messages" if r.kind == "chat" else "prompt"
-        ids = km.encode(r.prompt, chat=r.kind == "chat")
+        try:
+            ids = km.encode(r.prompt, chat=r.kind == "chat")
+        except KangarooError as exc:
+            raise APIError(400, str(exc), param) from None
+        except Exception as exc:  # e.g. a chat template that rejects these roles or this order
+            raise APIError(400, f"Could not build the prompt: {type(exc).__name__}: {exc}", param) from None
         n, limit = ids.shape[1], km.backbone.max_positions
         if limit is not None and n >= limit:
             raise APIError(400, f"The prompt has {n} tokens; this model's context is {limit} tokens.", param, "context_length_exceeded")
