@@ -1,0 +1,49 @@
+"""Training configuration: every default in one commented block (torch-free, so the CLI stays light)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in every checkpoint and in the adapter config."""
+
+    model: str = "smollm2-135m-instruct"
+    data: list[str] = field(default_factory=list)  # files or folders (jsonl/json), or hf:<dataset>
+    out: str = "runs/adapter"
+    exit_layer: int = 2  # ℓ
+    # optimisation (the authors: AdamW β=(0.9, 0.95), clip 0.5; lr is higher here: a tiny adapter, few steps)
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimiser steps (overrides epochs' end)
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 0.5
+    batch_tokens: int = 4096  # padded tokens per batch (per process)
+    seq_len: int = 512  # longer conversations are cut
+    precision: str = "fp32"  # fp32 | bf16 (bf16: model weights in bf16, adapter fp32 under autocast)
+    top_k: int = 32  # target probabilities kept per position
+    init: str = "warm"  # warm: from target layer ℓ's attention; random
+    # data
+    max_conversations: int | None = None  # after a seeded shuffle
+    val_size: int = 64  # held-out conversations
+    self_distill: bool = False
+    distill_cache: str = "~/.cache/kangaroo/distill"
+    distill_max_new_tokens: int = 192
+    distill_max_prompt_tokens: int = 256
+    distill_batch: int = 64
+    distill_only: bool = False  # generate the self-distillation cache, then stop
+    # bookkeeping
+    val_every: int = 100
+    save_every: int = 100
+    keep: int = 2  # last checkpoints kept (plus the best)
+    log_every: int = 10
+    feature_cache_gb: float = 4.0  # RAM for features reused by later epochs (0 = recompute every epoch)
+    seed: int = 0
+    threads: int | None = None
+    resume: bool = False
+    progress: bool = True
+    chunk: int = 1024  # positions per LM-head chunk (bounds memory at chunk x vocab floats)
