@@ -1,0 +1,92 @@
+"""``kangaroo train``: train a Kangaroo adapter for a model.
+
+Examples::
+
+    kangaroo train --data ../shared/data/train --exit-layer 2 --out runs/l2
+    kangaroo train --data chats.jsonl --self-distill --precision bf16 --max-steps 2000 --out runs/sd
+    kangaroo train --data chats.jsonl --out runs/sd --resume          # continue after a crash
+    accelerate launch -m kangaroo.cli train --data ... --out ...     # many GPUs, unchanged
+
+Module-level imports stay light: ``kangaroo --help`` imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import KangarooError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..loading import DEFAULT_MODEL
+    from .config import TrainConfig
+
+    d = TrainConfig()
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, local folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    g.add_argument("--data", nargs="+", required=True, metavar="FILE_OR_DIR",
+                   help="chat data: our JSONL, ShareGPT JSON or Alpaca rows (auto-detected); folders are searched for .jsonl/.json; hf:NAME = a Hugging Face dataset")
+    g.add_argument("--exit-layer", type=int, default=d.exit_layer, help=f"ℓ: target layers before the adapter (default {d.exit_layer})")
+    g.add_argument("--out", required=True, help="output folder: adapter, checkpoints, metrics.jsonl, curves.png")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help=f"cut conversations to this many tokens (default {d.seq_len})")
+    g.add_argument("--max-conversations", type=int, default=None, help="use at most this many conversations (after a seeded shuffle)")
+    g.add_argument("--val-size", type=int, default=d.val_size, help=f"held-out conversations for validation (default {d.val_size})")
+    g = p.add_argument_group("self-distillation")
+    g.add_argument("--self-distill", action="store_true", help="replace replies by the target's own greedy answers to the first user turn (cached on disk)")
+    g.add_argument("--distill-cache", default=d.distill_cache, help=f"folder of the answer cache (default {d.distill_cache})")
+    g.add_argument("--distill-max-new-tokens", type=int, default=d.distill_max_new_tokens, help=f"answer length cap (default {d.distill_max_new_tokens})")
+    g.add_argument("--distill-max-prompt-tokens", type=int, default=d.distill_max_prompt_tokens, help=f"skip longer prompts (default {d.distill_max_prompt_tokens})")
+    g.add_argument("--distill-batch", type=int, default=d.distill_batch, help=f"generation batch size (default {d.distill_batch})")
+    g.add_argument("--distill-only", action="store_true", help="fill the answer cache, then stop")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})")
+    g.add_argument("--max-steps", type=int, default=None, help="optimiser steps; overrides --epochs")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help=f"linear warm-up steps, then cosine decay (default {d.warmup_steps})")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help=f"final lr / peak lr (default {d.min_lr_ratio})")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"AdamW weight decay (default {d.weight_decay})")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help=f"gradient norm clip (default {d.grad_clip})")
+    g.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help=f"padded tokens per batch and process (default {d.batch_tokens})")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="fp32, or bf16 (model weights bf16, adapter fp32 under autocast; fast on AMX CPUs and GPUs)")
+    g.add_argument("--top-k", type=int, default=d.top_k, help=f"target probabilities kept per position (default {d.top_k})")
+    g.add_argument("--init", choices=["warm", "random"], default=d.init, help="warm: copy target layer ℓ's attention (default); random")
+    g.add_argument("--seed", type=int, default=d.seed, help="data order, split and init seed (default 0)")
+    g = p.add_argument_group("bookkeeping")
+    g.add_argument("--val-every", type=int, default=d.val_every, help=f"validate (and checkpoint) every N steps (default {d.val_every})")
+    g.add_argument("--save-every", type=int, default=d.save_every, help=f"checkpoint every N steps (default {d.save_every})")
+    g.add_argument("--keep", type=int, default=d.keep, help=f"checkpoints kept besides the best (default {d.keep})")
+    g.add_argument("--log-every", type=int, default=d.log_every, help=f"training metrics every N steps (default {d.log_every})")
+    g.add_argument("--feature-cache-gb", type=float, default=d.feature_cache_gb, help=f"RAM for features reused by later epochs (default {d.feature_cache_gb})")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    import json
+    import sys
+
+    from .config import TrainConfig
+    from .trainer import train
+
+    for name in ("epochs", "batch_tokens", "seq_len", "val_every", "save_every", "log_every", "keep"):
+        if getattr(args, name) < 1:
+            raise KangarooError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise KangarooError("--max-steps must be >= 1")
+    if args.lr <= 0:
+        raise KangarooError("--lr must be > 0")
+    cfg = TrainConfig(
+        model=args.model, data=list(args.data), out=args.out, exit_layer=args.exit_layer, epochs=args.epochs,
+        max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_tokens=args.batch_tokens, seq_len=args.seq_len,
+        precision=args.precision, top_k=args.top_k, init=args.init, max_conversations=args.max_conversations,
+        val_size=args.val_size, self_distill=args.self_distill or args.distill_only, distill_cache=args.distill_cache,
+        distill_max_new_tokens=args.distill_max_new_tokens, distill_max_prompt_tokens=args.distill_max_prompt_tokens,
+        distill_batch=args.distill_batch, distill_only=args.distill_only, val_every=args.val_every,
+        save_every=args.save_every, keep=args.keep, log_every=args.log_every, feature_cache_gb=args.feature_cache_gb,
+        seed=args.seed, threads=args.threads, resume=args.resume, progress=not args.no_progress,
+    )
+    final = train(cfg)
+    print(json.dumps(final, default=str), file=sys.stderr)
+    return 0

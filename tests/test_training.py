@@ -1,0 +1,259 @@
+"""Adapter training: data readers and errors, one step lowers the loss, a trained adapter beats a
+random one at decode time, and SIGKILL + --resume ends exactly where an uninterrupted run ends.
+
+The model is a tiny random Llama with SmolLM2's vocabulary, so the real SmolLM2 tokenizer and chat
+template work with it (the tokenizer comes from the default model's cache folder, which CI fills
+before the tests). Its deep layers are damped so that the target is learnable from layer 1 in a
+few dozen steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kangaroo.errors import KangarooError
+from kangaroo.training.data import DataReport, make_batches, read_conversations, split, tokenize
+
+TOKENIZER_DIR = Path(os.path.expanduser("~/.cache/kangaroo/models/smollm2-135m-instruct"))
+pytestmark = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(),
+                                reason="needs the SmolLM2 tokenizer (kangaroo generate downloads the default model once)")
+WORDS = "the cat sat on a mat and then it ran to see what was there in the house of blue red green".split()
+FAST = ["--threads", "1", "--no-progress", "--exit-layer", "1", "--batch-tokens", "512", "--seq-len", "96",
+        "--val-size", "16", "--init", "random", "--lr", "1e-2", "--warmup-steps", "5"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A 3-layer Llama (hidden 64, SmolLM2 vocabulary) saved with the SmolLM2 tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.25, tie_word_embeddings=True, attn_implementation="sdpa",
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # deep layers barely change h_1: the target is learnable from ℓ = 1
+        for layer in model.model.layers[1:]:
+            layer.self_attn.o_proj.weight.mul_(0.05)
+            layer.mlp.down_proj.weight.mul_(0.05)
+    d = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def _chats(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+        a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 40)))
+        out.append({"id": str(i), "source": "toy", "conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    f.write_text("".join(json.dumps(c) + "\n" for c in _chats(200)))
+    return f
+
+
+def _encode(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _train(argv: list[str]) -> int:
+    from kangaroo.cli import main
+
+    return main(["train", *argv])
+
+
+# ---------------------------------------------------------------------- data
+def test_formats_are_auto_detected(tmp_path):
+    (tmp_path / "ours.jsonl").write_text(json.dumps(_chats(1)[0]) + "\n")
+    (tmp_path / "sharegpt.json").write_text(json.dumps(
+        [{"id": "x", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]))
+    (tmp_path / "alpaca.jsonl").write_text(json.dumps({"instruction": "Add", "input": "1+1", "output": "2"}) + "\n")
+    convs, report = read_conversations([str(tmp_path)])
+    assert report.kept == 3 and not report.skipped
+    alpaca = next(c for c in convs if c.source == "alpaca")
+    assert alpaca.messages == [{"role": "user", "content": "Add\n\n1+1"}, {"role": "assistant", "content": "2"}]
+    sharegpt = next(c for c in convs if c.source == "sharegpt")
+    assert [m["role"] for m in sharegpt.messages] == ["user", "assistant"]
+
+
+def test_bad_lines_are_skipped_counted_and_located(tmp_path, caplog):
+    good = json.dumps(_chats(1)[0])
+    no_reply = json.dumps({"conversations": [{"role": "user", "content": "hello?"}]})
+    empty_turn = json.dumps({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]})
+    f = tmp_path / "mixed.jsonl"
+    f.write_text("\n".join([good, "{not json", no_reply, "[1, 2]", empty_turn, good]) + "\n")
+    convs, report = read_conversations([str(f)])
+    assert len(convs) == 2
+    assert report.skipped["no assistant turn"] == 1 and report.skipped["empty turn"] == 1
+    assert sum(report.skipped.values()) == 4
+    assert report.examples["no assistant turn"] == f"{f}:3"
+    assert any(f"{f}:2" in r.getMessage() for r in caplog.records)  # the malformed line is named
+
+
+def test_fatal_only_when_nothing_usable(tmp_path):
+    with pytest.raises(KangarooError, match="data not found"):
+        read_conversations([str(tmp_path / "missing.jsonl")])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(KangarooError, match="no usable conversations"):
+        read_conversations([str(tmp_path / "empty.jsonl")])
+    (tmp_path / "bad.jsonl").write_text("{oops\n" + json.dumps({"conversations": [{"role": "user", "content": "q"}]}) + "\n")
+    with pytest.raises(KangarooError, match=r"no usable conversations.*(malformed JSON|no assistant turn)"):
+        read_conversations([str(tmp_path / "bad.jsonl")])
+
+
+def test_spec_bench_is_refused(tmp_path):
+    d = tmp_path / "spec_bench"
+    d.mkdir()
+    (d / "question.jsonl").write_text(json.dumps(_chats(1)[0]) + "\n")
+    with pytest.raises(KangarooError, match="evaluation set"):
+        read_conversations([str(d)])
+    with pytest.raises(KangarooError, match="evaluation set"):
+        read_conversations([str(d / "question.jsonl")])
+
+
+def test_loss_only_on_assistant_tokens_and_seq_len(tokenizer):
+    from kangaroo.training.data import Conversation
+
+    conv = Conversation([{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there friend"},
+                         {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hi"}], "t", "x:1")
+    ex = tokenize(tokenizer, conv, 512)
+    trained = [ex.ids[t + 1] for t, m in enumerate(ex.loss_mask) if m]  # the tokens the positions predict
+    assert tokenizer.decode(trained) == "Hi there friend<|im_end|>Hi<|im_end|>"
+    report = DataReport()
+    prompt_len = len(_encode(tokenizer, conv.messages[:1]))
+    assert tokenize(tokenizer, conv, prompt_len - 2, report) is None  # cut before any reply: skipped
+    assert report.skipped["no assistant token within --seq-len"] == 1
+    short = tokenize(tokenizer, conv, prompt_len + 3, report)
+    assert len(short.ids) == prompt_len + 3 and report.skipped["truncated to --seq-len (kept)"] == 1
+
+
+def test_split_and_batches_are_seeded():
+    items = list(range(50))
+    assert split(items, 5, seed=1) == split(items, 5, seed=1)
+    train, val = split(items, 5, seed=1)
+    assert sorted(train + val) == items and len(val) == 5
+    lengths = [random.Random(i).randint(5, 90) for i in range(100)]
+    b1, b2 = make_batches(lengths, 256, 0, 0), make_batches(lengths, 256, 0, 0)
+    assert b1 == b2 and b1 != make_batches(lengths, 256, 0, 1)
+    assert sorted(i for b in b1 for i in b) == list(range(100))
+    assert all(max(lengths[i] for i in b) * len(b) <= 256 or len(b) == 1 for b in b1)
+
+
+def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys, tiny_dir):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    assert _train(["--model", str(tiny_dir), "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "no usable conversations" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- optimisation
+def test_one_step_lowers_the_loss(tiny_dir, data_file, tokenizer):
+    from kangaroo.adapter import Adapter
+    from kangaroo.loading import load_model
+    from kangaroo.model import Backbone
+    from kangaroo.training.data import tokenize_all
+    from kangaroo.training.trainer import _null, compute_features, draft_loss, pad_batch
+
+    model, _ = load_model(str(tiny_dir))
+    bb = Backbone(model.requires_grad_(False))
+    convs, report = read_conversations([str(data_file)])
+    examples = tokenize_all(tokenizer, convs[:8], 96, report)
+    ids, mask = pad_batch(examples, "cpu")
+    h, tid, tp = compute_features(bb, 1, ids, mask, top_k=32, chunk=256, autocast=_null)
+    adapter = Adapter.random(bb, 1, seed=0).train()
+    opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
+    before = draft_loss(adapter, bb, h, mask, tid, tp, 256, _null, backward=True)
+    opt.step()
+    with torch.no_grad():
+        after = draft_loss(adapter, bb, h, mask, tid, tp, 256, _null, backward=False)
+    assert after["loss"] < before["loss"]
+    # chunking the LM head changes nothing but memory
+    with torch.no_grad():
+        whole = draft_loss(adapter, bb, h, mask, tid, tp, 10_000, _null, backward=False)
+    assert whole["loss"] == pytest.approx(after["loss"], rel=1e-5)
+
+
+def test_trained_adapter_accepts_more_than_random(tiny_dir, data_file, tmp_path):
+    from kangaroo.adapter import Adapter
+    from kangaroo.config import KangarooConfig
+    from kangaroo.decoding import KangarooDecoder
+    from kangaroo.loading import load_model
+    from kangaroo.model import Backbone
+
+    out = tmp_path / "run"
+    assert _train(["--model", str(tiny_dir), "--data", str(data_file), "--out", str(out), "--max-steps", "60",
+                   "--val-every", "30", *FAST]) == 0
+    model, tok = load_model(str(tiny_dir))
+    bb = Backbone(model)
+    trained, cfg = Adapter.load(out, bb, 1)
+    assert cfg.training["final_metrics"]["val_agreement"] > 0.5
+    assert (out / "curves.png").is_file() and (out / "metrics.jsonl").is_file()
+    config = KangarooConfig(exit_layer=1, max_steps=6, threshold=0.0)
+    prompts = [_encode(tok, [{"role": "user", "content": " ".join(WORDS[i : i + 5])}]) for i in range(0, 15, 5)]
+
+    def accepted(adapter) -> int:
+        dec = KangarooDecoder(bb, adapter, config)
+        return sum(dec.generate(torch.tensor([p]), 24).accepted for p in prompts)
+
+    assert accepted(trained) > accepted(Adapter.random(bb, 1, seed=0)) + 10
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_dir, data_file, tmp_path):
+    args = ["--model", str(tiny_dir), "--data", str(data_file), "--max-steps", "40", "--val-every", "20",
+            "--save-every", "5", *FAST]
+    full = tmp_path / "full"
+    assert _train([*args, "--out", str(full)]) == 0
+
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "kangaroo.cli", "train", *args, "--out", str(cut)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    def steps_saved():
+        return [int(p.name.split("-")[1]) for p in (cut / "checkpoints").glob("step-*")]
+
+    while not any(25 <= s < 40 for s in steps_saved()):  # past the first validation, before the end
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "adapter.safetensors").exists()
+    assert _train([*args, "--out", str(cut), "--resume"]) == 0
+
+    def final(d):
+        return json.loads((d / "adapter_config.json").read_text())["training"]["final_metrics"]
+
+    a, b = final(full), final(cut)
+    for k in ("val_loss", "val_agreement", "val_accept", "steps", "best_step", "train_tokens_seen"):
+        assert a[k] == pytest.approx(b[k], rel=1e-6), k
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(full / "adapter.safetensors")), load_file(str(cut / "adapter.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]  # no duplicate rows after the resume
