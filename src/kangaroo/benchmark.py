@@ -61,8 +61,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """``kangaroo bench``."""
-    import torch
-
     from .bench import methods as M
     from .bench.metrics import AR_BASELINES
     from .bench.questions import load_questions
@@ -103,10 +101,9 @@ def run(args) -> int:
     summary["reference"] = reference
     summary["config"] = _config(args, km, methods, questions)
     summary["machine"] = _machine(args, load_before, _loadavg())
-    write_outputs(out, km, summary, answers)
     if args.sweep:
         summary["sweep"] = _best(summary, [m.name for m in methods if m.name not in AR_BASELINES])
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_outputs(out, summary, answers)
     from .bench.report import print_table, write_report
 
     write_report(out, summary, plots=not args.no_plots)
@@ -264,7 +261,7 @@ def _best(summary: dict, names: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------- outputs
-def write_outputs(out: Path, km, summary: dict, answers: dict) -> None:
+def write_outputs(out: Path, summary: dict, answers: dict) -> None:
     """``summary.json`` and one Spec-Bench answer file per method."""
     answer_dir = out / "model_answer"
     answer_dir.mkdir(parents=True, exist_ok=True)
