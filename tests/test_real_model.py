@@ -1,0 +1,73 @@
+"""Lossless on the real default model (SmolLM2-135M-Instruct, float32): Kangaroo == transformers greedy.
+
+Marked slow: it loads the real model (scripts/setup.sh fetches it) and decodes 10 chat prompts x 128
+tokens three ways. It runs in CI.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kangaroo.adapter import EarlyExitHead
+from kangaroo.api import KangarooModel
+from kangaroo.config import KangarooConfig
+from kangaroo.decoding import KangarooDecoder
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "What is 17 times 23? Show your steps.",
+    "Write a Python function that reverses a string.",
+    "Translate to French: The weather is nice today and I want to go for a walk.",
+    "Summarize in one sentence: The city council met on Tuesday to discuss the new park. After a long debate, "
+    "members voted to approve the budget, and construction will start next spring.",
+    "Give me three tips for better sleep.",
+    "Explain what a black hole is to a ten-year-old.",
+    "What is the capital of Australia?",
+    "Write an email to my manager asking for a day off on Friday.",
+    "List the planets of the solar system in order.",
+]
+MAX_NEW = 128
+
+
+@pytest.fixture(scope="module")
+def km():
+    return KangarooModel.from_pretrained(dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def references(km):
+    refs = []
+    for prompt in PROMPTS:
+        ids = km.encode(prompt)
+        out = km.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False)
+        refs.append((ids, out[0, ids.shape[1] :].tolist()))
+    return refs
+
+
+def test_default_adapter_is_lossless_on_real_model(km, references):
+    rounds = tokens = 0
+    for ids, expected in references:
+        result = km.decoder.generate(ids, MAX_NEW, km.eos_token_ids)
+        assert result.token_ids == expected
+        assert result.new_tokens == result.accepted + result.rounds
+        rounds, tokens = rounds + result.rounds, tokens + result.new_tokens
+    print(f"default adapter ({km.adapter_source}): compression {tokens / rounds:.2f}")
+
+
+def test_early_exit_drafts_are_lossless_on_real_model(km, references):
+    # a deep exit without adapter drafts well enough to make multi-token rounds common
+    decoder = KangarooDecoder(km.backbone, EarlyExitHead(24), KangarooConfig(exit_layer=24, max_steps=6, threshold=0.3))
+    accepted = 0
+    for ids, expected in references[:5]:
+        result = decoder.generate(ids, MAX_NEW, km.eos_token_ids)
+        assert result.token_ids == expected
+        accepted += result.accepted
+    assert accepted > 50
+
+
+def test_autoregressive_loop_on_real_model(km, references):
+    ids, expected = references[0]
+    assert km.baseline.generate(ids, MAX_NEW, km.eos_token_ids).token_ids == expected
