@@ -8,12 +8,13 @@ same ``max_new_tokens`` and EOS ids; the runner times each call. To add a method
 Round statistics follow Spec-Bench's ``accept_lengths``: one entry per target forward, the number
 of tokens it committed (accepted drafts + the target's own "bonus" token; the prefill commits 1).
 ``draft_lengths`` (our addition) holds the drafts sent for verification in the same round (0 for
-the prefill), or is None when a method cannot report it.
+the prefill), or is None for methods that draft nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from ..errors import KangarooError
