@@ -138,8 +138,10 @@ def test_speed_and_accepted_tokens_recomputed_from_answer_files_alone(bench_run)
     pooled accept_lengths. (speed.py re-tokenises the baseline's text to count its tokens; we count ids.)"""
     summary = json.loads((bench_run / "summary.json").read_text())
     baseline = summary["baseline"]
-    groups = {"overall": lambda r: True}
-    groups.update({t: (lambda t: lambda r: task_of(r["category"]) == t)(t) for t in summary["tasks"]})
+    def member(task):
+        return lambda r: task == "overall" or task_of(r["category"]) == task
+
+    groups = {t: member(t) for t in ["overall", *summary["tasks"]]}
     base_rows = read_answers(bench_run, baseline)
     for method in ALL_METHODS.split(","):
         rows = read_answers(bench_run, method)

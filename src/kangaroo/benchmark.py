@@ -267,8 +267,7 @@ def write_outputs(out: Path, summary: dict, answers: dict) -> None:
     answer_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in answers.items():
         with open(answer_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for a in rows:
-                f.write(json.dumps(a, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(a, ensure_ascii=False) + "\n" for a in rows)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
 

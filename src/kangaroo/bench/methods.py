@@ -265,7 +265,9 @@ class _count_candidates:
     """
 
     def __enter__(self) -> list[int]:
-        from transformers.generation.candidate_generator import PromptLookupCandidateGenerator as PLG
+        from transformers.generation.candidate_generator import (
+            PromptLookupCandidateGenerator as PLG,
+        )
 
         self.cls, self.original, drafted = PLG, PLG.get_candidates, []
         original = self.original

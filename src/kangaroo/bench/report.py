@@ -97,7 +97,9 @@ def losses(summary: dict, method: str = "kangaroo") -> list[str]:
     out = []
     entry = summary["methods"][method]
     for t in summary["tasks"] + ["overall"]:
-        pick = (lambda e: e["overall"]) if t == "overall" else (lambda e: e["by_category"][t])
+        def pick(e: dict, t: str = t) -> dict:
+            return e["overall"] if t == "overall" else e["by_category"][t]
+
         m = pick(entry)
         why = []
         if m.get("speedup") is not None and m["speedup"] < 1.0:
@@ -299,8 +301,8 @@ def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict 
     ms = summary["methods"]
     k = ms.get("kangaroo", {}).get("overall", {})
     adapter_line = (
-        f"the **seeded random adapter** (no trained adapter was available when this was run: Kangaroo's numbers below "
-        f"show the machinery's cost, not the method's benefit)" if c["adapter"] == "random"
+        "the **seeded random adapter** (no trained adapter was available when this was run: Kangaroo's numbers below "
+        "show the machinery's cost, not the method's benefit)" if c["adapter"] == "random"
         else f"the adapter at `{_short_path(c['adapter'])}` (ℓ = {c['exit_layer']})"
     )
     parts = [
