@@ -5,6 +5,7 @@
 #   scripts/make_benchmarks.sh                      # the default model with its shipped adapter
 #   scripts/make_benchmarks.sh --adapter random     # extra options go to `kangaroo bench`
 #   SWEEP=1 scripts/make_benchmarks.sh              # also sweep η × γ (1 question per task) and add the table
+#   NOTE="..." scripts/make_benchmarks.sh           # a paragraph for the top of the page
 #
 # Run it on a quiet machine: on 2 cores, any other busy process slows torch's multi-threaded
 # matmuls by up to ~30x for multi-token forwards (verification), which distorts every speedup.
@@ -26,5 +27,6 @@ if [ "${SWEEP:-0}" = 1 ]; then
       --methods ar-hf,ar --sweep-thresholds 0.4,0.6,0.8 --sweep-max-steps 3,6 --no-plots --out "$OUT-sweep" "$@"
   SWEEP_ARGS=(--sweep-dir "$OUT-sweep")
 fi
+[ -n "${NOTE:-}" ] && SWEEP_ARGS+=(--note "$NOTE")
 $PY -m kangaroo.bench.report "$OUT" --md BENCHMARKS.md --images docs/benchmarks "${SWEEP_ARGS[@]}" \
     --script "${SWEEP:+SWEEP=$SWEEP }scripts/make_benchmarks.sh${*:+ $*}  # = kangaroo bench --per-category $PER_CATEGORY --max-new-tokens $MAX_NEW --threads $THREADS${*:+ $*}"

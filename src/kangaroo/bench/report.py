@@ -296,7 +296,7 @@ def make_plots(out: Path, summary: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- BENCHMARKS.md
-def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict | None = None) -> str:
+def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict | None = None, note: str | None = None) -> str:
     c, mc = summary["config"], summary["machine"]
     ms = summary["methods"]
     k = ms.get("kangaroo", {}).get("overall", {})
@@ -310,6 +310,7 @@ def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict 
         "",
         f"Produced by `{script}` from one real run; do not edit by hand. Kangaroo ran with {adapter_line}.",
         "",
+        *([f"**Note:** {note}", ""] if note else []),
         header(summary),
         "",
         "## Results on this machine",
@@ -402,7 +403,8 @@ def _short_path(path: str) -> str:
     return p[i:] if i >= 0 else p
 
 
-def write_benchmarks(summary: dict, run_dir: Path, md_path: Path, image_dir: Path, script: str, sweep: dict | None = None) -> None:
+def write_benchmarks(summary: dict, run_dir: Path, md_path: Path, image_dir: Path, script: str, sweep: dict | None = None,
+                     note: str | None = None) -> None:
     """Copy the run's plots into ``image_dir`` and write ``md_path`` (links relative to it)."""
     image_dir.mkdir(parents=True, exist_ok=True)
     plots = [p for p in PLOTS if (run_dir / p).is_file()]
@@ -410,7 +412,7 @@ def write_benchmarks(summary: dict, run_dir: Path, md_path: Path, image_dir: Pat
         shutil.copyfile(run_dir / p, image_dir / p)
     summary = dict(summary, _plots=plots)
     rel = Path(image_dir).resolve().relative_to(Path(md_path).resolve().parent)
-    md_path.write_text(benchmarks_markdown(summary, rel.as_posix(), script, sweep), encoding="utf-8")
+    md_path.write_text(benchmarks_markdown(summary, rel.as_posix(), script, sweep, note), encoding="utf-8")
 
 
 
@@ -425,11 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", default="docs/benchmarks", help="folder the plots are copied to (default docs/benchmarks)")
     p.add_argument("--script", default="scripts/make_benchmarks.sh", help="the command that produced the run, quoted in the page")
     p.add_argument("--sweep-dir", default=None, help="a kangaroo bench --sweep --out folder to add as a section")
+    p.add_argument("--note", default=None, help="a paragraph to print at the top (e.g. where the adapter came from)")
     args = p.parse_args(argv)
     run_dir = Path(args.run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     sweep = json.loads((Path(args.sweep_dir) / "summary.json").read_text()) if args.sweep_dir else None
-    write_benchmarks(summary, run_dir, Path(args.md), Path(args.images), args.script, sweep)
+    write_benchmarks(summary, run_dir, Path(args.md), Path(args.images), args.script, sweep, args.note)
     print(f"wrote {args.md} and {args.images}/")
     return 0
 
