@@ -366,7 +366,7 @@ def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict 
         "on far less data on CPU (see the adapter's `adapter_config.json`), so acceptance is lower.",
         "- **Answer length.** Short answers (here ≤ " + str(c["max_new_tokens"]) + " tokens) weigh the prefill more.",
     ]
-    training = _scalars(c.get("adapter_training"))
+    training = _training_summary(c.get("adapter_training"))
     if training:
         parts += ["", "Adapter training metadata (from its `adapter_config.json`): " + ", ".join(f"{a} = {b}" for a, b in training.items()) + "."]
     if k:
@@ -384,6 +384,31 @@ def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict 
         ]
     parts += ["", "## Definitions", "", DEFINITIONS, "", "## Reproduce", "", "```sh", script, "```", ""]
     return "\n".join(parts)
+
+
+def _training_summary(t: dict | None) -> dict:
+    """The few training facts worth a line: data, steps, time and held-out agreement."""
+    if not t:
+        return {}
+    pick = {
+        "train conversations": ("data", "train_conversations"),
+        "train loss tokens": ("data", "train_loss_tokens"),
+        "self-distilled": ("config", "self_distill"),
+        "epochs": ("config", "epochs"),
+        "steps": ("final_metrics", "steps"),
+        "training seconds": ("final_metrics", "train_s"),
+        "held-out top-1 agreement": ("final_metrics", "val_agreement"),
+        "held-out expected acceptance": ("final_metrics", "val_accept"),
+        "adapter parameters": ("adapter_parameters",),
+    }
+    out = {}
+    for label, path in pick.items():
+        v = t
+        for key in path:
+            v = v.get(key) if isinstance(v, dict) else None
+        if v is not None:
+            out[label] = round(v, 3) if isinstance(v, float) else v
+    return out or _scalars(t)
 
 
 def _scalars(d, prefix: str = "", limit: int = 16) -> dict:
