@@ -257,3 +257,26 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_dir, data_file, tmp_path
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "val_loss" in r] == [20, 40]  # no duplicate rows after the resume
+
+
+def test_self_distill_batches_equal_batch_one_greedy_and_are_cached(tiny_dir, tmp_path):
+    from kangaroo.loading import load_model
+    from kangaroo.model import Backbone
+    from kangaroo.training.data import Conversation
+    from kangaroo.training.distill import greedy_batch, load_cache, self_distill
+    from tiny import hf_greedy
+
+    model, tok = load_model(str(tiny_dir))
+    prompts = [_encode(tok, [{"role": "user", "content": " ".join(WORDS[i : i + k])}]) for i, k in ((0, 3), (4, 9), (2, 5))]
+    batched = greedy_batch(model, prompts, 12, {2}, pad_id=2)
+    for p, (out, finished) in zip(prompts, batched):
+        ref = hf_greedy(model, torch.tensor([p]), 12, eos_token_id=2)
+        assert out == [t for t in ref if t != 2][: len(out)] and (finished or len(out) == 12)
+    convs = [Conversation([{"role": "user", "content": w}, {"role": "assistant", "content": "x"}], "toy", f"f:{i}")
+             for i, w in enumerate(["the cat", "a mat", "the cat"])]
+    cache = tmp_path / "answers.jsonl"
+    out, counts = self_distill(convs, Backbone(model), tok, cache, max_new_tokens=8, batch_size=2, eos_token_ids={2}, progress=False)
+    assert len(load_cache(cache)) == 2  # the repeated prompt is generated once
+    assert [c.messages[0]["content"] for c in out] == ["the cat", "a mat", "the cat"]
+    again, _ = self_distill(convs, Backbone(model), tok, cache, max_new_tokens=8, generate=False, progress=False)
+    assert [c.messages for c in again] == [c.messages for c in out]

@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exit-layer", type=int, default=d.exit_layer, help=f"ℓ: target layers before the adapter (default {d.exit_layer})")
     g.add_argument("--out", required=True, help="output folder: adapter, checkpoints, metrics.jsonl, curves.png")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help=f"cut conversations to this many tokens (default {d.seq_len})")
-    g.add_argument("--max-conversations", type=int, default=None, help="use at most this many conversations (after a seeded shuffle)")
+    g.add_argument("--max-conversations", type=int, default=None, help="use at most this many training conversations (a fixed seeded order; validation is drawn first)")
     g.add_argument("--val-size", type=int, default=d.val_size, help=f"held-out conversations for validation (default {d.val_size})")
     g = p.add_argument_group("self-distillation")
     g.add_argument("--self-distill", action="store_true", help="replace replies by the target's own greedy answers to the first user turn (cached on disk)")

@@ -28,7 +28,7 @@ class TrainConfig:
     top_k: int = 32  # target probabilities kept per position
     init: str = "warm"  # warm: from target layer ℓ's attention; random
     # data
-    max_conversations: int | None = None  # after a seeded shuffle
+    max_conversations: int | None = None  # training conversations, taken in a fixed seeded order
     val_size: int = 64  # held-out conversations
     self_distill: bool = False
     distill_cache: str = "~/.cache/kangaroo/distill"

@@ -166,13 +166,14 @@ def evaluate(adapter, bb, cfg, val, cache, device, autocast) -> dict:
 
 
 def prepare_data(cfg: TrainConfig, model, bb, tokenizer, main_first) -> tuple[list[Example], list[Example], dict]:
-    """Read, shuffle, cut to ``max_conversations``, split, optionally self-distill, tokenise."""
+    """Read, split (seeded), cut training to ``max_conversations``, optionally self-distill, tokenise."""
     report = DataReport()
     convs, report = read_conversations(cfg.data, report)
-    random.Random(cfg.seed).shuffle(convs)
-    if cfg.max_conversations:
-        convs = convs[: cfg.max_conversations]
+    # the validation set is drawn from all the data first, so that --max-conversations (which
+    # cuts the training set, in a fixed shuffled order) never changes it
     train_c, val_c = split(convs, cfg.val_size, cfg.seed)
+    if cfg.max_conversations:
+        train_c = train_c[: cfg.max_conversations]
     info: dict = {"read": report.to_dict()}
     if cfg.self_distill:
         from ..api import _eos_ids
