@@ -214,6 +214,9 @@ def _atomic_write(target: Path, write) -> None:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; others may need to read an adapter
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
