@@ -17,10 +17,13 @@ def _threads(request):
 
 
 def default_model_folder():
-    """The cached safetensors copy of the default model (scripts/setup.sh creates it)."""
-    from kangaroo.loading import DEFAULT_MODEL, cache_dir
+    """The cached safetensors copy of the default model, fetched if missing (scripts/setup.sh does it first)."""
+    from kangaroo.loading import DEFAULT_MODEL, cache_dir, load_model
 
-    return cache_dir() / "models" / DEFAULT_MODEL
+    folder = cache_dir() / "models" / DEFAULT_MODEL
+    if not (folder / "tokenizer.json").is_file():
+        load_model()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -29,10 +32,6 @@ def tiny_chat_model_dir(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder = default_model_folder()
-    if not (folder / "tokenizer.json").is_file():
-        from kangaroo.loading import load_model
-
-        load_model()  # fetches and converts the default model once
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(

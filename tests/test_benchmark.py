@@ -12,14 +12,12 @@ from statistics import mean
 
 import pytest
 import torch
+from conftest import default_model_folder
 
 from kangaroo.bench import metrics
 from kangaroo.bench.questions import load_questions, task_of
 from kangaroo.cli import main
 from kangaroo.errors import KangarooError
-from kangaroo.loading import cache_dir
-
-TOKENIZER = cache_dir() / "models" / "smollm2-135m-instruct"
 ALL_METHODS = "ar-hf,ar-hf-static,ar,kangaroo,kangaroo-fixed,early-exit,pld"
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a short poem about the sea.", "Now make it rhyme."]},
@@ -34,8 +32,6 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 4-layer random Llama with the SmolLM2 vocabulary; deep layers damped so early drafts often agree."""
-    if not (TOKENIZER / "tokenizer.json").is_file():
-        pytest.skip(f"SmolLM2 tokenizer not in {TOKENIZER} (CI fetches it first)")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -47,7 +43,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         for layer in model.model.layers[2:]:
             layer.self_attn.o_proj.weight.mul_(0.05)
             layer.mlp.down_proj.weight.mul_(0.05)
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_folder())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     folder = tmp_path_factory.mktemp("tiny-smollm2")
     model.save_pretrained(folder)

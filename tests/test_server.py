@@ -18,9 +18,9 @@ import time
 import pytest
 import torch
 
-pytest.importorskip("fastapi")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+import fastapi  # noqa: F401,E402  (the dev extra installs the server stack: a missing one must fail, not skip)
+import httpx  # noqa: E402
+import openai  # noqa: E402
 
 from tiny import passthrough_adapter  # noqa: E402
 

@@ -21,12 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import default_model_folder
+
 from kangaroo.errors import KangarooError
 from kangaroo.training.data import DataReport, make_batches, read_conversations, split, tokenize
 
-TOKENIZER_DIR = Path(os.path.expanduser("~/.cache/kangaroo/models/smollm2-135m-instruct"))
-pytestmark = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(),
-                                reason="needs the SmolLM2 tokenizer (kangaroo generate downloads the default model once)")
 WORDS = "the cat sat on a mat and then it ran to see what was there in the house of blue red green".split()
 FAST = ["--threads", "1", "--no-progress", "--exit-layer", "1", "--batch-tokens", "512", "--seq-len", "96",
         "--val-size", "16", "--init", "random", "--lr", "1e-2", "--warmup-steps", "5"]
@@ -36,7 +35,7 @@ FAST = ["--threads", "1", "--no-progress", "--exit-layer", "1", "--batch-tokens"
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    return AutoTokenizer.from_pretrained(default_model_folder())
 
 
 @pytest.fixture(scope="module")
