@@ -22,7 +22,7 @@ import fastapi  # noqa: F401,E402  (the dev extra installs the server stack: a m
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
-from tiny import passthrough_adapter  # noqa: E402
+from tiny import damp_deep_layers, passthrough_adapter  # noqa: E402
 
 from kangaroo.api import KangarooModel  # noqa: E402
 from kangaroo.server import ServerThread, create_app  # noqa: E402
@@ -51,10 +51,7 @@ def model_dir(tmp_path_factory):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    with torch.no_grad():  # damp the deep layers so that a pass-through adapter drafts well
-        for layer in model.model.layers[2:]:
-            layer.self_attn.o_proj.weight.mul_(0.05)
-            layer.mlp.down_proj.weight.mul_(0.05)
+    damp_deep_layers(model, 2)  # so that a pass-through adapter drafts well
     out = tmp_path_factory.mktemp("tiny_chat_model")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from conftest import default_model_folder
+from tiny import damp_deep_layers
 
 from kangaroo.errors import KangarooError
 from kangaroo.training.data import DataReport, make_batches, read_conversations, split, tokenize
@@ -49,10 +50,7 @@ def tiny_dir(tmp_path_factory, tokenizer):
                       initializer_range=0.25, tie_word_embeddings=True, attn_implementation="sdpa",
                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # deep layers barely change h_1: the target is learnable from ℓ = 1
-        for layer in model.model.layers[1:]:
-            layer.self_attn.o_proj.weight.mul_(0.05)
-            layer.mlp.down_proj.weight.mul_(0.05)
+    damp_deep_layers(model, 1)  # deep layers barely change h_1: the target is learnable from ℓ = 1
     d = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(d)
     tokenizer.save_pretrained(d)

@@ -58,11 +58,17 @@ def tiny_model(arch: str, seed: int = 0, damp_from: int | None = None, **overrid
     torch.manual_seed(seed)
     model = _CLASSES[arch](tiny_config(arch, **overrides)).eval()
     if damp_from is not None:
-        with torch.no_grad():
-            for layer in model.model.layers[damp_from:]:
-                layer.self_attn.o_proj.weight.mul_(0.05)
-                layer.mlp.down_proj.weight.mul_(0.05)
+        damp_deep_layers(model, damp_from)
     return model.requires_grad_(False)
+
+
+def damp_deep_layers(model, start: int, factor: float = 0.05):
+    """Scale the residual-branch outputs of layers ``start..`` so they barely change the hidden state."""
+    with torch.no_grad():
+        for layer in model.model.layers[start:]:
+            layer.self_attn.o_proj.weight.mul_(factor)
+            layer.mlp.down_proj.weight.mul_(factor)
+    return model
 
 
 def passthrough_adapter(adapter):
