@@ -500,12 +500,7 @@ def load_model(
         if not (path / "config.json").is_file():
             raise KangarooError(f"model folder {str(path)!r} has no config.json; is it a saved model?")
         logger.info("Loading model from folder %s", path)
-        try:
-            model = _load_causal_lm(path, dtype, attn_implementation)
-            tokenizer = _load_tokenizer(path)
-        except Exception as exc:
-            raise KangarooError(f"cannot load model folder {str(path)!r} ({_short_reason(exc)})") from exc
-        return _finish(model, device), tokenizer
+        return _load_pair(path, dtype, attn_implementation, device, f"cannot load model folder {str(path)!r}")
 
     if _looks_local(text):
         raise KangarooError(f"model path {str(path)!r} does not exist")
@@ -518,9 +513,14 @@ def load_model(
     if not _HUB_ID.match(text):
         raise KangarooError(f"{prefix} (not a valid hub id)")
     logger.info("Loading %s from the Hugging Face hub", text)
+    return _load_pair(text, dtype, attn_implementation, device, prefix)
+
+
+def _load_pair(source, dtype: torch.dtype, attn_implementation: str, device, error: str):
+    """Model + tokenizer from a folder or hub id; any failure becomes ``KangarooError(error (reason))``."""
     try:
-        model = _load_causal_lm(text, dtype, attn_implementation)
-        tokenizer = _load_tokenizer(text)
+        model = _load_causal_lm(source, dtype, attn_implementation)
+        tokenizer = _load_tokenizer(source)
     except Exception as exc:
-        raise KangarooError(f"{prefix} ({_short_reason(exc)})") from exc
+        raise KangarooError(f"{error} ({_short_reason(exc)})") from exc
     return _finish(model, device), tokenizer

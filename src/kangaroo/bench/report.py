@@ -250,10 +250,7 @@ def make_plots(out: Path, summary: dict) -> list[str]:
     ax.set_ylabel(f"speedup vs {summary.get('baseline')}")
     ax.set_title("Walltime speedup by Spec-Bench category")
     ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    fig.savefig(out / PLOTS[0], dpi=80)
-    plt.close(fig)
-    made.append(PLOTS[0])
+    made.append(_save(fig, out, PLOTS[0]))
 
     # 2. accepted length (tokens per verification round) histogram
     spec = [n for n in methods if (methods[n]["overall"].get("compression_rate") or 1.0) > 1.0 or methods[n]["overall"].get("ctar")]
@@ -271,10 +268,7 @@ def make_plots(out: Path, summary: dict) -> list[str]:
         ax.set_ylabel("share of rounds")
         ax.set_title("Accepted length per round")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / PLOTS[1], dpi=80)
-        plt.close(fig)
-        made.append(PLOTS[1])
+        made.append(_save(fig, out, PLOTS[1]))
 
     # 3. CTAR curves
     curves = [(n, methods[n]["overall"]["ctar"]) for n in methods if methods[n]["overall"].get("ctar")]
@@ -288,10 +282,7 @@ def make_plots(out: Path, summary: dict) -> list[str]:
         ax.set_ylim(0, 1.02)
         ax.set_title("Consistent token acceptance rate")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / PLOTS[2], dpi=80)
-        plt.close(fig)
-        made.append(PLOTS[2])
+        made.append(_save(fig, out, PLOTS[2]))
     return made
 
 
@@ -464,3 +455,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _save(fig, out: Path, name: str) -> str:
+    """Write one figure as PNG into ``out``, free it, and return its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=80)
+    plt.close(fig)
+    return name
