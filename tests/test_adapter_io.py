@@ -81,3 +81,25 @@ def test_missing_and_corrupt_files(saved, tmp_path):
     (path / "adapter_config.json").write_text(json.dumps({"unexpected": 1}))
     with pytest.raises(KangarooError, match="corrupt adapter config"):
         Adapter.load(path, bb)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_full_multi_head_adapter(arch, tmp_path):
+    """kv_heads = query heads: warm start repeats each key/value head (same function as the grouped
+    layout), the option survives save/load, and a head count that does not divide is refused."""
+    bb = Backbone(tiny_model(arch, seed=4))
+    grouped = Adapter.from_backbone(bb, 2)
+    full = Adapter.from_backbone(bb, 2, kv_heads=4)
+    assert full.self_attn.k_proj.weight.shape[0] == 2 * grouped.self_attn.k_proj.weight.shape[0]
+    h = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(full(h, bb, None, 0), grouped(h, bb, None, 0), rtol=1e-5, atol=1e-5)
+
+    trained = Adapter.random(bb, 2, seed=1, kv_heads=4)
+    trained.save(tmp_path / "mha", AdapterConfig(base_model="tiny", exit_layer=2, fingerprint=bb.fingerprint(), kv_heads=4))
+    loaded, cfg = Adapter.load(tmp_path / "mha", bb)
+    assert cfg.kv_heads == 4 and loaded.kv_heads == 4
+    for (name, a), (_, b) in zip(trained.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(KangarooError, match="divide"):
+        Adapter(bb, 2, kv_heads=3)

@@ -196,6 +196,38 @@ def test_one_step_lowers_the_loss(tiny_dir, data_file, tokenizer):
     assert whole["loss"] == pytest.approx(after["loss"], rel=1e-5)
 
 
+def test_hand_written_gradient_equals_autograd(tiny_dir, data_file, tokenizer):
+    """draft_loss's closed-form soft-CE gradient == autograd through log_softmax, chunked or not."""
+    import torch.nn.functional as F
+
+    from kangaroo.adapter import Adapter
+    from kangaroo.loading import load_model
+    from kangaroo.model import Backbone
+    from kangaroo.training.data import tokenize_all
+    from kangaroo.training.trainer import _null, compute_features, draft_loss, pad_batch
+
+    model, _ = load_model(str(tiny_dir))
+    bb = Backbone(model.requires_grad_(False))
+    convs, report = read_conversations([str(data_file)])
+    ids, mask = pad_batch(tokenize_all(tokenizer, convs[:6], 96, report), "cpu")
+    h, tid, tp = compute_features(bb, 1, ids, mask, top_k=8, chunk=256, autocast=_null)
+    adapter = Adapter.random(bb, 1, seed=3).train()
+
+    a = adapter(h, bb, None, 0)[mask]
+    logq = F.log_softmax(bb.lm_head(a).float(), dim=-1)
+    p_norm = tp / tp.sum(-1, keepdim=True)
+    ref_loss = -(p_norm * logq.gather(-1, tid.long())).sum()
+    (ref_loss / a.shape[0]).backward()
+    ref_grads = [p.grad.clone() for p in adapter.parameters()]
+    for chunk in (7, 10_000):
+        adapter.zero_grad()
+        got = draft_loss(adapter, bb, h, mask, tid, tp, chunk, _null, backward=True)
+        assert got["loss"] == pytest.approx(ref_loss.item(), rel=1e-5)
+        assert got["agree"] == float((logq.argmax(-1) == tid[:, 0]).sum())
+        for ref, p in zip(ref_grads, adapter.parameters()):
+            torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-7)
+
+
 def test_trained_adapter_accepts_more_than_random(tiny_dir, data_file, tmp_path):
     from kangaroo.adapter import Adapter
     from kangaroo.config import KangarooConfig

@@ -46,6 +46,7 @@ class AdapterConfig:
     dtype: str = "float32"  # dtype the weights were saved in
     format_version: int = FORMAT_VERSION
     training: dict = field(default_factory=dict)  # training config, data and final metrics (kangaroo train)
+    kv_heads: int | None = None  # adapter attention's key/value heads (None = the target's own layout)
 
 
 class Adapter(nn.Module):
@@ -54,14 +55,23 @@ class Adapter(nn.Module):
     Args:
         backbone: the target, whose attention/norm classes and config the adapter reuses.
         exit_layer: ℓ, the number of target layers run before the adapter.
+        kv_heads: key/value heads of the adapter's attention; None keeps the target's (grouped-query)
+            layout, ``num_attention_heads`` gives full multi-head attention as in the paper's
+            Vicuna adapter (for SmolLM2-135M: 1,328,256 parameters, 0.99% of the model).
     """
 
-    def __init__(self, backbone: Backbone, exit_layer: int) -> None:
+    def __init__(self, backbone: Backbone, exit_layer: int, kv_heads: int | None = None) -> None:
         super().__init__()
         check_exit_layer(exit_layer, backbone.num_layers)
         config = copy.copy(backbone.config)
         if getattr(config, "layer_types", None) is not None:
             config.layer_types = ["full_attention"] * len(config.layer_types)
+        if kv_heads is not None:
+            heads = config.num_attention_heads
+            if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+                raise KangarooError(f"adapter kv_heads must divide the {heads} attention heads, got {kv_heads}")
+            config.num_key_value_heads = kv_heads
+        self.kv_heads = kv_heads
         norm_cls = backbone.norm_class()
         eps = getattr(config, "rms_norm_eps", 1e-6)
         self.exit_layer = exit_layer
@@ -91,10 +101,10 @@ class Adapter(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def random(cls, backbone: Backbone, exit_layer: int, seed: int = 0) -> "Adapter":
+    def random(cls, backbone: Backbone, exit_layer: int, seed: int = 0, kv_heads: int | None = None) -> "Adapter":
         """A seeded, untrained adapter (demo and tests): small random attention, unit norms."""
         gen = torch.Generator().manual_seed(seed)
-        adapter = cls(backbone, exit_layer)
+        adapter = cls(backbone, exit_layer, kv_heads)
         std = getattr(backbone.config, "initializer_range", 0.02)
         with torch.no_grad():
             for name, p in adapter.named_parameters():
@@ -105,14 +115,23 @@ class Adapter(nn.Module):
         return adapter.to(device=backbone.device, dtype=backbone.dtype).eval()
 
     @classmethod
-    def from_backbone(cls, backbone: Backbone, exit_layer: int) -> "Adapter":
+    def from_backbone(cls, backbone: Backbone, exit_layer: int, kv_heads: int | None = None) -> "Adapter":
         """Warm start for training: attention and input norm copied from target layer ``exit_layer``,
         output norm from the target's final norm, so the adapter starts as a one-layer shortcut
-        through the target rather than from noise."""
-        adapter = cls(backbone, exit_layer)
+        through the target rather than from noise. With more ``kv_heads`` than the target has, each
+        key/value head is repeated for its query group (the same function as the grouped layout)."""
+        adapter = cls(backbone, exit_layer, kv_heads)
         source = backbone.layers[min(exit_layer, backbone.num_layers - 1)]
+        state = dict(source.self_attn.state_dict())
+        theirs = backbone.config.num_key_value_heads
+        if kv_heads is not None and kv_heads != theirs:
+            if kv_heads % theirs:
+                raise KangarooError(f"warm start needs kv_heads to be a multiple of the target's {theirs}")
+            for name in [k for k in state if k.startswith(("k_proj.", "v_proj."))]:
+                w = state[name]
+                state[name] = w.reshape(theirs, -1, *w.shape[1:]).repeat_interleave(kv_heads // theirs, 0).flatten(0, 1)
         with torch.no_grad():
-            adapter.self_attn.load_state_dict(source.self_attn.state_dict())
+            adapter.self_attn.load_state_dict(state)
             adapter.input_norm.load_state_dict(source.input_layernorm.state_dict())
             adapter.post_norm.load_state_dict(backbone.norm.state_dict())
         return adapter.to(device=backbone.device, dtype=backbone.dtype)
@@ -160,7 +179,10 @@ class Adapter(nn.Module):
             state = load_file(str(weights))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise KangarooError(f"corrupt adapter weights {weights}: {str(exc).splitlines()[0]}") from None
-        adapter = cls(backbone, config.exit_layer)
+        try:
+            adapter = cls(backbone, config.exit_layer, config.kv_heads)
+        except KangarooError as exc:
+            raise KangarooError(f"corrupt adapter config {cfg_file}: {exc}") from None
         expected = {k: v.shape for k, v in adapter.state_dict().items()}
         found = {k: v.shape for k, v in state.items()}
         if expected != found:

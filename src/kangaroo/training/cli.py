@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-size", type=int, default=d.val_size, help=f"held-out conversations for validation (default {d.val_size})")
     g = p.add_argument_group("self-distillation")
     g.add_argument("--self-distill", action="store_true", help="replace replies by the target's own greedy answers to the first user turn (cached on disk)")
-    g.add_argument("--distill-cache", default=d.distill_cache, help=f"folder of the answer cache (default {d.distill_cache})")
+    g.add_argument("--distill-cache", default=d.distill_cache, help="folder of the answer cache (default: distill/ in $KANGAROO_CACHE, else ~/.cache/kangaroo/distill)")
     g.add_argument("--distill-max-new-tokens", type=int, default=d.distill_max_new_tokens, help=f"answer length cap (default {d.distill_max_new_tokens})")
     g.add_argument("--distill-max-prompt-tokens", type=int, default=d.distill_max_prompt_tokens, help=f"skip longer prompts (default {d.distill_max_prompt_tokens})")
     g.add_argument("--distill-batch", type=int, default=d.distill_batch, help=f"generation batch size (default {d.distill_batch})")
@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="fp32, or bf16 (model weights bf16, adapter fp32 under autocast; fast on AMX CPUs and GPUs)")
     g.add_argument("--top-k", type=int, default=d.top_k, help=f"target probabilities kept per position (default {d.top_k})")
     g.add_argument("--init", choices=["warm", "random"], default=d.init, help="warm: copy target layer ℓ's attention (default); random")
+    g.add_argument("--kv-heads", type=int, default=d.kv_heads,
+                   help="key/value heads of the adapter's attention (default: the target's; its query-head count = full multi-head)")
     g.add_argument("--seed", type=int, default=d.seed, help="data order, split and init seed (default 0)")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--val-every", type=int, default=d.val_every, help=f"validate (and checkpoint) every N steps (default {d.val_every})")
@@ -80,7 +82,7 @@ def run(args) -> int:
         model=args.model, data=list(args.data), out=args.out, exit_layer=args.exit_layer, epochs=args.epochs,
         max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
         weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_tokens=args.batch_tokens, seq_len=args.seq_len,
-        precision=args.precision, top_k=args.top_k, init=args.init, max_conversations=args.max_conversations,
+        precision=args.precision, top_k=args.top_k, init=args.init, kv_heads=args.kv_heads, max_conversations=args.max_conversations,
         val_size=args.val_size, self_distill=args.self_distill or args.distill_only, distill_cache=args.distill_cache,
         distill_max_new_tokens=args.distill_max_new_tokens, distill_max_prompt_tokens=args.distill_max_prompt_tokens,
         distill_batch=args.distill_batch, distill_only=args.distill_only, val_every=args.val_every,

@@ -27,11 +27,12 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (bf16: model weights in bf16, adapter fp32 under autocast)
     top_k: int = 32  # target probabilities kept per position
     init: str = "warm"  # warm: from target layer ℓ's attention; random
+    kv_heads: int | None = None  # adapter key/value heads (None = the target's layout; = heads: full MHA)
     # data
     max_conversations: int | None = None  # training conversations, taken in a fixed seeded order
     val_size: int = 64  # held-out conversations
     self_distill: bool = False
-    distill_cache: str = "~/.cache/kangaroo/distill"
+    distill_cache: str | None = None  # answer cache folder (None = $KANGAROO_CACHE/distill, else ~/.cache/kangaroo/distill)
     distill_max_new_tokens: int = 192
     distill_max_prompt_tokens: int = 256
     distill_batch: int = 64

@@ -88,29 +88,37 @@ def compute_features(bb, exit_layer: int, ids: torch.Tensor, mask: torch.Tensor,
 def draft_loss(adapter, bb, h, mask, topk_ids, topk_p, chunk: int, autocast, backward: bool) -> dict:
     """Soft CE of the adapter's draft against top-k targets; backward through the adapter if asked.
 
-    The LM head runs in chunks of ``chunk`` positions on a detached copy of the adapter output, whose
-    gradient is then pushed through the adapter once, so memory stays at ``chunk x V`` floats.
-    Returns sums over positions: ``loss``, ``agree`` (top-1 match), ``accept`` (Σ min(p, q)), ``n``.
+    With draft logits ``z = W a`` (``[n, V]``, the shared LM head), ``log q = z - logsumexp(z)`` and
+    renormalised targets ``p̃`` over the top-k ids, the loss is ``−Σ p̃ log q = lse(z) − Σ p̃ z`` and
+    its gradient is ``∂/∂z = softmax(z) − p̃`` (scattered), so ``∂/∂a = (softmax(z) − p̃) W``. Both
+    are computed here by hand, chunk by chunk: one ``[chunk, V]`` float buffer, no autograd graph
+    over the vocabulary (about 2.5× faster on CPU than autograd through ``log_softmax``). The
+    adapter's own backward then runs once. Returns sums over positions: ``loss``, ``agree`` (top-1
+    match), ``accept`` (Σ min(p, q) over the top-k), ``n``.
     """
     with autocast():
         a = adapter(h, bb, None, 0)[mask]  # [N, D]
-    a_det = a.detach().requires_grad_(backward)
+    weight, bias = bb.lm_head.weight, getattr(bb.lm_head, "bias", None)  # [V, D], [V] or None
     N = a.shape[0]
+    grad = torch.zeros(a.shape, dtype=torch.float32, device=a.device) if backward else None
     sums = {"loss": 0.0, "agree": 0.0, "accept": 0.0, "n": N}
-    for c in range(0, N, chunk):
-        with torch.set_grad_enabled(backward), autocast():
-            logq = F.log_softmax(bb.lm_head(a_det[c : c + chunk]).float(), dim=-1)  # [n, V]
-        idx, p = topk_ids[c : c + chunk].long(), topk_p[c : c + chunk]
-        p_norm = p / p.sum(-1, keepdim=True)
-        loss = -(p_norm * logq.gather(-1, idx)).sum()
-        if backward:
-            (loss / N).backward()
-        with torch.no_grad():
-            sums["loss"] += float(loss)
-            sums["agree"] += float((logq.argmax(-1) == idx[:, 0]).sum())
-            sums["accept"] += float(torch.minimum(p, logq.gather(-1, idx).exp()).sum())
+    with torch.no_grad():
+        for c in range(0, N, chunk):
+            a_c = a[c : c + chunk].detach().to(weight.dtype)  # [n, D]
+            z = F.linear(a_c, weight, bias).float()  # [n, V]
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [n, 1]
+            idx, p = topk_ids[c : c + chunk].long(), topk_p[c : c + chunk]  # [n, k]
+            p_norm = p / p.sum(-1, keepdim=True)
+            z_top = z.gather(-1, idx)  # [n, k]
+            sums["loss"] += float((lse.squeeze(-1) - (p_norm * z_top).sum(-1)).sum())
+            sums["agree"] += float((z.argmax(-1) == idx[:, 0]).sum())
+            sums["accept"] += float(torch.minimum(p, (z_top - lse).exp()).sum())
+            if backward:
+                g = z.sub_(lse).exp_()  # softmax(z), in place  [n, V]
+                g.scatter_add_(-1, idx, -p_norm)
+                grad[c : c + chunk] = (g.to(weight.dtype) @ weight).float() / N
     if backward and N:
-        a.backward(a_det.grad)
+        a.backward(grad.to(a.dtype))
     return sums
 
 
@@ -177,10 +185,11 @@ def prepare_data(cfg: TrainConfig, model, bb, tokenizer, main_first) -> tuple[li
     info: dict = {"read": report.to_dict()}
     if cfg.self_distill:
         from ..api import _eos_ids
-        from ..loading import model_identity
+        from ..loading import cache_dir, model_identity
         from .distill import cache_file, self_distill
 
-        path = cache_file(cfg.distill_cache, model_identity(cfg.model), bb.fingerprint(), cfg.distill_max_new_tokens,
+        folder = cfg.distill_cache or cache_dir() / "distill"
+        path = cache_file(folder, model_identity(cfg.model), bb.fingerprint(), cfg.distill_max_new_tokens,
                           str(bb.dtype).removeprefix("torch."))
         with main_first():  # the main process generates; the others then find the cache filled
             kw = dict(max_new_tokens=cfg.distill_max_new_tokens, max_prompt_tokens=cfg.distill_max_prompt_tokens,
@@ -283,9 +292,9 @@ def train(cfg: TrainConfig) -> dict:
 
     # adapter, optimiser, schedule
     if cfg.init == "warm":
-        adapter = Adapter.from_backbone(bb, cfg.exit_layer)
+        adapter = Adapter.from_backbone(bb, cfg.exit_layer, cfg.kv_heads)
     elif cfg.init == "random":
-        adapter = Adapter.random(bb, cfg.exit_layer, seed=cfg.seed)
+        adapter = Adapter.random(bb, cfg.exit_layer, seed=cfg.seed, kv_heads=cfg.kv_heads)
     else:
         raise KangarooError(f"--init must be warm or random, got {cfg.init}")
     adapter = adapter.float().to(device).train()
@@ -398,6 +407,7 @@ def train(cfg: TrainConfig) -> dict:
     if accelerator.is_main_process:
         config = AdapterConfig(
             base_model=model_identity(cfg.model), exit_layer=cfg.exit_layer, fingerprint=bb.fingerprint(),
+            kv_heads=cfg.kv_heads,
             training={"config": asdict(cfg), "data": data_info, "final_metrics": final,
                       "adapter_parameters": raw.num_parameters(),
                       "model_parameters": sum(p.numel() for p in model.parameters())},
