@@ -64,7 +64,7 @@ def bench_run(tiny_model_dir, question_file, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     rc = main(["bench", "--model", str(tiny_model_dir), "--adapter", "random", "--threads", "1",
                "--questions", str(question_file), "--methods", ALL_METHODS, "--max-new-tokens", "12",
-               "--max-steps", "4", "--threshold", "0.3", "--out", str(out)])
+               "--max-steps", "4", "--threshold", "0.3", "--verify-low-confidence", "--out", str(out)])
     assert rc == 0
     return out
 
@@ -80,6 +80,8 @@ def test_every_output_is_written(bench_run):
     assert set(summary) >= {"config", "machine", "methods", "baseline", "reference"}
     assert summary["machine"]["torch_threads"] == 1 and summary["machine"]["dtype"] == "float32"
     assert summary["machine"]["torch"] and summary["machine"]["transformers"] and summary["machine"]["cpu"] is not None
+    for key in ("others_cpu_share_before", "others_cpu_share_during"):  # measured, on Linux
+        assert 0.0 <= summary["machine"][key] <= 1.0, key
     assert summary["baseline"] in ("ar", "ar-hf", "ar-hf-static") and summary["reference"] == "ar-hf"
     assert list(summary["methods"]) == ALL_METHODS.split(",")
     tasks = ["mt_bench", "translation", "math_reasoning", "rag"]
@@ -90,7 +92,8 @@ def test_every_output_is_written(bench_run):
                         "mean_draft_length", "identical_fraction", "new_tokens", "wall_time"):
                 assert key in m, (name, key)
         o = entry["overall"]
-        if name in ("kangaroo", "kangaroo-fixed", "early-exit"):
+        if name in ("kangaroo", "kangaroo-fixed", "early-exit"):  # a random adapter's drafts fall below η:
+            # --verify-low-confidence still sends one per round
             assert len(o["ctar"]) == 4 and 0.0 <= o["acceptance_rate"] <= 1.0 and o["mean_draft_length"] > 0
         elif name == "pld":  # transformers' default of 10 proposed tokens
             assert len(o["ctar"]) == 10 and 0.0 <= o["acceptance_rate"] <= 1.0
@@ -248,3 +251,24 @@ def test_a_mismatch_is_located_and_its_logit_gap_measured(tiny_model_dir):
                                                      accept_lengths=[1] * 8)]) for a in rows] for n, rows in answers.items()}, 0)
     assert m["methods"]["broken"]["overall"]["identical_fraction"] == 0.0
     assert m["methods"]["broken"]["overall"]["mismatches"][0]["position"] == 3
+
+
+def test_contention_meter_sees_another_busy_process():
+    """A child process spinning on one core for ~1.5 s shows up as other processes' CPU use; this
+    process's own work does not."""
+    import subprocess
+    import sys
+
+    from kangaroo.bench.contention import ContentionMeter
+
+    meter = ContentionMeter().start()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"], check=True)
+    busy = meter.stop()
+    meter = ContentionMeter().start()
+    t = __import__("time").process_time()
+    while __import__("time").process_time() - t < 1.0:  # our own busy loop is not "other"
+        pass
+    own = meter.stop()
+    ncpu = __import__("os").cpu_count()
+    assert busy is not None and busy > 0.6 / ncpu, busy
+    assert own < busy, (own, busy)

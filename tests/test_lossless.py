@@ -35,7 +35,9 @@ def test_kangaroo_equals_hf_greedy_sweep(arch):
         adapter = Adapter.random(backbone, ℓ, seed=rng.randrange(1000))
         if friendly:
             passthrough_adapter(adapter)
-        decoder = KangarooDecoder(backbone, adapter, KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=η))
+        verify = (ℓ + γ) % 2 == 0  # both treatments of the token that fell below η, across the sweep
+        config = KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=η, verify_low_confidence=verify)
+        decoder = KangarooDecoder(backbone, adapter, config)
         n = rng.choice([1, 2, rng.randrange(3, 60), rng.randrange(60, 201)])
         ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
         max_new = rng.randrange(1, 41)

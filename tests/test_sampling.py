@@ -162,7 +162,8 @@ def _pit(tokens: torch.Tensor, p: torch.Tensor, gen: torch.Generator) -> torch.T
 DECODER_SETTINGS = {
     # name: (sampling, config, adapter kind)
     "good adapter T=1": (SamplingConfig(1.0), KangarooConfig(exit_layer=1, max_steps=4, threshold=0.0), "good"),
-    "T=0.7 top-p=0.9 η=0.3": (SamplingConfig(0.7, top_p=0.9), KangarooConfig(exit_layer=2, max_steps=3, threshold=0.3), "random"),
+    "T=0.7 top-p=0.9 η=0.3, low-confidence token verified": (
+        SamplingConfig(0.7, top_p=0.9), KangarooConfig(exit_layer=2, max_steps=3, threshold=0.3, verify_low_confidence=True), "random"),
     "T=0.8 top-k=5 η=0.3, low-confidence token dropped": (
         SamplingConfig(0.8, top_k=5), KangarooConfig(exit_layer=1, max_steps=5, threshold=0.3, verify_low_confidence=False), "random"),
     "bad adapter T=1": (SamplingConfig(1.0), KangarooConfig(exit_layer=1, max_steps=2, threshold=0.0), "bad"),

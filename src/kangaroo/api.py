@@ -83,6 +83,7 @@ class KangarooModel:
         dtype: torch.dtype | str = torch.float32,
         device: str = "cpu",
         seed: int = 0,
+        verify_low_confidence: bool = False,
     ) -> "KangarooModel":
         """Load a model and an adapter.
 
@@ -91,7 +92,7 @@ class KangarooModel:
             adapter: adapter folder; None = the adapter shipped for ``model`` if any, else a seeded
                 random adapter (logged as a warning); ``"random"`` = always the random adapter.
             exit_layer: ℓ; None = the adapter's own (2 for a random adapter).
-            max_steps: γ. threshold: η.
+            max_steps: γ. threshold: η. verify_low_confidence: also verify the draft that fell below η.
             dtype: ``torch.float32``/``bfloat16``/``float16`` or their names.
         """
         dtype = _dtype(dtype)
@@ -111,7 +112,8 @@ class KangarooModel:
         else:
             module, adapter_config = Adapter.load(source, backbone, exit_layer)
             ℓ = adapter_config.exit_layer
-        config = KangarooConfig(exit_layer=ℓ, max_steps=max_steps, threshold=threshold)
+        config = KangarooConfig(exit_layer=ℓ, max_steps=max_steps, threshold=threshold,
+                                verify_low_confidence=verify_low_confidence)
         return cls(hf_model, tokenizer, module, config, name, adapter_config, source)
 
     # ------------------------------------------------------------------ prompts

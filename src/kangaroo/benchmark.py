@@ -33,7 +33,6 @@ from .errors import KangarooError
 logger = logging.getLogger(__name__)
 
 DEFAULT_METHODS = "ar-hf,ar-hf-static,ar,kangaroo,kangaroo-fixed,early-exit,pld"
-BUSY_LOAD = 0.5  # 1-minute load average above which timings on a small machine are suspect
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,9 +75,12 @@ def run(args) -> int:
     categories = _csv(args.categories) if args.categories else None
     questions = load_questions(args.questions, categories, args.per_category, args.sample_seed)
     out = Path(args.out)
-    load_before = _loadavg()
-    if load_before is not None and load_before > BUSY_LOAD:
-        print(f"warning: 1-minute load average is {load_before:.2f}: other processes compete for the CPU and timings will be unreliable", file=sys.stderr)
+    from .bench.contention import BUSY_SHARE, ContentionMeter, others_share
+
+    before = others_share()  # 2 s with this process idle
+    if before is not None and before > BUSY_SHARE:
+        print(f"warning: other processes are using {before:.0%} of the CPUs: timings will be unreliable", file=sys.stderr)
+    load_before, meter = _loadavg(), ContentionMeter().start()
 
     km = load_from_args(args)
     options = M.Options(pld_tokens=args.pld_tokens)
@@ -100,7 +102,11 @@ def run(args) -> int:
     summary = summarize(answers, {m.name: m.max_draft for m in methods})
     summary["reference"] = reference
     summary["config"] = _config(args, km, methods, questions)
+    during = meter.stop()  # model loading, every method and the identity check
     summary["machine"] = _machine(args, load_before, _loadavg())
+    summary["machine"].update(others_cpu_share_before=before, others_cpu_share_during=during)
+    if during is not None and during > BUSY_SHARE:
+        print(f"warning: other processes used {during:.0%} of the CPUs during the run: timings are unreliable", file=sys.stderr)
     if args.sweep:
         summary["sweep"] = _best(summary, [m.name for m in methods if m.name not in AR_BASELINES])
     write_outputs(out, summary, answers)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-BUSY_LOAD = 1.0  # load average that, on a 2-core machine, means another busy process shared the CPU
+from .contention import BUSY_SHARE
 PLOTS = ("speedup_by_category.png", "accept_lengths.png", "ctar.png")
 TASK_NAMES = {"mt_bench": "MT-bench", "translation": "Translation", "summarization": "Summarization", "qa": "QA",
               "math_reasoning": "Math", "rag": "RAG"}
@@ -139,6 +139,13 @@ def header(summary: dict) -> str:
     c, mc = summary["config"], summary["machine"]
     qs = ", ".join(f"{TASK_NAMES.get(t, t)} {n}" for t, n in c["questions_per_task"].items())
     load = f"{_f(mc.get('load_average_before'))} before, {_f(mc.get('load_average_after'))} after"
+    shares = [mc.get("others_cpu_share_before"), mc.get("others_cpu_share_during")]
+    busy = any(x is not None and x > BUSY_SHARE for x in shares)
+    if all(x is None for x in shares):  # summaries from before the meter existed, or no /proc/stat
+        shares_line = f"- 1-minute load average: {load}"
+    else:
+        shares_line = (f"- CPU used by other processes: {_pct(shares[0])} of all CPUs in the 2 s before the run, "
+                       f"{_pct(shares[1])} during it (1-minute load average {load}, which lags and counts this run)")
     return "\n".join([
         f"- Command: `{c['command']}`",
         f"- Date (UTC): {c['date']}",
@@ -146,10 +153,11 @@ def header(summary: dict) -> str:
         f"- Questions: {c['questions']} ({qs}); at most {c['max_new_tokens']} new tokens per turn; {c['warmup']} untimed warm-up generation(s) per method",
         f"- Machine: {mc['cpu']} ({mc['cpu_count']} logical CPUs{', GPU ' + mc['gpu'] if mc.get('gpu') else ''}); "
         f"torch threads {mc['torch_threads']}; dtype {mc['dtype']}; torch {mc['torch']}, transformers {mc['transformers']}, Python {mc['python']}",
-        f"- 1-minute load average: {load} (a busy machine slows multi-row matmuls on few cores and makes timings unreliable)",
+        shares_line + " (a busy machine slows multi-row matmuls on few cores and makes timings unreliable)",
         f"- Headline baseline: `{summary.get('baseline')}` (the faster autoregressive loop); identity reference: `{summary.get('reference')}`",
-    ] + ([f"- **Warning: the machine was busy during this run (load average above {BUSY_LOAD}); treat the timings as unreliable.**"]
-         if max(mc.get("load_average_before") or 0, mc.get("load_average_after") or 0) > BUSY_LOAD else []))
+    ] + ([f"- **Warning: other processes used more than {BUSY_SHARE:.0%} of the CPUs around this run; treat the timings as unreliable.**"]
+         if busy else []))
+
 
 
 DEFINITIONS = """\
