@@ -92,8 +92,9 @@ def draft_loss(adapter, bb, h, mask, topk_ids, topk_p, chunk: int, autocast, bac
     renormalised targets ``p̃`` over the top-k ids, the loss is ``−Σ p̃ log q = lse(z) − Σ p̃ z`` and
     its gradient is ``∂/∂z = softmax(z) − p̃`` (scattered), so ``∂/∂a = (softmax(z) − p̃) W``. Both
     are computed here by hand, chunk by chunk: one ``[chunk, V]`` float buffer, no autograd graph
-    over the vocabulary (about 2.5× faster on CPU than autograd through ``log_softmax``). The
-    adapter's own backward then runs once. Returns sums over positions: ``loss``, ``agree`` (top-1
+    over the vocabulary (measured on 2 CPU cores, bf16, 784 positions: 460 ms against 511 ms for
+    autograd through ``log_softmax``; the two LM-head matmuls dominate either way). The adapter's
+    own backward then runs once. Returns sums over positions: ``loss``, ``agree`` (top-1
     match), ``accept`` (Σ min(p, q) over the top-k), ``n``.
     """
     with autocast():
