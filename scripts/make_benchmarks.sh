@@ -9,7 +9,7 @@
 #
 # Run it on a quiet machine: on 2 cores, any other busy process slows torch's multi-threaded
 # matmuls by up to ~30x for multi-token forwards (verification), which distorts every speedup.
-# The run records the load average before and after; the page shows it.
+# The run measures the CPU time other processes used before and during it; the page shows it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

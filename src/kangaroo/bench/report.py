@@ -145,7 +145,7 @@ def header(summary: dict) -> str:
         shares_line = f"- 1-minute load average: {load}"
     else:
         shares_line = (f"- CPU used by other processes: {_pct(shares[0])} of all CPUs in the 2 s before the run, "
-                       f"{_pct(shares[1])} during it (1-minute load average {load}, which lags and counts this run)")
+                       f"{_pct(shares[1])} during it; 1-minute load average {load}, which lags and counts this run")
     return "\n".join([
         f"- Command: `{c['command']}`",
         f"- Date (UTC): {c['date']}",
@@ -157,7 +157,6 @@ def header(summary: dict) -> str:
         f"- Headline baseline: `{summary.get('baseline')}` (the faster autoregressive loop); identity reference: `{summary.get('reference')}`",
     ] + ([f"- **Warning: other processes used more than {BUSY_SHARE:.0%} of the CPUs around this run; treat the timings as unreliable.**"]
          if busy else []))
-
 
 
 DEFINITIONS = """\
