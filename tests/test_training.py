@@ -167,6 +167,11 @@ def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys, tiny_dir):
     assert _train(["--model", str(tiny_dir), "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o"), *FAST]) == 2
     err = capsys.readouterr().err
     assert "no usable conversations" in err and "Traceback" not in err
+    # an adapter layout that cannot exist is refused before any data work
+    assert _train(["--model", str(tiny_dir), "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o"),
+                   "--kv-heads", "3", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "kv_heads must divide" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------- optimisation

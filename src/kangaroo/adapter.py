@@ -67,9 +67,7 @@ class Adapter(nn.Module):
         if getattr(config, "layer_types", None) is not None:
             config.layer_types = ["full_attention"] * len(config.layer_types)
         if kv_heads is not None:
-            heads = config.num_attention_heads
-            if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
-                raise KangarooError(f"adapter kv_heads must divide the {heads} attention heads, got {kv_heads}")
+            check_kv_heads(kv_heads, config.num_attention_heads)
             config.num_key_value_heads = kv_heads
         self.kv_heads = kv_heads
         norm_cls = backbone.norm_class()
@@ -211,6 +209,12 @@ def check_exit_layer(exit_layer: int, num_layers: int) -> None:
     """ℓ must leave at least one target layer for verification: ``1 <= ℓ < L``."""
     if not isinstance(exit_layer, int) or not 1 <= exit_layer < num_layers:
         raise KangarooError(f"exit layer {exit_layer} out of range: this model has {num_layers} layers, use 1..{num_layers - 1}")
+
+
+def check_kv_heads(kv_heads: int, num_heads: int) -> None:
+    """The adapter's key/value heads must divide its ``num_heads`` query heads."""
+    if not isinstance(kv_heads, int) or kv_heads < 1 or num_heads % kv_heads:
+        raise KangarooError(f"adapter kv_heads must divide the {num_heads} attention heads, got {kv_heads}")
 
 
 def check_compatible(config: AdapterConfig, backbone: Backbone, where: str) -> None:

@@ -280,8 +280,10 @@ def train(cfg: TrainConfig) -> dict:
     model, tokenizer = load_model(cfg.model, dtype=model_dtype, device=str(device))
     model.requires_grad_(False).eval()
     bb = Backbone(model)
-    from ..adapter import check_exit_layer
+    from ..adapter import check_exit_layer, check_kv_heads
     check_exit_layer(cfg.exit_layer, bb.num_layers)
+    if cfg.kv_heads is not None:  # before any data preparation or self-distillation
+        check_kv_heads(cfg.kv_heads, bb.config.num_attention_heads)
 
     t_data = time.perf_counter()
     train_set, val_set, data_info = prepare_data(cfg, model, bb, tokenizer, accelerator.main_process_first)
