@@ -120,3 +120,55 @@ def test_unsupported_architecture_is_a_clear_error():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(KangarooError, match="unsupported architecture 'gpt2'.*llama"):
         Backbone(model)
+
+
+# ---------------------------------------------------------------- small-row float32 products on CPU
+@pytest.mark.parametrize("rows", range(1, 9))
+@pytest.mark.parametrize("bias", [False, True])
+def test_rows_linear_equals_f_linear(rows, bias):
+    from kangaroo.model import rows_linear
+
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(300, 40, generator=g)
+    b = torch.randn(300, generator=g) if bias else None
+    x = torch.randn(1, rows, 40, generator=g)
+    y = rows_linear(x, w, b)
+    assert y.shape == (1, rows, 300) and y.is_contiguous()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_small_row_layers_match_stock_and_leave_modules_untouched(monkeypatch):
+    """run_layers with the small-row product equals the stock path (to float noise), swaps the
+    layers' nn.Linear forwards for the call only (also when the call fails), and is off under
+    KANGAROO_SMALL_ROWS=0, for more than 8 rows and with gradients on."""
+    model = tiny_model("qwen2", seed=5)  # q/k/v biases
+    fast = Backbone(model)
+    monkeypatch.setenv("KANGAROO_SMALL_ROWS", "0")
+    stock = Backbone(model)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    seen = []
+    original = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: seen.append(1) or original(*a))
+    x = torch.randn(1, 20, model.config.hidden_size)
+    with torch.no_grad():
+        for q in (1, 3, 8, 9):  # 9 rows: stock path on both
+            c1, c2 = KVCache(fast.num_layers), KVCache(stock.num_layers)
+            fast.run_layers(0, fast.num_layers, x, c1, 0)
+            stock.run_layers(0, stock.num_layers, x, c2, 0)
+            h = torch.randn(1, q, model.config.hidden_size)
+            seen.clear()
+            a = fast.run_layers(0, fast.num_layers, h, c1, 20)
+            fast_calls = len(seen)
+            b = stock.run_layers(0, stock.num_layers, h, c2, 20)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(fast.logits(a), stock.logits(b), rtol=1e-4, atol=1e-4)
+            assert (fast_calls == 0) == (q <= 8), (q, fast_calls)  # the layers' F.linear not called
+            assert not any("forward" in m.__dict__ for m in linears)
+    with pytest.raises(RuntimeError), torch.no_grad(), fast.small_row_linears(0, fast.num_layers):
+        assert all("forward" in m.__dict__ for m in linears if m is not model.lm_head)
+        raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in linears)
+    # off with gradients on (training)
+    seen.clear()
+    fast.run_layers(0, 1, torch.randn(1, 2, model.config.hidden_size), None, 0)
+    assert seen

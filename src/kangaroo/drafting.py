@@ -88,7 +88,7 @@ class Drafter:
             a_in = h if self.pending is None else torch.cat([self.pending, h], dim=1)
             out = self.adapter(a_in, bb, self.cache, self.cache.length())[:, -1:]  # [1, 1, D]
             self.pending = None
-            logits = bb.lm_head(out).float()[0, -1]  # [V]
+            logits = bb.project(out).float()[0, -1]  # [V]
             if sampler is None:
                 conf, tok = torch.softmax(logits, dim=-1).max(dim=-1)
                 y = int(tok)
