@@ -142,6 +142,7 @@ def test_small_row_layers_match_stock_and_leave_modules_untouched(monkeypatch):
     layers' nn.Linear forwards for the call only (also when the call fails), and is off under
     KANGAROO_SMALL_ROWS=0, for more than 8 rows and with gradients on."""
     model = tiny_model("qwen2", seed=5)  # q/k/v biases
+    monkeypatch.setenv("KANGAROO_SMALL_ROWS", "1")  # forced: the default times both on the machine
     fast = Backbone(model)
     monkeypatch.setenv("KANGAROO_SMALL_ROWS", "0")
     stock = Backbone(model)
@@ -172,3 +173,18 @@ def test_small_row_layers_match_stock_and_leave_modules_untouched(monkeypatch):
     seen.clear()
     fast.run_layers(0, 1, torch.randn(1, 2, model.config.hidden_size), None, 0)
     assert seen
+
+
+def test_small_rows_choice_is_forced_or_timed(monkeypatch):
+    from kangaroo import model as m
+
+    w = torch.randn(64, 16)
+    monkeypatch.setenv("KANGAROO_SMALL_ROWS", "0")
+    assert m.small_rows_choice(w) is False
+    monkeypatch.setenv("KANGAROO_SMALL_ROWS", "1")
+    assert m.small_rows_choice(w) is True
+    monkeypatch.delenv("KANGAROO_SMALL_ROWS")
+    assert m.small_rows_choice(w.bfloat16()) is False  # only float32 is timed
+    monkeypatch.setattr(m, "_CHOICES", {})
+    choice = m.small_rows_choice(w)
+    assert m._CHOICES == {((64, 16), torch.get_num_threads()): choice}

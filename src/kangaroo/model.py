@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import time
 from contextlib import contextmanager
 
 import torch
@@ -42,18 +43,50 @@ def _cache_keyword(layer: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-# Float32 matrix products with few rows on CPU. torch 2.13's ``F.linear`` (MKL) is slow there, and
-# slower for 2 or 3 rows than for 4: SmolLM2's [49152, 576] LM head on 2 cores takes 11 / 24 / 36 ms
-# for 1 / 2 / 3 rows, ``W @ xᵀ`` with a contiguous ``x`` 3.7 / 5.3 / 6.6 ms (one row is doubled: the
-# single-row path is the slow one). A whole 1-token forward of the model drops from ~61 to ~37 ms,
-# a 2-token one from ~100 to ~48 ms. Same products in another summation order (logits differ by
-# ~2e-6). bfloat16 gains nothing (the stock path is fast there), so only float32 takes it.
+# Float32 matrix products with few rows on CPU. On the AMD EPYC machine this was measured on,
+# torch 2.13's ``F.linear`` (MKL) is slow there, and slower for 2 or 3 rows than for 4: SmolLM2's
+# [49152, 576] LM head on 2 cores takes 11 / 24 / 36 ms for 1 / 2 / 3 rows, ``W @ xᵀ`` with a
+# contiguous ``x`` 3.7 / 5.3 / 6.6 ms (one row is doubled: the single-row path is the slow one); a
+# whole 1-token forward of the model drops from ~61 to ~37 ms, a 2-token one from ~100 to ~48 ms.
+# Same products in another summation order (logits differ by ~2e-6). MKL takes other paths on
+# other CPUs (on an Intel Xeon the stock LM head was measured at 2.6 ms per row), so by default each
+# Backbone times both on its own LM head once and keeps the faster (see small_rows_choice).
 SMALL_ROWS = 8
+_CHOICES: dict = {}
 
 
-def small_rows_enabled() -> bool:
-    """``KANGAROO_SMALL_ROWS=0`` turns the small-row product off (to measure the stock path)."""
-    return os.environ.get("KANGAROO_SMALL_ROWS", "1") != "0"
+def small_rows_choice(weight: torch.Tensor) -> bool:
+    """Whether to use :func:`rows_linear` for few float32 rows with this (LM-head) weight.
+
+    ``KANGAROO_SMALL_ROWS=1`` / ``0`` forces it on / off; otherwise (``auto``) a float32 CPU weight
+    is timed once per shape and thread count: ``F.linear`` against ``rows_linear`` on 1 and 2 rows,
+    best of 3 after a warm-up, and the small-row product is kept if it is at least 10% faster.
+    """
+    setting = os.environ.get("KANGAROO_SMALL_ROWS", "auto")
+    if setting in ("0", "1"):
+        return setting == "1"
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+        return False
+    key = (tuple(weight.shape), torch.get_num_threads())
+    if key not in _CHOICES:
+        x = torch.randn(2, weight.shape[1])
+
+        def best(f) -> float:
+            f()
+            times = []
+            for _ in range(3):
+                t = time.perf_counter()
+                f()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        with torch.no_grad():
+            stock = best(lambda: (F.linear(x[:1], weight), F.linear(x, weight)))
+            small = best(lambda: (rows_linear(x[:1], weight, None), rows_linear(x, weight, None)))
+        _CHOICES[key] = small < 0.9 * stock
+        logger.info("float32 products on 1+2 rows of a %s weight: F.linear %.1f ms, W @ xT %.1f ms -> %s",
+                    list(weight.shape), stock * 1e3, small * 1e3, "W @ xT" if _CHOICES[key] else "F.linear")
+    return _CHOICES[key]
 
 
 def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -124,7 +157,7 @@ class Backbone:
         self._cache_kw = _cache_keyword(self.layers[0])
         self._rotary_takes_layer_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
         # the small-row product (see rows_linear): float32 on CPU, plain nn.Linear modules only
-        self._small_rows = small_rows_enabled()
+        self._small_rows = type(self.lm_head) is nn.Linear and small_rows_choice(self.lm_head.weight)
         self._linears = [[m for m in layer.modules() if type(m) is nn.Linear] for layer in self.layers]
 
     # ------------------------------------------------------------------ properties
