@@ -103,12 +103,11 @@ def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def _small_rows_forward(module: nn.Linear):
     """A forward for ``module`` that takes :func:`rows_linear` for few float32 rows, else ``F.linear``."""
-    weight, bias = module.weight, module.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.numel() <= SMALL_ROWS * x.shape[-1] and x.numel() and not torch.is_grad_enabled():
-            return rows_linear(x, weight, bias)
-        return F.linear(x, weight, bias)
+            return rows_linear(x, module.weight, module.bias)
+        return F.linear(x, module.weight, module.bias)
 
     return forward
 
@@ -158,7 +157,8 @@ class Backbone:
         self._rotary_takes_layer_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
         # the small-row product (see rows_linear): float32 on CPU, plain nn.Linear modules only
         self._small_rows = type(self.lm_head) is nn.Linear and small_rows_choice(self.lm_head.weight)
-        self._linears = [[m for m in layer.modules() if type(m) is nn.Linear] for layer in self.layers]
+        self._fast_linears = [[(m, _small_rows_forward(m)) for m in layer.modules() if type(m) is nn.Linear]
+                              for layer in self.layers]  # per layer: (module, its small-row forward)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -241,13 +241,13 @@ class Backbone:
     def small_row_linears(self, start: int, end: int):
         """Give layers ``[start, end)``'s ``nn.Linear`` modules the small-row forward, for this call
         only (an instance attribute that shadows ``nn.Linear.forward``; removed on exit)."""
-        mods = [m for i in range(start, end) for m in self._linears[i] if "forward" not in m.__dict__]
-        for m in mods:
-            m.forward = _small_rows_forward(m)
+        mods = [(m, f) for i in range(start, end) for m, f in self._fast_linears[i] if "forward" not in m.__dict__]
+        for m, f in mods:
+            m.forward = f
         try:
             yield
         finally:
-            for m in mods:
+            for m, _ in mods:
                 del m.forward
 
     def _run_layers(self, start: int, end: int, hidden: torch.Tensor, cache, pos: int) -> torch.Tensor:
