@@ -49,7 +49,7 @@ def _cache_keyword(layer: nn.Module) -> str:
 # contiguous ``x`` 3.7 / 5.3 / 6.6 ms (one row is doubled: the single-row path is the slow one); a
 # whole 1-token forward of the model drops from ~61 to ~37 ms, a 2-token one from ~100 to ~48 ms.
 # Same products in another summation order (logits differ by ~2e-6). MKL takes other paths on
-# other CPUs (on an Intel Xeon the stock LM head was measured at 2.6 ms per row), so by default each
+# other CPUs (an Intel Xeon of the same class ran the stock LM head at 2.6 ms per row), so by default each
 # Backbone times both on its own LM head once and keeps the faster (see small_rows_choice).
 SMALL_ROWS = 8
 _CHOICES: dict = {}
