@@ -183,6 +183,9 @@ def test_small_rows_choice_is_forced_or_timed(monkeypatch):
     assert m.small_rows_choice(w) is False
     monkeypatch.setenv("KANGAROO_SMALL_ROWS", "1")
     assert m.small_rows_choice(w) is True
+    monkeypatch.setenv("KANGAROO_SMALL_ROWS", "yes")
+    with pytest.raises(KangarooError, match="KANGAROO_SMALL_ROWS must be 0, 1 or auto, got 'yes'"):
+        m.small_rows_choice(w)
     monkeypatch.delenv("KANGAROO_SMALL_ROWS")
     assert m.small_rows_choice(w.bfloat16()) is False  # only float32 is timed
     monkeypatch.setattr(m, "_CHOICES", {})

@@ -62,8 +62,10 @@ def small_rows_choice(weight: torch.Tensor) -> bool:
     is timed once per shape and thread count: ``F.linear`` against ``rows_linear`` on 1 and 2 rows,
     best of 3 after a warm-up, and the small-row product is kept if it is at least 10% faster.
     """
-    setting = os.environ.get("KANGAROO_SMALL_ROWS", "auto")
-    if setting in ("0", "1"):
+    setting = os.environ.get("KANGAROO_SMALL_ROWS", "auto").strip().lower() or "auto"
+    if setting not in ("0", "1", "auto"):
+        raise KangarooError(f"KANGAROO_SMALL_ROWS must be 0, 1 or auto, got {os.environ['KANGAROO_SMALL_ROWS']!r}")
+    if setting != "auto":
         return setting == "1"
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
         return False
@@ -155,7 +157,7 @@ class Backbone:
         ]
         self._cache_kw = _cache_keyword(self.layers[0])
         self._rotary_takes_layer_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
-        # the small-row product (see rows_linear): float32 on CPU, plain nn.Linear modules only
+        # the small-row product (see rows_linear), if it is the faster one here; plain nn.Linear only
         self._small_rows = type(self.lm_head) is nn.Linear and small_rows_choice(self.lm_head.weight)
         self._fast_linears = [[(m, _small_rows_forward(m)) for m in layer.modules() if type(m) is nn.Linear]
                               for layer in self.layers]  # per layer: (module, its small-row forward)
@@ -190,10 +192,15 @@ class Backbone:
         """The LM head alone, ``[B, T, D] -> [B, T, V]`` in the model's dtype (few float32 rows on
         CPU take :func:`rows_linear`)."""
         head = self.lm_head
-        if (self._small_rows and x.device.type == "cpu" and x.dtype == head.weight.dtype == torch.float32
-                and type(head) is nn.Linear and 0 < x.shape[0] * x.shape[1] <= SMALL_ROWS):
+        if self._takes_small_rows(x) and head.weight.dtype == torch.float32:
             return rows_linear(x, head.weight, head.bias)
         return head(x)
+
+    def _takes_small_rows(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` ``[B, T, D]`` goes through :func:`rows_linear` (chosen for this machine,
+        float32 on CPU, 1..8 rows, no gradient)."""
+        return (self._small_rows and x.device.type == "cpu" and x.dtype == torch.float32
+                and 0 < x.shape[0] * x.shape[1] <= SMALL_ROWS and not torch.is_grad_enabled())
 
     def position_embeddings(self, hidden: torch.Tensor, pos: int, layer_type: str = "full_attention"):
         """RoPE ``(cos, sin)`` for positions ``pos .. pos+T-1`` of ``hidden`` ``[B, T, D]``."""
@@ -231,8 +238,7 @@ class Backbone:
         """
         if start >= end:
             return hidden
-        if (self._small_rows and hidden.device.type == "cpu" and hidden.dtype == torch.float32
-                and hidden.shape[0] * hidden.shape[1] <= SMALL_ROWS and not torch.is_grad_enabled()):
+        if self._takes_small_rows(hidden):
             with self.small_row_linears(start, end):
                 return self._run_layers(start, end, hidden, cache, pos)
         return self._run_layers(start, end, hidden, cache, pos)

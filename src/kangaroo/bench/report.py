@@ -230,6 +230,16 @@ def print_table(summary: dict, f: TextIO) -> None:
 
 
 # ---------------------------------------------------------------------------- plots
+def _save(fig, out: Path, name: str) -> str:
+    """Write one figure as PNG into ``out``, free it, and return its file name."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=80)
+    plt.close(fig)
+    return name
+
+
 def make_plots(out: Path, summary: dict) -> list[str]:
     """Write the PNG plots into ``out``; returns their file names."""
     try:
@@ -463,12 +473,3 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-def _save(fig, out: Path, name: str) -> str:
-    """Write one figure as PNG into ``out``, free it, and return its file name."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=80)
-    plt.close(fig)
-    return name
