@@ -15,7 +15,7 @@ from kangaroo.cli import main
 JSON_FIELDS = {
     "text", "prompt_token_ids", "token_ids", "new_tokens", "rounds", "target_forwards", "drafted", "accepted",
     "compression_rate", "acceptance_rate", "tokens_per_s", "model", "adapter", "exit_layer", "threshold",
-    "max_steps", "dtype",
+    "max_steps", "engine",
 }
 
 

@@ -19,7 +19,8 @@ from typing import Iterator
 import torch
 
 from .adapter import Adapter, AdapterConfig, check_exit_layer
-from .config import KangarooConfig, SamplingConfig
+from .calibration import build_engine
+from .config import EngineConfig, KangarooConfig, SamplingConfig
 from .decoding import AutoregressiveDecoder, GenerationResult, KangarooDecoder, Step, collect
 from .errors import KangarooError
 from .loading import DEFAULT_MODEL, load_model, model_identity
@@ -56,16 +57,22 @@ class KangarooModel:
         adapter: the adapter; ``adapter_config`` describes it (None for a random one).
         config: ℓ, γ, η.
         model_name: display name recorded in outputs.
+        engine_config: how the target's steps run (default: fused steps, dtype and kernel measured
+            on this machine, see :mod:`kangaroo.calibration`).
+        backbone: the model's :class:`~kangaroo.model.Backbone`, if already built.
     """
 
     def __init__(self, model, tokenizer, adapter: Adapter, config: KangarooConfig, model_name: str,
-                 adapter_config: AdapterConfig | None = None, adapter_source: str = RANDOM_ADAPTER) -> None:
+                 adapter_config: AdapterConfig | None = None, adapter_source: str = RANDOM_ADAPTER,
+                 engine_config: EngineConfig | None = None, backbone: Backbone | None = None) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.model_name = model_name
-        self.backbone = Backbone(model)
+        self.backbone = backbone if backbone is not None else Backbone(model)  # HF's modules: the eager reference
+        self.engine_config = engine_config or EngineConfig(device=str(self.backbone.device))
+        self.engine, self.engine_info = build_engine(self.backbone, self.engine_config)
         self.adapter, self.adapter_config, self.adapter_source = adapter, adapter_config, adapter_source
-        self.decoder = KangarooDecoder(self.backbone, adapter, config)
-        self.baseline = AutoregressiveDecoder(self.backbone)
+        self.decoder = KangarooDecoder(self.engine, adapter, config)
+        self.baseline = AutoregressiveDecoder(self.engine)
         self.eos_token_ids = _eos_ids(model, tokenizer)
 
     @property
@@ -80,10 +87,13 @@ class KangarooModel:
         exit_layer: int | None = None,
         max_steps: int = 6,
         threshold: float = 0.6,
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str = "auto",
         device: str = "cpu",
         seed: int = 0,
         verify_low_confidence: bool = False,
+        engine: str = "auto",
+        kernel: str = "auto",
+        threads: int | None = None,
     ) -> "KangarooModel":
         """Load a model and an adapter.
 
@@ -93,10 +103,18 @@ class KangarooModel:
                 random adapter (logged as a warning); ``"random"`` = always the random adapter.
             exit_layer: ℓ; None = the adapter's own (2 for a random adapter).
             max_steps: γ. threshold: η. verify_low_confidence: also verify the draft that fell below η.
-            dtype: ``torch.float32``/``bfloat16``/``float16`` or their names.
+            dtype: weight dtype of the steps, ``"auto"`` (the fastest here, measured once and cached),
+                ``torch.float32``/``bfloat16``/``float16`` or their names.
+            engine: ``"fused"`` (lean steps), ``"eager"`` (HF's modules) or ``"auto"`` (fused).
+            kernel: product kernel of the fused engine (``"stock"``, ``"packed"``, ``"auto"``).
+            threads: torch CPU threads (None = torch's choice).
         """
-        dtype = _dtype(dtype)
-        hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
+        engine_config = EngineConfig(engine=engine, dtype=_dtype_name(dtype), kernel=kernel, device=device,
+                                     threads=threads)
+        engine_config.check_device()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        hf_model, tokenizer = load_model(model, dtype=_dtype(engine_config.model_dtype()), device=device)
         backbone = Backbone(hf_model)
         name = model_identity(model)
         source = adapter
@@ -114,7 +132,7 @@ class KangarooModel:
             ℓ = adapter_config.exit_layer
         config = KangarooConfig(exit_layer=ℓ, max_steps=max_steps, threshold=threshold,
                                 verify_low_confidence=verify_low_confidence)
-        return cls(hf_model, tokenizer, module, config, name, adapter_config, source)
+        return cls(hf_model, tokenizer, module, config, name, adapter_config, source, engine_config, backbone)
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | list[dict] | torch.Tensor | list[int], chat: bool | None = None) -> torch.Tensor:
@@ -205,6 +223,13 @@ def _eos_ids(model, tokenizer) -> set[int]:
         elif value:
             ids.update(int(v) for v in value)
     return ids
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    """A dtype or its name (``fp32``, ``bf16`` ... accepted) -> ``auto``/``float32``/``bfloat16``/``float16``."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return dtype
+    return str(_dtype(dtype)).removeprefix("torch.")
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:

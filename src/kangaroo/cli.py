@@ -41,20 +41,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=6, help="γ: most drafted tokens per round (default 6)")
     p.add_argument("--verify-low-confidence", action=argparse.BooleanOptionalAction, default=False,
                    help="also verify the drafted token that fell below η, as the authors' code does (default: off; it measured no faster with the shipped adapter)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--engine", default="auto", help="fused (lean steps on measured kernels), eager (HF's own modules, the reference) or auto (= fused) (default auto)")
+    p.add_argument("--dtype", default="auto", help="weight dtype of the steps: float32, bfloat16, float16 (CUDA) or auto = the fastest plain decoding here, measured once and cached (default auto)")
+    p.add_argument("--kernel", default="auto", help="fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU) or auto = measured (default auto)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda[:N] (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random adapter and of sampling (default 0)")
 
 
 def load_from_args(args):
     """Build a :class:`~kangaroo.api.KangarooModel` from the shared options."""
-    import torch
-
     from .api import KangarooModel
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not getattr(args, "verbose", False):  # keep stderr for our own messages
         from transformers.utils import logging as hf_logging
 
@@ -63,7 +61,8 @@ def load_from_args(args):
     return KangarooModel.from_pretrained(
         args.model, adapter=args.adapter, exit_layer=args.exit_layer, max_steps=args.max_steps,
         threshold=args.threshold, dtype=args.dtype, device=args.device, seed=args.seed,
-        verify_low_confidence=args.verify_low_confidence,
+        verify_low_confidence=args.verify_low_confidence, engine=args.engine, kernel=args.kernel,
+        threads=args.threads,
     )
 
 
@@ -121,7 +120,7 @@ def run(args) -> int:
         "exit_layer": km.config.exit_layer,
         "threshold": km.config.threshold,
         "max_steps": km.config.max_steps,
-        "dtype": args.dtype,
+        "engine": km.engine_info,
         "sampling": sampling.to_dict(),
     }
     if args.compare:
@@ -141,7 +140,11 @@ def run(args) -> int:
 
 
 def _stats_line(r: dict) -> str:
-    line = (
+    e = r["engine"]
+    how = {"measured": "measured now", "cache": "measured earlier, cached", "given": "as asked"}[e["source"]]
+    line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel ({how}"
+    line += f"; built in {e['build_s']:.1f} s)\n" if "build_s" in e else ")\n"
+    line += (
         f"[kangaroo] {r['new_tokens']} tokens in {r['target_forwards']} target forwards "
         f"(compression {r['compression_rate']:.2f}), accepted {r['accepted']}/{r['drafted']} drafts "
         f"({100 * r['acceptance_rate']:.0f}%), {r['tokens_per_s']:.1f} tok/s; "

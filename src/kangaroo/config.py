@@ -66,3 +66,60 @@ class SamplingConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+ENGINES = ("auto", "fused", "eager")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNEL_CHOICES = ("auto", "stock", "packed")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the target's steps run (``kangaroo.engine``); ``auto`` fields are measured on this machine
+    and the choice is cached (``kangaroo.calibration``)."""
+
+    engine: str = "auto"  # fused (lean steps, chosen kernels) where the architecture allows; eager = HF's modules
+    dtype: str = "auto"  # weight dtype of the products; auto = the fastest plain decoding step here
+    kernel: str = "auto"  # stock (F.linear) or packed (oneDNN prepacked weights, CPU); auto = measured
+    device: str = "cpu"  # torch device
+    threads: int | None = None  # torch CPU threads (None = torch's choice)
+
+    def __post_init__(self) -> None:
+        from .errors import KangarooError
+
+        for name, value, allowed in (("engine", self.engine, ENGINES), ("dtype", self.dtype, DTYPES),
+                                     ("kernel", self.kernel, KERNEL_CHOICES)):
+            if value not in allowed:
+                raise KangarooError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise KangarooError(f"threads must be a positive integer, got {self.threads}")
+        if not self.device.split(":")[0] in ("cpu", "cuda"):
+            raise KangarooError(f"unsupported device {self.device!r}: use cpu or cuda")
+        cuda = self.device.startswith("cuda")
+        if not cuda and self.dtype == "float16":
+            raise KangarooError("float16 runs on CUDA only: on cpu use float32, bfloat16 or auto")
+        if cuda and self.kernel == "packed":
+            raise KangarooError("the packed kernel is CPU only: on cuda use --kernel stock or auto")
+        if self.engine == "eager" and self.kernel != "auto":
+            raise KangarooError("--kernel applies to the fused engine: drop it or use --engine fused")
+
+    def check_device(self) -> None:
+        """Raise unless the device exists in this torch build (called when a model is loaded)."""
+        import torch
+
+        from .errors import KangarooError
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise KangarooError(f"device {self.device!r} is not available: this torch has no usable CUDA (use --device cpu)")
+
+    def model_dtype(self) -> str:
+        """The dtype to load the HF model in: float32 master weights on CPU (the fused engine makes
+        its own product weights), else the asked dtype (bfloat16 for auto on CUDA)."""
+        if self.engine == "eager" or self.device.startswith("cuda"):
+            if self.dtype == "auto":
+                return "bfloat16" if self.device.startswith("cuda") else "float32"
+            return self.dtype
+        return "float32"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,7 +1,8 @@
 """Decoding loops: Kangaroo (double early exit) and the plain autoregressive baseline.
 
-Both run on the same :class:`~kangaroo.model.Backbone` and cache, so the baseline is the same
-code minus speculation. Both are greedy by default; given a :class:`~kangaroo.config.SamplingConfig`
+Both run on the same engine (:class:`~kangaroo.engine.FusedEngine`, or HF's modules through
+:class:`~kangaroo.model.Backbone`) and cache, so the baseline is the same code minus speculation.
+Both are greedy by default; given a :class:`~kangaroo.config.SamplingConfig`
 with temperature > 0 they sample, Kangaroo with lossless speculative sampling (the same output
 distribution as the baseline's plain sampling). Each loop is a generator of :class:`Step` (the
 tokens one target forward committed), so streaming, statistics and :meth:`generate` all come from
@@ -22,7 +23,7 @@ from .config import KangarooConfig, SamplingConfig
 from .drafting import Drafter
 from .errors import KangarooError
 from .kv_cache import KVCache
-from .model import Backbone
+from .engine import Engine
 from .sampling import Sampler
 from .verification import greedy_accept, truncate_at_stop
 
@@ -102,7 +103,7 @@ class GenerationResult:
         }
 
 
-def check_request(backbone: Backbone, input_ids: torch.Tensor, max_new_tokens: int) -> int:
+def check_request(backbone: Engine, input_ids: torch.Tensor, max_new_tokens: int) -> int:
     """Validate a request; return the number of new tokens the context leaves room for."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise KangarooError(f"expected input ids of shape [1, n], got {list(input_ids.shape)} (batch size 1 only)")
@@ -120,11 +121,19 @@ def check_request(backbone: Backbone, input_ids: torch.Tensor, max_new_tokens: i
     return max_new_tokens
 
 
-def _prefill(backbone: Backbone, cache: KVCache, input_ids: torch.Tensor, exit_layer: int, sampler: Sampler | None = None):
+def _prefill(backbone: Engine, cache: KVCache, input_ids: torch.Tensor, exit_layer: int, sampler: Sampler | None = None):
     """Whole prompt through all layers; returns (first token, exit-layer states ``[1, n, D]``)."""
     h_exit = backbone.run_layers(0, exit_layer, backbone.embed(input_ids), cache, 0)
     h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, 0)
     return _next_token(backbone.logits(h_last[:, -1:])[0, -1], sampler), h_exit
+
+
+@torch.no_grad()
+def next_token_logits(backbone: Engine, input_ids: torch.Tensor) -> torch.Tensor:
+    """The target's float32 logits ``[V]`` for the token after ``input_ids`` ``[1, n]`` (a fresh prefill)."""
+    cache = KVCache(backbone.num_layers, input_ids.shape[1])
+    h = backbone.run_layers(0, backbone.num_layers, backbone.embed(input_ids), cache, 0)
+    return backbone.logits(h[:, -1:])[0, -1]
 
 
 def _next_token(logits: torch.Tensor, sampler: Sampler | None) -> int:
@@ -142,7 +151,7 @@ class KangarooDecoder:
         config: ℓ (``exit_layer``), γ (``max_steps``), η (``threshold``).
     """
 
-    def __init__(self, backbone: Backbone, adapter: Adapter, config: KangarooConfig) -> None:
+    def __init__(self, backbone: Engine, adapter: Adapter, config: KangarooConfig) -> None:
         if adapter.exit_layer != config.exit_layer:
             raise KangarooError(f"adapter is for exit layer {adapter.exit_layer}, config asks for {config.exit_layer}")
         self.backbone, self.config = backbone, config
@@ -201,7 +210,7 @@ class AutoregressiveDecoder:
     """Plain decoding through the same backbone and cache: the in-house baseline (greedy, or
     sampling from the processed target distribution when given a :class:`SamplingConfig`)."""
 
-    def __init__(self, backbone: Backbone) -> None:
+    def __init__(self, backbone: Engine) -> None:
         self.backbone = backbone
         self.cache = KVCache(backbone.num_layers)
 
@@ -230,7 +239,7 @@ class AutoregressiveDecoder:
         return collect(steps, input_ids.shape[1], self.backbone)
 
 
-def collect(steps: Iterator[Step], prompt_tokens: int, backbone: Backbone) -> GenerationResult:
+def collect(steps: Iterator[Step], prompt_tokens: int, backbone: Engine) -> GenerationResult:
     """Drain a step iterator, timing the prefill (first step) and the whole run."""
     sync = torch.cuda.synchronize if backbone.device.type == "cuda" else (lambda: None)
     sync()

@@ -14,7 +14,7 @@ import torch
 from .adapter import Adapter
 from .config import KangarooConfig
 from .kv_cache import KVCache
-from .model import Backbone
+from .engine import Engine
 from .sampling import Sampler
 
 
@@ -48,7 +48,7 @@ class Drafter:
         config: ℓ, γ, η.
     """
 
-    def __init__(self, backbone: Backbone, adapter: Adapter, config: KangarooConfig) -> None:
+    def __init__(self, backbone: Engine, adapter: Adapter, config: KangarooConfig) -> None:
         self.backbone, self.adapter, self.config = backbone, adapter, config
         self.cache = KVCache(num_layers=1)
         # exit-layer states the adapter has not seen yet, for positions [cache.length(), ...): the
@@ -86,7 +86,7 @@ class Drafter:
             h = bb.run_layers(0, ℓ, bb.embed(ids), target_cache, pos + step)  # [1, 1, D]
             hidden.append(h)
             a_in = h if self.pending is None else torch.cat([self.pending, h], dim=1)
-            out = self.adapter(a_in, bb, self.cache, self.cache.length())[:, -1:]  # [1, 1, D]
+            out = bb.adapter_forward(self.adapter, a_in, self.cache, self.cache.length())[:, -1:]  # [1, 1, D]
             self.pending = None
             logits = bb.project(out).float()[0, -1]  # [V]
             if sampler is None:

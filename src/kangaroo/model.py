@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
-import time
-from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .errors import KangarooError
 
@@ -43,79 +39,9 @@ def _cache_keyword(layer: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-# Float32 matrix products with few rows on CPU. On the AMD EPYC machine this was measured on,
-# torch 2.13's ``F.linear`` (MKL) is slow there, and slower for 2 or 3 rows than for 4: SmolLM2's
-# [49152, 576] LM head on 2 cores takes 11 / 24 / 36 ms for 1 / 2 / 3 rows, ``W @ xᵀ`` with a
-# contiguous ``x`` 3.7 / 5.3 / 6.6 ms (one row is doubled: the single-row path is the slow one); a
-# whole 1-token forward of the model drops from ~61 to ~37 ms, a 2-token one from ~100 to ~48 ms.
-# Same products in another summation order (logits differ by ~2e-6). MKL takes other paths on
-# other CPUs (an Intel Xeon of the same class ran the stock LM head at 2.6 ms per row), so by default each
-# Backbone times both on its own LM head once and keeps the faster (see small_rows_choice).
-SMALL_ROWS = 8
-_CHOICES: dict = {}
-
-
-def small_rows_choice(weight: torch.Tensor) -> bool:
-    """Whether to use :func:`rows_linear` for few float32 rows with this (LM-head) weight.
-
-    ``KANGAROO_SMALL_ROWS=1`` / ``0`` forces it on / off; otherwise (``auto``) a float32 CPU weight
-    is timed once per shape and thread count: ``F.linear`` against ``rows_linear`` on 1 and 2 rows,
-    best of 3 after a warm-up, and the small-row product is kept if it is at least 10% faster.
-    """
-    setting = os.environ.get("KANGAROO_SMALL_ROWS", "auto").strip().lower() or "auto"
-    if setting not in ("0", "1", "auto"):
-        raise KangarooError(f"KANGAROO_SMALL_ROWS must be 0, 1 or auto, got {os.environ['KANGAROO_SMALL_ROWS']!r}")
-    if setting != "auto":
-        return setting == "1"
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
-        return False
-    key = (tuple(weight.shape), torch.get_num_threads())
-    if key not in _CHOICES:
-        x = torch.randn(2, weight.shape[1])
-
-        def best(f) -> float:
-            f()
-            times = []
-            for _ in range(3):
-                t = time.perf_counter()
-                f()
-                times.append(time.perf_counter() - t)
-            return min(times)
-
-        with torch.no_grad():
-            stock = best(lambda: (F.linear(x[:1], weight), F.linear(x, weight)))
-            small = best(lambda: (rows_linear(x[:1], weight, None), rows_linear(x, weight, None)))
-        _CHOICES[key] = small < 0.9 * stock
-        logger.info("float32 products on 1+2 rows of a %s weight: F.linear %.1f ms, W @ xT %.1f ms -> %s",
-                    list(weight.shape), stock * 1e3, small * 1e3, "W @ xT" if _CHOICES[key] else "F.linear")
-    return _CHOICES[key]
-
-
-def rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for ``x`` ``[..., D]`` with at most :data:`SMALL_ROWS` rows,
-    as ``weight @ xᵀ`` (float32 CPU; see above). Returns ``[..., N]``, contiguous."""
-    rows = x.numel() // x.shape[-1]
-    flat = x.reshape(rows, x.shape[-1])
-    flat = torch.cat([flat, flat]) if rows == 1 else flat.contiguous()
-    y = (weight @ flat.t())[:, :rows].t().contiguous()  # [rows, N]
-    if bias is not None:
-        y = y + bias
-    return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _small_rows_forward(module: nn.Linear):
-    """A forward for ``module`` that takes :func:`rows_linear` for few float32 rows, else ``F.linear``."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and x.numel() <= SMALL_ROWS * x.shape[-1] and x.numel() and not torch.is_grad_enabled():
-            return rows_linear(x, module.weight, module.bias)
-        return F.linear(x, module.weight, module.bias)
-
-    return forward
-
-
 class Backbone:
-    """A HF causal LM seen as ``embed``, layer ranges, ``final_norm`` and ``lm_head``.
+    """A HF causal LM seen as ``embed``, layer ranges, ``final_norm`` and ``lm_head``: the eager
+    engine, running HF's own modules (the reference the fused engine is tested against).
 
     Args:
         model: a ``*ForCausalLM`` of a supported architecture, e.g. ``LlamaForCausalLM``.
@@ -123,6 +49,8 @@ class Backbone:
     Raises:
         KangarooError: for an unsupported architecture or attention implementation.
     """
+
+    name = "eager"
 
     def __init__(self, model: nn.Module) -> None:
         config = model.config
@@ -157,10 +85,6 @@ class Backbone:
         ]
         self._cache_kw = _cache_keyword(self.layers[0])
         self._rotary_takes_layer_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
-        # the small-row product (see rows_linear), if it is the faster one here; plain nn.Linear only
-        self._small_rows = type(self.lm_head) is nn.Linear and small_rows_choice(self.lm_head.weight)
-        self._fast_linears = [[(m, _small_rows_forward(m)) for m in layer.modules() if type(m) is nn.Linear]
-                              for layer in self.layers]  # per layer: (module, its small-row forward)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -189,18 +113,15 @@ class Backbone:
         return self.project(self.norm(hidden)).float()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The LM head alone, ``[B, T, D] -> [B, T, V]`` in the model's dtype (few float32 rows on
-        CPU take :func:`rows_linear`)."""
-        head = self.lm_head
-        if self._takes_small_rows(x) and head.weight.dtype == torch.float32:
-            return rows_linear(x, head.weight, head.bias)
-        return head(x)
+        """The LM head alone, ``[B, T, D] -> [B, T, V]`` in the model's dtype."""
+        return self.lm_head(x)
 
-    def _takes_small_rows(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` ``[B, T, D]`` goes through :func:`rows_linear` (chosen for this machine,
-        float32 on CPU, 1..8 rows, no gradient)."""
-        return (self._small_rows and x.device.type == "cpu" and x.dtype == torch.float32
-                and 0 < x.shape[0] * x.shape[1] <= SMALL_ROWS and not torch.is_grad_enabled())
+    def adapter_forward(self, adapter: nn.Module, hidden: torch.Tensor, cache, pos: int) -> torch.Tensor:
+        """The adapter's own (HF-module) forward over exit-layer states ``[B, T, D]`` at ``pos..``."""
+        return adapter(hidden, self, cache, pos)
+
+    def describe(self) -> str:
+        return f"eager/{str(self.dtype).removeprefix('torch.')}"
 
     def position_embeddings(self, hidden: torch.Tensor, pos: int, layer_type: str = "full_attention"):
         """RoPE ``(cos, sin)`` for positions ``pos .. pos+T-1`` of ``hidden`` ``[B, T, D]``."""
@@ -238,25 +159,6 @@ class Backbone:
         """
         if start >= end:
             return hidden
-        if self._takes_small_rows(hidden):
-            with self.small_row_linears(start, end):
-                return self._run_layers(start, end, hidden, cache, pos)
-        return self._run_layers(start, end, hidden, cache, pos)
-
-    @contextmanager
-    def small_row_linears(self, start: int, end: int):
-        """Give layers ``[start, end)``'s ``nn.Linear`` modules the small-row forward, for this call
-        only (an instance attribute that shadows ``nn.Linear.forward``; removed on exit)."""
-        mods = [(m, f) for i in range(start, end) for m, f in self._fast_linears[i] if "forward" not in m.__dict__]
-        for m, f in mods:
-            m.forward = f
-        try:
-            yield
-        finally:
-            for m, _ in mods:
-                del m.forward
-
-    def _run_layers(self, start: int, end: int, hidden: torch.Tensor, cache, pos: int) -> torch.Tensor:
         rope = {}
         masks = {}
         for i in range(start, end):
@@ -275,6 +177,41 @@ class Backbone:
             if isinstance(hidden, tuple):  # transformers releases whose layers return (hidden, ...)
                 hidden = hidden[0]
         return hidden
+
+    # ------------------------------------------------------------------ weights for the step engine
+    def layer_weights(self, i: int) -> dict:
+        """Decoder layer ``i`` as plain tensors (no copies): norms, attention and the gated MLP.
+
+        Keys: ``input_norm``/``post_norm`` (weight, eps), ``attention`` (see :func:`attention_weights`),
+        ``gate``/``up``/``down`` weights, ``window`` (sliding window or None), ``layer_type``.
+        """
+        layer = self.layers[i]
+        mlp = layer.mlp
+        act = getattr(self.config, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise KangarooError(f"the fused engine supports SiLU-gated MLPs, this model uses {act!r}: use --engine eager")
+        if any(getattr(m, "bias", None) is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            raise KangarooError("the fused engine does not support MLP biases: use --engine eager")
+        return {
+            "input_norm": norm_weights(layer.input_layernorm),
+            "post_norm": norm_weights(layer.post_attention_layernorm),
+            "attention": attention_weights(layer.self_attn),
+            "gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight, "down": mlp.down_proj.weight,
+            "window": self.windows[i],
+            "layer_type": self.layer_types[i],
+        }
+
+    def final_norm_weights(self) -> tuple[torch.Tensor, float]:
+        return norm_weights(self.norm)
+
+    def rope_table(self, n: int, layer_type: str = "full_attention") -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's own RoPE ``(cos, sin)`` for positions ``0..n-1``, each ``[n, head_dim]`` float32."""
+        probe = torch.zeros(1, n, 1, device=self.device, dtype=torch.float32)
+        positions = torch.arange(n, device=self.device).unsqueeze(0)
+        args = (probe, positions, layer_type) if self._rotary_takes_layer_type else (probe, positions)
+        with torch.no_grad():
+            cos, sin = self.rotary_emb(*args)
+        return cos[0].float(), sin[0].float()
 
     # ------------------------------------------------------------------ identity
     def attention_module(self, layer: int = 0) -> nn.Module:
@@ -304,3 +241,29 @@ class Backbone:
             "vocab_size": c.vocab_size,
             "embedding_probe": probe,
         }
+
+
+def norm_weights(norm: nn.Module) -> tuple[torch.Tensor, float]:
+    """An HF RMSNorm as ``(weight [D], eps)``."""
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    return norm.weight, float(eps)
+
+
+def attention_weights(attn: nn.Module) -> dict:
+    """An HF attention module (the target's or the adapter's) as plain tensors.
+
+    Keys: ``q``/``k``/``v``/``o`` weights and ``q_bias``/``k_bias``/``v_bias`` (None when absent),
+    ``q_norm``/``k_norm`` (Qwen3's per-head norms, else None), ``heads``, ``kv_heads``, ``head_dim``,
+    ``scaling``.
+    """
+    head_dim = attn.head_dim
+    return {
+        "q": attn.q_proj.weight, "k": attn.k_proj.weight, "v": attn.v_proj.weight, "o": attn.o_proj.weight,
+        "q_bias": attn.q_proj.bias, "k_bias": attn.k_proj.bias, "v_bias": attn.v_proj.bias, "o_bias": attn.o_proj.bias,
+        "q_norm": norm_weights(attn.q_norm) if hasattr(attn, "q_norm") else None,
+        "k_norm": norm_weights(attn.k_norm) if hasattr(attn, "k_norm") else None,
+        "heads": attn.q_proj.out_features // head_dim,
+        "kv_heads": attn.k_proj.out_features // head_dim,
+        "head_dim": head_dim,
+        "scaling": float(attn.scaling),
+    }

@@ -101,13 +101,27 @@ class _OurDecoder(Method):
 @register
 class Autoregressive(_OurDecoder):
     name = "ar"
-    description = "our autoregressive greedy loop, same backbone and KV cache as Kangaroo"
+    description = "our autoregressive greedy loop on the step engine Kangaroo runs on (its fastest configuration here)"
 
     def _decoder(self):
         return self.km.baseline
 
     def settings(self) -> dict:
-        return {"cache": "kangaroo.kv_cache.KVCache (preallocated, grown by doubling)"}
+        return {"engine": self.km.engine_info, "cache": "kangaroo.kv_cache.KVCache (preallocated, grown by doubling)"}
+
+
+@register
+class AutoregressiveEager(_OurDecoder):
+    name = "ar-eager"
+    description = "our autoregressive greedy loop over HF's own decoder-layer modules (the eager engine), model dtype"
+
+    def _decoder(self):
+        from ..decoding import AutoregressiveDecoder
+
+        return AutoregressiveDecoder(self.km.backbone)
+
+    def settings(self) -> dict:
+        return {"engine": self.km.backbone.describe(), "cache": "kangaroo.kv_cache.KVCache"}
 
 
 @register
@@ -136,7 +150,7 @@ class KangarooFixed(_OurDecoder):
         from ..decoding import KangarooDecoder
 
         self.config = replace(self.km.config, threshold=0.0)
-        return KangarooDecoder(self.km.backbone, self.km.adapter, self.config)
+        return KangarooDecoder(self.km.engine, self.km.adapter, self.config)
 
     def settings(self) -> dict:
         return {**self.config.to_dict(), "adapter": self.km.adapter_source}
@@ -153,7 +167,7 @@ class EarlyExit(_OurDecoder):
         from ..decoding import KangarooDecoder
 
         self.config = self.km.config
-        return KangarooDecoder(self.km.backbone, EarlyExitHead(self.config.exit_layer), self.config)
+        return KangarooDecoder(self.km.engine, EarlyExitHead(self.config.exit_layer), self.config)
 
     def settings(self) -> dict:
         return self.config.to_dict()
@@ -297,7 +311,7 @@ class KangarooVariant(_OurDecoder):
     def _decoder(self):
         from ..decoding import KangarooDecoder
 
-        return KangarooDecoder(self.km.backbone, self.adapter, self.config)
+        return KangarooDecoder(self.km.engine, self.adapter, self.config)
 
     def settings(self) -> dict:
         return {**self.config.to_dict(), "adapter": self.adapter_label}

@@ -34,7 +34,7 @@ from statistics import mean
 
 from .questions import task_of, task_order
 
-AR_BASELINES = ("ar-hf", "ar", "ar-hf-static")  # autoregressive baselines; the fastest that ran is the headline baseline
+AR_BASELINES = ("ar", "ar-eager", "ar-hf", "ar-hf-static")  # autoregressive baselines; the fastest that ran is the headline baseline
 
 
 def answer_speed(answer: dict) -> float:

@@ -152,7 +152,7 @@ def header(summary: dict) -> str:
         f"- Model: `{c['model']}`; adapter: `{c['adapter']}`; ℓ = {c['exit_layer']}, γ = {c['max_steps']}, η = {c['threshold']}",
         f"- Questions: {c['questions']} ({qs}); at most {c['max_new_tokens']} new tokens per turn; {c['warmup']} untimed warm-up generation(s) per method",
         f"- Machine: {mc['cpu']} ({mc['cpu_count']} logical CPUs{', GPU ' + mc['gpu'] if mc.get('gpu') else ''}); "
-        f"torch threads {mc['torch_threads']}; dtype {mc['dtype']}; torch {mc['torch']}, transformers {mc['transformers']}, Python {mc['python']}",
+        f"torch threads {mc['torch_threads']}; engine {_engine(mc)}; torch {mc['torch']}, transformers {mc['transformers']}, Python {mc['python']}",
         shares_line + " (a busy machine slows multi-row matmuls on few cores and makes timings unreliable)",
         f"- Headline baseline: `{summary.get('baseline')}` (the faster autoregressive loop); identity reference: `{summary.get('reference')}`",
     ] + ([f"- **Warning: other processes used more than {BUSY_SHARE:.0%} of the CPUs around this run; treat the timings as unreliable.**"]
@@ -348,7 +348,7 @@ def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict 
         "",
         "The paper and the Spec-Bench leaderboard measure Vicuna-7B-v1.3 on an A100 GPU (fp16, greedy, batch 1, the full "
         "480-question Spec-Bench, up to 1024 new tokens). This page measures a 135M-parameter model on "
-        f"{mc['cpu_count']} CPU cores ({mc['dtype']}), {c['questions']} questions, at most {c['max_new_tokens']} new tokens. "
+        f"{mc['cpu_count']} CPU cores ({_engine(mc)}), {c['questions']} questions, at most {c['max_new_tokens']} new tokens. "
         "The published numbers are not reproduced here; they are the target.",
         "",
         "| Method | Setting | Overall speedup | Mean accepted tokens |",
@@ -359,7 +359,7 @@ def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict 
     for name in ("kangaroo", "kangaroo-fixed", "early-exit", "pld"):
         if name in ms:
             o = ms[name]["overall"]
-            parts.append(f"| `{name}` (this run) | SmolLM2-135M, {mc['cpu_count']}-core CPU, {mc['dtype']} | {_x(o.get('speedup'))} | {_f(o.get('compression_rate'))} |")
+            parts.append(f"| `{name}` (this run) | SmolLM2-135M, {mc['cpu_count']}-core CPU, {_engine(mc)} | {_x(o.get('speedup'))} | {_f(o.get('compression_rate'))} |")
     parts += [
         "",
         "Why the numbers differ:",
@@ -473,3 +473,8 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
+
+def _engine(machine: dict) -> str:
+    """``fused bfloat16/packed``: the engine, weight dtype and kernel a run used."""
+    e = machine.get("engine") or {}
+    return f"{e.get('engine', '?')} {e.get('dtype', '?')}/{e.get('kernel', '?')}"

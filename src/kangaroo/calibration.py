@@ -1,0 +1,175 @@
+"""Choosing the engine configuration by measurement on the machine at hand, and remembering it.
+
+The fastest way to run a small model differs between CPUs (an Intel Xeon with AMX runs bfloat16
+products well, an AMD EPYC's MKL is slow on few float32 rows but its oneDNN bfloat16 path is not),
+so ``EngineConfig(dtype="auto", kernel="auto")`` times one plain-decoding step of every candidate
+(weight dtype x product kernel) on the loaded model and keeps the fastest. The choice is cached
+per machine, thread count, torch version and model in ``$KANGAROO_CACHE/engine/choices.json``, so
+only the first run on a machine pays for it (a few seconds for a 135M model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig
+from .engine import FusedEngine
+from .errors import KangarooError
+from .kernels import KERNELS, packed_available
+from .kv_cache import KVCache
+from .model import Backbone
+
+logger = logging.getLogger(__name__)
+
+_CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
+
+
+def machine() -> dict:
+    """CPU model, the instruction-set flags that decide kernels, cores and torch threads."""
+    name, flags = platform.processor() or "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": name,
+        "cpu_flags": [f for f in _CPU_FLAGS if f in flags],
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+def candidates(config: EngineConfig) -> list[tuple[torch.dtype, str]]:
+    """(weight dtype, kernel) pairs the config allows on its device."""
+    cuda = config.device.startswith("cuda")
+    if config.dtype != "auto":
+        dtypes = [getattr(torch, config.dtype)]
+    else:
+        dtypes = [torch.bfloat16] if cuda else [torch.float32, torch.bfloat16]
+    if config.kernel != "auto":
+        kernels = [config.kernel]
+    else:
+        kernels = [k for k in KERNELS if k != "packed" or packed_available(config.device)]
+    return [(d, k) for d in dtypes for k in kernels]
+
+
+def step_ms(engine, repeats: int = 7, context: int = 64) -> float:
+    """Median time of one plain-decoding step (all layers + LM head, one token) after ``context``
+    cached positions."""
+    cache = KVCache(engine.num_layers, context + 16)
+    ids = torch.arange(context, device=engine.device)[None] % 1000 + 10
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    times = []
+    with torch.no_grad():
+        engine.run_layers(0, engine.num_layers, engine.embed(ids), cache, 0)
+        token = ids[:, -1:]
+        for i in range(repeats + 2):
+            cache.crop(context)
+            sync()
+            t = time.perf_counter()
+            engine.logits(engine.run_layers(0, engine.num_layers, engine.embed(token), cache, context))
+            sync()
+            if i >= 2:  # warm-up
+                times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def _key(backbone: Backbone, config: EngineConfig) -> str:
+    m = machine()
+    fp = backbone.fingerprint()
+    model = f"{fp['model_type']}-{fp['num_hidden_layers']}x{fp['hidden_size']}-v{fp['vocab_size']}"
+    return "|".join([m["cpu"], ",".join(m["cpu_flags"]), f"{m['threads']} threads", m["torch"], config.device,
+                     model, config.dtype, config.kernel])
+
+
+def _cache_file() -> Path:
+    from .loading import cache_dir
+
+    return cache_dir() / "engine" / "choices.json"
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(key: str, record: dict) -> None:
+    path = _cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_cache()
+        data[key] = record
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only cache only costs a re-measurement next time
+        logger.warning("could not cache the engine choice in %s: %s", path, exc)
+
+
+def build_engine(backbone: Backbone, config: EngineConfig):
+    """The engine ``config`` asks for, measured if it leaves a choice; returns ``(engine, info)``.
+
+    ``info`` says what was chosen and why: ``engine``, ``dtype``, ``kernel``, ``source``
+    (``given``, ``cache`` or ``measured``), ``step_ms`` per candidate when measured, ``build_s``.
+    """
+    if config.engine == "eager":
+        info = {"engine": "eager", "dtype": str(backbone.dtype).removeprefix("torch."), "kernel": "hf", "source": "given"}
+        return backbone, info
+    start = time.perf_counter()
+    options = candidates(config)
+    if not options:
+        raise KangarooError(f"no product kernel for {config.device}: use --kernel stock")
+    engine, source, timings = None, "given", None
+    choice = options[0]
+    if len(options) > 1:
+        key = _key(backbone, config)
+        cached = _read_cache().get(key) or {}
+        found = [o for o in options if [str(o[0]), o[1]] == cached.get("choice")]
+        if found:
+            choice, source, timings = found[0], "cache", cached.get("step_ms")
+        else:
+            choice, engine, timings = _measure(backbone, options)
+            source = "measured"
+            _write_cache(key, {"choice": [str(choice[0]), choice[1]], "step_ms": timings, "machine": machine(),
+                               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if engine is None:
+        engine = FusedEngine(backbone, *choice)
+    info = {"engine": "fused", "dtype": str(choice[0]).removeprefix("torch."), "kernel": choice[1], "source": source,
+            "step_ms": timings, "build_s": round(time.perf_counter() - start, 2)}
+    logger.info("engine: %s (%s)", engine.describe(), source)
+    return engine, info
+
+
+def _measure(backbone: Backbone, options: list[tuple[torch.dtype, str]]):
+    """Build and time every candidate; return ``(choice, its engine, {name: step ms})``."""
+    timings, best = {}, None
+    for dtype, kernel in options:
+        try:
+            engine = FusedEngine(backbone, dtype, kernel)
+        except (RuntimeError, NotImplementedError) as exc:  # a kernel this build cannot run
+            logger.info("skipping %s/%s: %s", dtype, kernel, str(exc).splitlines()[0])
+            continue
+        ms = step_ms(engine)
+        timings[f"{str(dtype).removeprefix('torch.')}/{kernel}"] = round(ms, 2)
+        if best is None or ms < best[0]:
+            best = (ms, (dtype, kernel), engine)
+    if best is None:
+        raise KangarooError("no engine configuration could be built on this machine: use --engine eager")
+    return best[1], best[2], timings

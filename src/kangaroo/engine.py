@@ -1,0 +1,278 @@
+"""The step engine: the target's layer ranges, the adapter and the LM head as lean fused steps.
+
+:class:`~kangaroo.model.Backbone` runs Hugging Face's own decoder-layer modules. That is the
+reference, but on a CPU about half of a small model's step is per-op dispatch: some 6,000 ATen ops
+per token for SmolLM2-135M (mul, add, transpose, cat, pow, view ...), around ``aten::mm`` calls that
+themselves take the other half. :class:`FusedEngine` computes the same layers from the same weights
+with about 15 ops per layer:
+
+* one product for Q, K and V together and one for the MLP's gate and up projections, on the kernel
+  and weight dtype chosen for this machine (:mod:`kangaroo.kernels`, made row-invariant there);
+* ``F.rms_norm``, SDPA with grouped-query heads, one complex multiply for RoPE (the Q and K rows are
+  permuted once so that each rotary pair sits side by side; attention scores are unchanged because
+  queries and keys are permuted alike);
+* RoPE tables computed once by HF's own rotary module, masks built once per call, keys and values
+  written into the pre-allocated :class:`~kangaroo.kv_cache.KVCache` at their positions.
+
+The residual stream, norms, attention and caches stay in float32; only the products take the
+engine's weight dtype. Why not ``torch.compile``: on 2 CPU cores inductor took ~120 s to compile one
+shape of the model (``docs/ENGINE.md``), and Kangaroo needs a step per row count for shallow layers,
+deep layers, adapter and LM head; the fused eager step removes the same dispatch overhead with no
+compile time at all.
+
+Every step of a given token computes its logits bit for bit the same way whether it runs alone
+(plain decoding) or among up to :data:`~kangaroo.kernels.MAX_ROWS` tokens (verification): the
+products are row-invariant by construction and the remaining ops work row by row. ``check_batch_invariance``
+proves it on the model at hand; the lossless tests prove it end to end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from .kernels import MAX_ROWS, Linear
+from .kv_cache import KVCache
+from .model import Backbone, attention_weights, norm_weights
+
+logger = logging.getLogger(__name__)
+
+
+def _interleave_rope_rows(w: torch.Tensor | None, heads: int, head_dim: int) -> torch.Tensor | None:
+    """Reorder each head's rows (or a per-head norm weight) from HF's half-split RoPE layout
+    ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}]`` to pairs ``[x_0, y_0, x_1, y_1, ...]``, so that RoPE becomes
+    a complex multiply. ``w`` is ``[heads * head_dim, ...]`` or ``[head_dim]``."""
+    if w is None:
+        return None
+    half = head_dim // 2
+    order = torch.stack([torch.arange(half), torch.arange(half, head_dim)], dim=1).reshape(-1)  # [d]
+    shaped = w.reshape(heads, head_dim, *w.shape[1:])
+    return shaped[:, order.to(w.device)].reshape(w.shape)
+
+
+@dataclass
+class _Attention:
+    """One attention block's weights, fused: ``qkv`` ``[(H + 2 H_kv) d, D]``, ``o`` ``[D, H d]``."""
+
+    qkv: Linear
+    o: Linear
+    q_norm: tuple[torch.Tensor, float] | None
+    k_norm: tuple[torch.Tensor, float] | None
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+
+    @classmethod
+    def build(cls, w: dict, dtype: torch.dtype, kernel: str) -> "_Attention":
+        H, Hkv, d = w["heads"], w["kv_heads"], w["head_dim"]
+        q = _interleave_rope_rows(w["q"].detach(), H, d)
+        k = _interleave_rope_rows(w["k"].detach(), Hkv, d)
+        weight = torch.cat([q, k, w["v"].detach()])
+        biases = [w["q_bias"], w["k_bias"], w["v_bias"]]
+        bias = None
+        if any(b is not None for b in biases):
+            parts = [b.detach() if b is not None else torch.zeros(n, dtype=weight.dtype, device=weight.device)
+                     for b, n in zip(biases, (H * d, Hkv * d, Hkv * d))]
+            bias = torch.cat([_interleave_rope_rows(parts[0], H, d), _interleave_rope_rows(parts[1], Hkv, d), parts[2]])
+        norms = [None if n is None else (_interleave_rope_rows(n[0].detach().float(), 1, d), n[1])
+                 for n in (w["q_norm"], w["k_norm"])]
+        o_bias = w["o_bias"].detach() if w["o_bias"] is not None else None
+        return cls(Linear(weight, bias, dtype, kernel), Linear(w["o"].detach(), o_bias, dtype, kernel),
+                   norms[0], norms[1], H, Hkv, d, w["scaling"])
+
+
+@dataclass
+class _Layer:
+    input_norm: tuple[torch.Tensor, float]
+    attention: _Attention
+    post_norm: tuple[torch.Tensor, float]
+    gate_up: Linear  # [2 I, D]
+    down: Linear  # [D, I]
+    window: int | None
+    layer_type: str
+
+
+def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
+
+
+class FusedEngine:
+    """The target as fused steps, with the :class:`~kangaroo.model.Backbone` interface the decoders use.
+
+    Args:
+        backbone: the target (its HF weights are read, never copied from source code).
+        dtype: weight dtype of the products (``torch.float32`` or ``torch.bfloat16``; float16 on CUDA).
+        kernel: product kernel (:data:`kangaroo.kernels.KERNELS`).
+    """
+
+    name = "fused"
+
+    def __init__(self, backbone: Backbone, dtype: torch.dtype, kernel: str) -> None:
+        self.backbone = backbone
+        self.weight_dtype, self.kernel = dtype, kernel
+        self.act_dtype = torch.float32
+        self.num_layers = backbone.num_layers
+        self.config = backbone.config
+        self.max_positions = backbone.max_positions
+        with torch.no_grad():
+            self.layers = [self._build_layer(backbone.layer_weights(i)) for i in range(self.num_layers)]
+            self.final_norm_w = tuple_float(backbone.final_norm_weights())
+            head = backbone.lm_head
+            self.lm_head = Linear(head.weight, head.bias, dtype, kernel)
+            self.embed_weight = backbone.embed_tokens.weight.detach()
+        self._rope: dict[str, torch.Tensor] = {}  # layer type -> complex [n, d/2] (cos + i sin)
+        self._adapters: dict[int, tuple] = {}  # id(adapter) -> (adapter, its fused attention, norms)
+
+    def _build_layer(self, w: dict) -> _Layer:
+        gate_up = torch.cat([w["gate"].detach(), w["up"].detach()])
+        return _Layer(
+            input_norm=tuple_float(w["input_norm"]),
+            attention=_Attention.build(w["attention"], self.weight_dtype, self.kernel),
+            post_norm=tuple_float(w["post_norm"]),
+            gate_up=Linear(gate_up, None, self.weight_dtype, self.kernel),
+            down=Linear(w["down"].detach(), None, self.weight_dtype, self.kernel),
+            window=w["window"],
+            layer_type=w["layer_type"],
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.embed_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_dtype
+
+    def describe(self) -> str:
+        return f"fused/{self.kernel}/{str(self.weight_dtype).removeprefix('torch.')}"
+
+    # ------------------------------------------------------------------ pieces
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[1, T]`` ids -> ``[1, T, D]`` float32 embeddings."""
+        return F.embedding(input_ids, self.embed_weight).to(self.act_dtype)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _norm(hidden.to(self.act_dtype), self.final_norm_w)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head alone, ``[1, T, D] -> [1, T, V]``."""
+        return self.lm_head(x[0])[None]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head, ``[1, T, D] -> [1, T, V]`` float32."""
+        return self.project(self.final_norm(hidden)).float()
+
+    def rope(self, pos: int, T: int, layer_type: str = "full_attention") -> torch.Tensor:
+        """RoPE as complex rotations for positions ``pos..pos+T-1``: ``[T, 1, d/2]``."""
+        table = self._rope.get(layer_type)
+        if table is None or table.shape[0] < pos + T:
+            n = max(pos + T, 2 * (0 if table is None else table.shape[0]), 256)
+            cos, sin = self.backbone.rope_table(n, layer_type)
+            half = cos.shape[-1] // 2
+            table = torch.complex(cos[:, :half], sin[:, :half])  # HF's table repeats each half
+            self._rope[layer_type] = table
+        return table[pos:pos + T, None]
+
+    def mask(self, T: int, pos: int, window: int | None) -> torch.Tensor | None:
+        """Boolean ``[T, pos + T]`` (True = attend) or None where SDPA needs none."""
+        S = pos + T
+        if T == 1 and (window is None or S <= window):
+            return None
+        q_idx = torch.arange(pos, S, device=self.device)[:, None]
+        kv_idx = torch.arange(S, device=self.device)[None]
+        allowed = kv_idx <= q_idx
+        if window is not None:
+            allowed &= kv_idx > q_idx - window
+        return allowed
+
+    # ------------------------------------------------------------------ layers
+    def run_layers(self, start: int, end: int, hidden: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
+        """Decoder layers ``[start, end)`` over ``hidden`` ``[1, T, D]`` at positions ``pos..pos+T-1``;
+        every layer in the range holds ``pos`` cached positions and appends ``T``. Returns ``[1, T, D]``."""
+        if start >= end:
+            return hidden
+        x = hidden[0].to(self.act_dtype)  # [T, D]
+        T = x.shape[0]
+        ropes, masks = {}, {}
+        for i in range(start, end):
+            layer = self.layers[i]
+            if layer.layer_type not in ropes:
+                ropes[layer.layer_type] = self.rope(pos, T, layer.layer_type)
+            if layer.window not in masks:
+                masks[layer.window] = self.mask(T, pos, layer.window)
+            h = _norm(x, layer.input_norm)
+            x = x + self.attend(layer.attention, h, cache, i, ropes[layer.layer_type], masks[layer.window], layer.window)
+            h = _norm(x, layer.post_norm)
+            gu = layer.gate_up(h)  # [T, 2I]
+            inner = gu.shape[-1] // 2
+            x = x + layer.down(F.silu(gu[:, :inner]) * gu[:, inner:])
+        return x[None]
+
+    def attend(self, a: _Attention, h: torch.Tensor, cache: KVCache | None, layer_idx: int, rope: torch.Tensor,
+               mask: torch.Tensor | None, window: int | None = None, batched: bool = False) -> torch.Tensor:
+        """Attention block over normed states ``h`` ``[T, D]``; returns the o-projection ``[T, D]``.
+
+        Up to :data:`~kangaroo.kernels.MAX_ROWS` rows are attended one by one unless ``batched``
+        (prompts, and the adapter, whose drafts need no bit-exactness, take one masked call).
+        """
+        T, H, Hkv, d = h.shape[0], a.heads, a.kv_heads, a.head_dim
+        qkv = a.qkv(h).to(self.act_dtype)  # [T, (H + 2 H_kv) d]
+        qk = qkv[:, : (H + Hkv) * d].view(T, H + Hkv, d)
+        v = qkv[:, (H + Hkv) * d:].view(T, Hkv, d)
+        if a.q_norm is not None:  # Qwen3: RMSNorm per head before RoPE
+            qk = torch.cat([_norm(qk[:, :H], a.q_norm), _norm(qk[:, H:], a.k_norm)], dim=1)
+        qk = torch.view_as_real(torch.view_as_complex(qk.reshape(T, H + Hkv, d // 2, 2)) * rope).view(T, H + Hkv, d)
+        q, k = qk[:, :H].transpose(0, 1)[None], qk[:, H:].transpose(0, 1)[None]  # [1, H, T, d], [1, H_kv, T, d]
+        v = v.transpose(0, 1)[None]
+        if cache is not None:
+            k, v = cache.update(k, v, layer_idx)  # [1, H_kv, S, d]
+        gqa = H != Hkv
+        if 1 < T <= MAX_ROWS and not batched:
+            # one query row at a time over exactly its own keys: the very call a one-token step
+            # makes for that token (batching query rows changes SDPA's summation order)
+            S0 = k.shape[2] - T
+            rows = []
+            for i in range(T):
+                end = S0 + i + 1
+                begin = 0 if window is None else max(0, end - window)
+                rows.append(F.scaled_dot_product_attention(q[:, :, i:i + 1], k[:, :, begin:end], v[:, :, begin:end],
+                                                           scale=a.scaling, enable_gqa=gqa))
+            out = torch.cat(rows, dim=2)
+        else:
+            if T == 1 and window is not None and k.shape[2] > window:
+                k, v = k[:, :, -window:], v[:, :, -window:]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if T > 1 else None, scale=a.scaling,
+                                                 is_causal=mask is None and T > 1, enable_gqa=gqa)
+        return a.o(out[0].transpose(0, 1).reshape(T, H * d))
+
+    # ------------------------------------------------------------------ adapter
+    def adapter_forward(self, adapter, hidden: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
+        """The Kangaroo adapter (RMSNorm -> attention -> residual -> RMSNorm) over exit-layer
+        states ``[1, T, D]`` at ``pos..``, on this engine's kernels. Returns ``[1, T, D]``."""
+        if getattr(adapter, "stateless", False):  # EarlyExitHead: the model's final norm
+            return self.final_norm(hidden)
+        fused = self._adapters.get(id(adapter))
+        if fused is None or fused[0] is not adapter:
+            with torch.no_grad():
+                attn = _Attention.build(attention_weights(adapter.self_attn), self.weight_dtype, self.kernel)
+                norms = tuple_float(norm_weights(adapter.input_norm)), tuple_float(norm_weights(adapter.post_norm))
+            fused = self._adapters[id(adapter)] = (adapter, attn, norms)
+        _, attn, (n1, n2) = fused
+        x = hidden[0].to(self.act_dtype)
+        T = x.shape[0]
+        out = self.attend(attn, _norm(x, n1), cache, 0, self.rope(pos, T), self.mask(T, pos, None), batched=True)
+        return _norm(x + out, n2)[None]
+
+
+def tuple_float(norm: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:
+    """A norm ``(weight, eps)`` with its weight detached in float32 (the engine's activation dtype)."""
+    return norm[0].detach().float(), norm[1]
+
+
+#: what the decoders run on: HF's own modules (``Backbone``) or the fused steps
+Engine = Backbone | FusedEngine

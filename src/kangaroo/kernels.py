@@ -1,0 +1,147 @@
+"""Matrix products for the step engine: the kernel, the weight dtype and row invariance.
+
+Nearly all of a small model's decoding time on a CPU goes into products ``y = x Wᵀ`` with a handful
+of rows ``x`` (one per token in the step). Which kernel is fastest for that depends on the CPU and
+on torch's build, so the engine times the candidates on the machine at hand (:mod:`kangaroo.tuning`);
+this module only provides them:
+
+* ``stock``: ``F.linear`` (MKL or oneDNN, torch's own dispatch);
+* ``packed``: oneDNN with the weight reordered once into its blocked layout
+  (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``), CPU only.
+
+Kangaroo is lossless only if the target computes every token's logits the same way whether the
+token is verified in a batch of ``k`` rows or decoded alone. A product kernel may sum over ``K`` in
+another order for another number of rows (oneDNN does so for ``K`` above about 1,024), which moves
+the last bits and can flip a near-tied argmax. So every :class:`Linear` is made **row-invariant**
+before use: its row results are checked bit for bit against one-row products for every row count
+the engine will ask for; a product that fails is split along ``K`` into chunks that pass (partial
+products summed in float32), and failing that, always padded to the largest row count (one fixed
+shape; checked the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.nn import functional as F
+
+logger = logging.getLogger(__name__)
+
+KERNELS = ("stock", "packed")
+#: largest number of rows a step engine forward passes through a product (verification of a
+#: 16-node tree); row invariance is checked for every count in 1..MAX_ROWS.
+MAX_ROWS = 16
+_INVARIANCE: dict = {}  # (kernel, dtype, N, K, bias, device) -> mode, so each shape is checked once
+
+
+def packed_available(device: torch.device | str) -> bool:
+    """Whether the oneDNN prepacked product exists here (CPU builds of torch with mkldnn)."""
+    return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class Linear:
+    """``y = x Wᵀ + b`` on one kernel, in one weight dtype, row-invariant (see the module doc).
+
+    Args:
+        weight: ``[N, K]`` (any dtype; converted to ``dtype`` and, for ``packed``, reordered once).
+        bias: ``[N]`` or None.
+        dtype: the dtype inputs are cast to and outputs come in.
+        kernel: one of :data:`KERNELS`.
+        check: make the product row-invariant (False only for products that never see a batch of
+            steps, e.g. training).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str,
+                 check: bool = True) -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}")
+        self.dtype, self.kernel, self.device = dtype, kernel, weight.device
+        self.out_features, self.in_features = weight.shape
+        weight = weight.detach().to(dtype).contiguous()
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+        self.chunks = [(0, self.in_features, self._prepare(weight))]  # (k0, k1, weight) along K
+        self.pad_to = 0  # > 0: always run with this many rows
+        if check:
+            self._make_row_invariant(weight)
+
+    def _prepare(self, w: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "packed":
+            return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), MAX_ROWS)
+        return w.contiguous()
+
+    def _product(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kernel == "packed":
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [None], "")
+        return F.linear(x, w, bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[M, K]`` (any float dtype) -> ``[M, N]`` in :attr:`dtype`."""
+        x = x.to(self.dtype)
+        rows = x.shape[0]
+        if self.pad_to and rows < self.pad_to:
+            x = torch.cat([x, x.new_zeros(self.pad_to - rows, x.shape[1])])
+        if len(self.chunks) == 1:
+            y = self._product(x, self.chunks[0][2], self.bias)
+        else:  # split along K: partial products summed in float32, bias last
+            y = sum(self._product(x[:, k0:k1], w, None).float() for k0, k1, w in self.chunks)
+            y = (y if self.bias is None else y + self.bias).to(self.dtype)
+        return y[:rows] if self.pad_to and rows < self.pad_to else y
+
+    # ------------------------------------------------------------------ row invariance
+    def _make_row_invariant(self, weight: torch.Tensor) -> None:
+        key = (self.kernel, self.dtype, self.out_features, self.in_features, self.bias is not None, weight.device.type)
+        mode = _INVARIANCE.get(key)
+        if mode is None:
+            mode = self._find_invariant_mode(weight)
+            _INVARIANCE[key] = mode
+            if mode != ("direct", 0):
+                logger.info("%s %s product [%d x %d]: rows vary with the row count; using %s",
+                            self.kernel, str(self.dtype).removeprefix("torch."), self.out_features, self.in_features, mode)
+        self._apply(weight, mode)
+
+    def _apply(self, weight: torch.Tensor, mode: tuple[str, int]) -> None:
+        kind, n = mode
+        self.pad_to = n if kind == "pad" else 0
+        if kind == "split":
+            size = self.in_features // n
+            self.chunks = [(k0, k0 + size, self._prepare(weight[:, k0:k0 + size])) for k0 in range(0, self.in_features, size)]
+        else:
+            self.chunks = [(0, self.in_features, self._prepare(weight))]
+
+    def _find_invariant_mode(self, weight: torch.Tensor) -> tuple[str, int]:
+        candidates = [("direct", 0)]
+        K = self.in_features
+        candidates += [("split", n) for n in (2, 3, 4, 6, 8) if K % n == 0 and (K // n) % 16 == 0]
+        candidates.append(("pad", MAX_ROWS))
+        for mode in candidates:
+            self._apply(weight, mode)
+            if row_invariant(self):
+                return mode
+        raise RuntimeError(f"no row-invariant {self.kernel} product found for a [{self.out_features} x {K}] weight")
+
+
+def row_invariant(fn, in_features: int | None = None, max_rows: int = MAX_ROWS, trials: int = 3) -> bool:
+    """Whether ``fn`` (``[M, K] -> [M, N]``) gives every row the same bits for M = 1..``max_rows``,
+    wherever the row sits among the others.
+
+    The kernels' order of summation does not depend on the values, so random rows decide it, but
+    rows of similar magnitude hide a changed order behind rounding (a bfloat16 output rounds most
+    such differences away). The rows are therefore spread over 2^±12 in magnitude, so that sums
+    cancel and any other order shows in the leading bits.
+    """
+    K = in_features or fn.in_features
+    device = getattr(fn, "device", "cpu")
+    with torch.no_grad():
+        for seed in range(trials):
+            gen = torch.Generator().manual_seed(seed)
+            scale = torch.exp2(torch.randint(-12, 13, (max_rows, K), generator=gen).float())
+            x = (torch.randn(max_rows, K, generator=gen) * scale).to(device)
+            alone = torch.cat([fn(x[i:i + 1]) for i in range(max_rows)])
+            for m in range(2, max_rows + 1):
+                if not torch.equal(fn(x[:m]), alone[:m]):
+                    return False
+            if not torch.equal(fn(torch.flip(x, dims=[0])), torch.flip(alone, dims=[0])):
+                return False
+    return True

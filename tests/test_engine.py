@@ -1,0 +1,186 @@
+"""The step engine (kangaroo.engine): row-invariant products, the fused forward against HF's modules,
+and greedy Kangaroo identical to plain greedy decoding on every engine configuration."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from tiny import ARCHITECTURES, NUM_LAYERS, VOCAB, hf_greedy, passthrough_adapter, tiny_model
+
+from kangaroo import calibration
+from kangaroo.adapter import Adapter, EarlyExitHead
+from kangaroo.config import EngineConfig, KangarooConfig
+from kangaroo.decoding import AutoregressiveDecoder, KangarooDecoder
+from kangaroo.engine import FusedEngine
+from kangaroo.errors import KangarooError
+from kangaroo.kernels import KERNELS, MAX_ROWS, Linear, packed_available, row_invariant
+from kangaroo.kv_cache import KVCache
+from kangaroo.model import Backbone
+
+CONFIGS = [(d, k) for d in (torch.float32, torch.bfloat16) for k in KERNELS if k != "packed" or packed_available("cpu")]
+
+
+# ---------------------------------------------------------------- products
+@pytest.mark.parametrize("dtype,kernel", CONFIGS)
+@pytest.mark.parametrize("shape", [(96, 64), (48, 1536), (200, 576)])
+def test_products_are_row_invariant_and_correct(dtype, kernel, shape):
+    torch.manual_seed(0)
+    w, b = torch.randn(shape) * 0.05, torch.randn(shape[0])
+    lin = Linear(w, b, dtype, kernel)
+    assert row_invariant(lin, trials=2)
+    x = torch.randn(5, shape[1])
+    ref = torch.nn.functional.linear(x.to(dtype).float(), w.to(dtype).float(), b.to(dtype).float())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(lin(x).float(), ref, rtol=tol, atol=tol * 10)
+    assert lin(x).dtype == dtype and lin(x[:1]).shape == (1, shape[0])
+    assert lin(torch.randn(40, shape[1])).shape == (40, shape[0])  # prompts: more rows than MAX_ROWS
+
+
+def test_row_count_dependent_product_is_caught():
+    w = torch.randn(8, 32)
+
+    class Drifting:  # a kernel whose rows change with the number of rows (like a K-split chosen by M)
+        in_features, device = 32, "cpu"
+
+        def __call__(self, x):
+            y = x @ w.t()
+            return y + (x.shape[0] > 3) * 1e-6 * y
+
+    assert not row_invariant(Drifting())
+    assert row_invariant(lambda x: (x[:, None, :] * w).sum(-1), in_features=32)  # row by row: invariant
+
+
+def test_a_non_invariant_product_is_split_or_padded(monkeypatch):
+    """When the direct product fails the check, Linear falls back to a K-split, then to padding."""
+    from kangaroo import kernels
+
+    calls = []
+
+    def fake_check(fn, *a, **k):
+        calls.append((len(fn.chunks), fn.pad_to))
+        return fn.pad_to > 0  # only padding "passes"
+
+    monkeypatch.setattr(kernels, "row_invariant", fake_check)
+    monkeypatch.setattr(kernels, "_INVARIANCE", {})
+    lin = Linear(torch.randn(16, 64), None, torch.float32, "stock")
+    assert calls[0] == (1, 0) and any(n > 1 for n, _ in calls) and lin.pad_to == MAX_ROWS
+    x = torch.randn(3, 64)
+    assert lin(x).shape == (3, 16)
+
+
+# ---------------------------------------------------------------- fused forward == HF modules
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fused_layers_match_hf_modules(arch):
+    model = tiny_model(arch, seed=7)
+    backbone = Backbone(model)
+    engine = FusedEngine(backbone, torch.float32, "stock")
+    ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(0))  # past the 48-token windows
+    with torch.no_grad():
+        c1, c2 = KVCache(NUM_LAYERS), KVCache(NUM_LAYERS)
+        a = backbone.logits(backbone.run_layers(0, NUM_LAYERS, backbone.embed(ids), c1, 0))
+        b = engine.logits(engine.run_layers(0, NUM_LAYERS, engine.embed(ids), c2, 0))
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        for T, pos in ((1, 70), (5, 71), (1, 76)):  # steps on top of the cache, one and several rows
+            new = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(pos))
+            a = backbone.logits(backbone.run_layers(0, NUM_LAYERS, backbone.embed(new), c1, pos))
+            b = engine.logits(engine.run_layers(0, NUM_LAYERS, engine.embed(new), c2, pos))
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        adapter = Adapter.random(backbone, 2, seed=3)
+        h = torch.randn(1, 6, model.config.hidden_size)
+        a = backbone.adapter_forward(adapter, h, KVCache(1), 0)
+        b = engine.adapter_forward(adapter, h, KVCache(1), 0)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_fused_float32_greedy_equals_hf_greedy(arch):
+    """Tiny models have peaked logits (no near-ties), so the fused float32 loop reproduces HF's tokens."""
+    model = tiny_model(arch, seed=3)
+    engine = FusedEngine(Backbone(model), torch.float32, "stock")
+    for n in (1, 17, 120):
+        ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
+        assert AutoregressiveDecoder(engine).generate(ids, 30).token_ids == hf_greedy(model, ids, 30)
+
+
+# ---------------------------------------------------------------- identity on every configuration
+@pytest.mark.parametrize("dtype,kernel", CONFIGS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_kangaroo_equals_plain_greedy_on_the_same_engine(arch, dtype, kernel):
+    rng = random.Random(f"engine-{arch}-{dtype}-{kernel}")
+    models = {False: tiny_model(arch, seed=1), True: tiny_model(arch, seed=2, damp_from=1)}
+    engines = {f: FusedEngine(Backbone(m), dtype, kernel) for f, m in models.items()}
+    accepted = all_accepted = rejected = 0
+    for ℓ, η, γ, friendly in itertools.product((1, NUM_LAYERS - 1), (0.0, 0.5), (3, 8), (False, True)):
+        engine = engines[friendly]
+        adapter = Adapter.random(engine.backbone, ℓ, seed=rng.randrange(1000))
+        if friendly:
+            passthrough_adapter(adapter)
+        config = KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=η, verify_low_confidence=γ == 8)
+        n = rng.choice([1, rng.randrange(2, 60), rng.randrange(60, 160)])
+        ids = torch.randint(0, VOCAB, (1, n), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
+        max_new = rng.randrange(10, 41)
+        expected = AutoregressiveDecoder(engine).generate(ids, max_new).token_ids
+        eos = {expected[rng.randrange(len(expected))]} if rng.random() < 0.3 else set()
+        if eos:
+            expected = AutoregressiveDecoder(engine).generate(ids, max_new, eos).token_ids
+        result = KangarooDecoder(engine, adapter, config).generate(ids, max_new, eos)
+        assert result.token_ids == expected, f"{arch} {dtype} {kernel} ℓ={ℓ} η={η} γ={γ} n={n} eos={eos}"
+        accepted += result.accepted
+        all_accepted += sum(s.drafted > 0 and s.accepted == s.drafted for s in result.steps[:-1])
+        rejected += sum(s.accepted < s.drafted for s in result.steps)
+    assert accepted and all_accepted and rejected  # multi-row verification, both endings, was exercised
+
+
+def test_early_exit_drafter_on_the_fused_engine():
+    model = tiny_model("qwen2", seed=6, damp_from=2)
+    engine = FusedEngine(Backbone(model), torch.bfloat16, "stock")
+    decoder = KangarooDecoder(engine, EarlyExitHead(2), KangarooConfig(exit_layer=2, max_steps=5, threshold=0.0))
+    ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(2))
+    result = decoder.generate(ids, 50)
+    assert result.token_ids == AutoregressiveDecoder(engine).generate(ids, 50).token_ids
+    assert result.accepted > 0
+
+
+# ---------------------------------------------------------------- configuration and calibration
+def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("KANGAROO_CACHE", str(tmp_path))
+    backbone = Backbone(tiny_model("llama", seed=0))
+    engine, info = calibration.build_engine(backbone, EngineConfig())
+    assert info["source"] == "measured" and set(info["step_ms"]) == {
+        f"{str(d).removeprefix('torch.')}/{k}" for d, k in calibration.candidates(EngineConfig())}
+    assert engine.describe() == f"fused/{info['kernel']}/{info['dtype']}"
+    saved = json.loads((tmp_path / "engine" / "choices.json").read_text())
+    (record,) = saved.values()
+    assert record["choice"] == [f"torch.{info['dtype']}", info["kernel"]] and record["machine"]["threads"] >= 1
+    again, info2 = calibration.build_engine(backbone, EngineConfig())
+    assert info2["source"] == "cache" and (again.weight_dtype, again.kernel) == (engine.weight_dtype, engine.kernel)
+    _, given = calibration.build_engine(backbone, EngineConfig(dtype="float32", kernel="stock"))
+    assert given["source"] == "given" and given["dtype"] == "float32"
+    eager, e = calibration.build_engine(backbone, EngineConfig(engine="eager"))
+    assert eager is backbone and e["engine"] == "eager"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(engine="compiled"), "unknown engine 'compiled': use one of auto, fused, eager"),
+    (dict(dtype="int3"), "unknown dtype 'int3'"),
+    (dict(kernel="magic"), "unknown kernel 'magic'"),
+    (dict(threads=0), "threads must be a positive integer, got 0"),
+    (dict(threads=-3), "threads must be a positive integer, got -3"),
+    (dict(device="tpu"), "unsupported device 'tpu'"),
+    (dict(dtype="float16"), "float16 runs on CUDA only"),
+    (dict(device="cuda", kernel="packed"), "the packed kernel is CPU only"),
+    (dict(engine="eager", kernel="packed"), "--kernel applies to the fused engine"),
+])
+def test_bad_engine_settings_are_clear_errors(kwargs, message):
+    with pytest.raises(KangarooError, match=message.replace("(", r"\(")):
+        EngineConfig(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_unavailable_device_is_a_clear_error():
+    with pytest.raises(KangarooError, match="device 'cuda' is not available"):
+        EngineConfig(device="cuda").check_device()
