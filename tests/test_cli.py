@@ -111,3 +111,35 @@ def test_console_script_error_has_no_traceback(tiny_chat_model_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("kangaroo: error: exit layer 9 out of range")
     assert "Traceback" not in proc.stderr
+
+
+HELP_PROBE = """
+import contextlib, io, sys, time
+start = time.perf_counter()
+from kangaroo.cli import build_parser, main
+build_parser()
+for argv in (["--help"], ["generate", "--help"], ["train", "--help"], ["bench", "--help"], ["serve", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main(argv)
+print(time.perf_counter() - start, "torch" in sys.modules, "transformers" in sys.modules)
+"""
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    proc = subprocess.run([sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    seconds, torch_loaded, transformers_loaded = proc.stdout.split()
+    assert (torch_loaded, transformers_loaded) == ("False", "False")
+    assert float(seconds) < 3  # measured 0.08 s for the whole `kangaroo --help` on 2 cores; generous for busy CI
+
+
+def test_cli_defaults_come_from_the_config_dataclasses():
+    from kangaroo.cli import build_parser
+    from kangaroo.config import DEFAULT_MODEL, EngineConfig, KangarooConfig, SamplingConfig
+
+    args = build_parser().parse_args(["generate"])
+    k, e, s = KangarooConfig(), EngineConfig(), SamplingConfig()
+    assert (args.model, args.threshold, args.max_steps, args.verify_low_confidence) == (
+        DEFAULT_MODEL, k.threshold, k.max_steps, k.verify_low_confidence)
+    assert (args.engine, args.dtype, args.kernel, args.device, args.threads) == (e.engine, e.dtype, e.kernel, e.device, e.threads)
+    assert (args.temperature, args.top_p, args.top_k) == (s.temperature, s.top_p, s.top_k)

@@ -314,3 +314,20 @@ def test_self_distill_batches_equal_batch_one_greedy_and_are_cached(tiny_dir, tm
     assert [c.messages[0]["content"] for c in out] == ["the cat", "a mat", "the cat"]
     again, _ = self_distill(convs, Backbone(model), tok, cache, max_new_tokens=8, generate=False, progress=False)
     assert [c.messages for c in again] == [c.messages for c in out]
+
+
+def test_train_config_takes_every_option_by_field_name(monkeypatch, tmp_path):
+    import kangaroo.training.trainer as trainer
+    from kangaroo.cli import main
+    from kangaroo.training.config import TrainConfig
+
+    seen = {}
+    monkeypatch.setattr(trainer, "train", lambda cfg: seen.setdefault("cfg", cfg) and {})
+    argv = ["train", "--data", "a.jsonl", "b.jsonl", "--out", str(tmp_path), "--lr", "0.002", "--kv-heads", "4",
+            "--distill-only", "--no-progress", "--feature-cache-gb", "1.5", "--threads", "2"]
+    assert main(argv) == 0
+    cfg = seen["cfg"]
+    assert cfg.data == ["a.jsonl", "b.jsonl"] and cfg.out == str(tmp_path) and cfg.lr == 0.002 and cfg.kv_heads == 4
+    assert cfg.self_distill and cfg.distill_only and not cfg.progress and cfg.feature_cache_gb == 1.5 and cfg.threads == 2
+    d = TrainConfig()
+    assert (cfg.model, cfg.exit_layer, cfg.betas, cfg.chunk, cfg.seq_len) == (d.model, d.exit_layer, d.betas, d.chunk, d.seq_len)

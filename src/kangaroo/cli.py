@@ -31,21 +31,23 @@ HELP = {
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by every subcommand that loads a model and an adapter."""
-    from .loading import DEFAULT_MODEL
+    """Options shared by every subcommand that loads a model and an adapter; their defaults are
+    :class:`~kangaroo.config.KangarooConfig`'s and :class:`~kangaroo.config.EngineConfig`'s."""
+    from .config import DEFAULT_MODEL, EngineConfig, KangarooConfig
 
+    k, e = KangarooConfig(), EngineConfig()
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, local folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--adapter", default=None, help="adapter folder; default: the adapter shipped for the model, else a seeded random one; 'random' forces the random one")
     p.add_argument("--exit-layer", type=int, default=None, help="ℓ: decoder layers run before the adapter (default: the adapter's)")
-    p.add_argument("--threshold", type=float, default=0.6, help="η: stop drafting when the draft's top-1 probability is below this (default 0.6)")
-    p.add_argument("--max-steps", type=int, default=6, help="γ: most drafted tokens per round (default 6)")
-    p.add_argument("--verify-low-confidence", action=argparse.BooleanOptionalAction, default=False,
-                   help="also verify the drafted token that fell below η, as the authors' code does (default: off; it measured no faster with the shipped adapter)")
-    p.add_argument("--engine", default="auto", help="fused (lean steps on measured kernels), eager (HF's own modules, the reference) or auto (= fused) (default auto)")
-    p.add_argument("--dtype", default="auto", help="weight dtype of the steps: float32, bfloat16, float16 (CUDA) or auto = the fastest plain decoding here, measured once and cached (default auto)")
-    p.add_argument("--kernel", default="auto", help="fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU) or auto = measured (default auto)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu or cuda[:N] (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, >= 1 (default: torch's choice)")
+    p.add_argument("--threshold", type=float, default=k.threshold, help=f"η: stop drafting when the draft's top-1 probability is below this (default {k.threshold})")
+    p.add_argument("--max-steps", type=int, default=k.max_steps, help=f"γ: most drafted tokens per round (default {k.max_steps})")
+    p.add_argument("--verify-low-confidence", action=argparse.BooleanOptionalAction, default=k.verify_low_confidence,
+                   help="also verify the drafted token that fell below η, as the authors' code does (default: off)")
+    p.add_argument("--engine", default=e.engine, help=f"fused (lean steps on measured kernels), eager (HF's own modules, the reference) or auto (= fused) (default {e.engine})")
+    p.add_argument("--dtype", default=e.dtype, help=f"weight dtype of the steps: float32, bfloat16, float16 (CUDA) or auto = the fastest plain decoding here, measured once and cached (default {e.dtype})")
+    p.add_argument("--kernel", default=e.kernel, help=f"fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU) or auto = measured (default {e.kernel})")
+    p.add_argument("--device", default=e.device, help=f"torch device: cpu or cuda[:N] (default {e.device})")
+    p.add_argument("--threads", type=int, default=e.threads, help="torch CPU threads, >= 1 (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random adapter and of sampling (default 0)")
 
 
@@ -67,16 +69,19 @@ def load_from_args(args):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import SamplingConfig
+
     add_model_arguments(p)
+    d = SamplingConfig()
     p.add_argument("--prompt", default=None, help="prompt text (default: read stdin)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most new tokens (default 128)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help="apply the chat template (default: on when the model has one)")
     p.add_argument("--stats", action="store_true", help="print decoding statistics to stderr")
     p.add_argument("--compare", action="store_true", help="also run plain greedy decoding; report speeds and whether outputs are identical")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 = lossless speculative sampling, seeded by --seed")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the most likely tokens up to this probability (default 1.0 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature}); > 0 = lossless speculative sampling, seeded by --seed")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling: keep the most likely tokens up to this probability (default {d.top_p} = off)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"sample among the k most likely tokens (default {d.top_k} = off)")
 
 
 def run(args) -> int:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model (kangaroo.fetch) every command loads by default
+
+#: most drafts one verification may carry: the step engine makes products and attention bit-exact
+#: for up to 16 rows (kangaroo.kernels.MAX_ROWS), the last committed token included
+MAX_DRAFT = 15
+
 
 @dataclass(frozen=True)
 class KangarooConfig:
@@ -16,17 +22,25 @@ class KangarooConfig:
     exit_layer: int = 2  # ℓ: layers run by the self-draft model before the adapter (first early exit)
     max_steps: int = 6  # γ: at most this many drafted tokens per round
     threshold: float = 0.6  # η: stop drafting once the draft's top-1 probability falls below this (second early exit)
-    # send the token that fell below η for verification too. The authors' code does; off by default:
-    # shipped adapter, float32, 2 CPU threads, 6 prompt kinds, η = 0.6 (docs/TRAINING.md): 0.70x greedy
-    # speed on vs 0.93x off before the small-row product, 0.94x both after it. On, every round
-    # verifies at least one draft.
+    # also send the draft that fell below η for verification, as the authors' code does: every round
+    # then verifies at least one draft. Off, since the shipped adapter is no faster with it
+    # (measurements: docs/TRAINING.md).
     verify_low_confidence: bool = False
+    # prompt lookup (greedy only): when the last n >= lookup_ngram committed tokens occurred earlier in
+    # the prompt or the answer, the tokens that followed them are the round's draft (free: no layer
+    # runs to make it), up to lookup_tokens of them; 0 = adapter drafts only
+    lookup_tokens: int = 8
+    lookup_ngram: int = 2
 
     def __post_init__(self) -> None:
         from .errors import KangarooError
 
-        if self.max_steps < 0:
-            raise KangarooError(f"max_steps (γ) must be >= 0, got {self.max_steps}")
+        if not 0 <= self.max_steps <= MAX_DRAFT:
+            raise KangarooError(f"max_steps (γ) must be in 0..{MAX_DRAFT}, got {self.max_steps}")
+        if not 0 <= self.lookup_tokens <= MAX_DRAFT:
+            raise KangarooError(f"lookup_tokens must be in 0..{MAX_DRAFT}, got {self.lookup_tokens}")
+        if not 1 <= self.lookup_ngram <= 3:
+            raise KangarooError(f"lookup_ngram must be 1, 2 or 3, got {self.lookup_ngram}")
         if not 0.0 <= self.threshold <= 1.0:
             raise KangarooError(f"threshold (η) must be in [0, 1], got {self.threshold}")
 

@@ -18,7 +18,7 @@ from ..errors import KangarooError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..loading import DEFAULT_MODEL
+    from ..config import DEFAULT_MODEL
     from .config import TrainConfig
 
     d = TrainConfig()
@@ -65,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    import dataclasses
     import json
     import sys
 
@@ -78,17 +79,10 @@ def run(args) -> int:
         raise KangarooError("--max-steps must be >= 1")
     if args.lr <= 0:
         raise KangarooError("--lr must be > 0")
-    cfg = TrainConfig(
-        model=args.model, data=list(args.data), out=args.out, exit_layer=args.exit_layer, epochs=args.epochs,
-        max_steps=args.max_steps, lr=args.lr, warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
-        weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_tokens=args.batch_tokens, seq_len=args.seq_len,
-        precision=args.precision, top_k=args.top_k, init=args.init, kv_heads=args.kv_heads, max_conversations=args.max_conversations,
-        val_size=args.val_size, self_distill=args.self_distill or args.distill_only, distill_cache=args.distill_cache,
-        distill_max_new_tokens=args.distill_max_new_tokens, distill_max_prompt_tokens=args.distill_max_prompt_tokens,
-        distill_batch=args.distill_batch, distill_only=args.distill_only, val_every=args.val_every,
-        save_every=args.save_every, keep=args.keep, log_every=args.log_every, feature_cache_gb=args.feature_cache_gb,
-        seed=args.seed, threads=args.threads, resume=args.resume, progress=not args.no_progress,
-    )
+    # every TrainConfig field named like an option comes from it; the rest keep their defaults
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = TrainConfig(**{**given, "data": list(args.data), "self_distill": args.self_distill or args.distill_only,
+                         "progress": not args.no_progress})
     final = train(cfg)
     print(json.dumps(final, default=str), file=sys.stderr)
     return 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import DEFAULT_MODEL
+
 
 @dataclass
 class TrainConfig:
     """Everything a run depends on; saved in every checkpoint and in the adapter config."""
 
-    model: str = "smollm2-135m-instruct"
+    model: str = DEFAULT_MODEL
     data: list[str] = field(default_factory=list)  # files or folders (jsonl/json), or hf:<dataset>
     out: str = "runs/adapter"
     exit_layer: int = 2  # ℓ
