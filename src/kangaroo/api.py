@@ -10,26 +10,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from .adapter import Adapter, AdapterConfig, check_exit_layer
 from .calibration import build_engine
-from .config import EngineConfig, KangarooConfig, SamplingConfig
+from .config import DEFAULT_MODEL, EngineConfig, KangarooConfig, SamplingConfig
 from .decoding import AutoregressiveDecoder, GenerationResult, KangarooDecoder, Step, collect
 from .errors import KangarooError
-from .loading import DEFAULT_MODEL, load_model, model_identity
+from .loading import load_model, model_identity
 from .model import Backbone
-from .streaming import text_deltas
+from .streaming import TextDeltas, text_deltas
 
 logger = logging.getLogger(__name__)
 
 RANDOM_ADAPTER = "random"
+
+#: ``streamer(text, step)``, called by :meth:`KangarooModel.generate` after every round with the text
+#: the round's tokens complete (may be empty) and its :class:`Step`, then once at the end with the
+#: held-back tail and ``None``. Returning True stops the generation after that round.
+Streamer = Callable[[str, "Step | None"], "bool | None"]
 
 
 def shipped_adapter(model_name: str) -> Path | None:
@@ -85,15 +91,15 @@ class KangarooModel:
         model: str = DEFAULT_MODEL,
         adapter: str | None = None,
         exit_layer: int | None = None,
-        max_steps: int = 6,
-        threshold: float = 0.6,
-        dtype: torch.dtype | str = "auto",
-        device: str = "cpu",
+        max_steps: int = KangarooConfig.max_steps,
+        threshold: float = KangarooConfig.threshold,
+        dtype: torch.dtype | str = EngineConfig.dtype,
+        device: str = EngineConfig.device,
         seed: int = 0,
-        verify_low_confidence: bool = False,
-        engine: str = "auto",
-        kernel: str = "auto",
-        threads: int | None = None,
+        verify_low_confidence: bool = KangarooConfig.verify_low_confidence,
+        engine: str = EngineConfig.engine,
+        kernel: str = EngineConfig.kernel,
+        threads: int | None = EngineConfig.threads,
     ) -> "KangarooModel":
         """Load a model and an adapter.
 
@@ -174,18 +180,22 @@ class KangarooModel:
         return decoder.stream(ids, max_new_tokens, self.eos_token_ids, sampling_config(sampling, **sampling_kw))
 
     def generate(self, prompt, max_new_tokens: int = 128, chat: bool | None = None, kangaroo: bool = True,
-                 sampling: SamplingConfig | None = None, **sampling_kw) -> Output:
+                 sampling: SamplingConfig | None = None, streamer: Streamer | None = None, **sampling_kw) -> Output:
         """Generate (greedy unless a temperature > 0 is given); ``kangaroo=False`` runs the plain
         autoregressive loop instead. Sampling with a ``seed`` is reproducible.
 
         Args:
             sampling: a :class:`SamplingConfig`; keywords ``temperature``, ``top_p``, ``top_k`` and
                 ``seed`` override its fields.
+            streamer: called with each round's text delta and :class:`Step` as the round is
+                accepted, then with the tail and None (see :data:`Streamer`); returning True stops
+                early, and the output then holds the rounds so far.
         """
         ids = self.encode(prompt, chat)
-        decoder = self.decoder if kangaroo else self.baseline
-        config = sampling_config(sampling, **sampling_kw)
-        result = collect(decoder.stream(ids, max_new_tokens, self.eos_token_ids, config), ids.shape[1], self.backbone)
+        steps = self.steps(ids, max_new_tokens, chat, kangaroo, sampling, **sampling_kw)
+        if streamer is not None:
+            steps = _streamed(steps, TextDeltas(self.tokenizer), streamer)
+        result = collect(steps, ids.shape[1], self.backbone)
         return Output(self.decode(result.token_ids), ids[0].tolist(), result)
 
     def stream(self, prompt, max_new_tokens: int = 128, chat: bool | None = None,
@@ -196,6 +206,16 @@ class KangarooModel:
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def _streamed(steps: Iterator[Step], deltas: TextDeltas, streamer: Streamer) -> Iterator[Step]:
+    """Pass ``steps`` on, telling ``streamer`` each one's text; stop (closing ``steps``) when it says so."""
+    with contextlib.closing(steps):
+        for step in steps:
+            yield step
+            if streamer(deltas.push(step.tokens), step):
+                return
+    streamer(deltas.flush(), None)
 
 
 def sampling_config(sampling: SamplingConfig | None = None, **overrides) -> SamplingConfig | None:

@@ -87,8 +87,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     """``kangaroo generate``."""
     from .config import SamplingConfig
-    from .decoding import collect
-    from .streaming import TextDeltas
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
@@ -99,25 +97,20 @@ def run(args) -> int:
     km = load_from_args(args)  # warns when it falls back to a random adapter
     ids = km.encode(prompt, args.chat)
     if args.compare:  # warm both loops up so that neither timing pays first-call costs
-        km.decoder.generate(ids[:, -8:], 4, km.eos_token_ids)
-        km.baseline.generate(ids[:, -8:], 4, km.eos_token_ids)
+        km.generate(ids[:, -8:], 4)
+        km.generate(ids[:, -8:], 4, kangaroo=False)
 
-    deltas = TextDeltas(km.tokenizer)
+    def printed(text: str, step) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
-    def printed(steps):
-        for step in steps:
-            if not args.json:
-                sys.stdout.write(deltas.push(step.tokens))
-                sys.stdout.flush()
-            yield step
-
-    steps = km.decoder.stream(ids, args.max_new_tokens, km.eos_token_ids, sampling)
-    result = collect(printed(steps), ids.shape[1], km.backbone)
+    out = km.generate(ids, args.max_new_tokens, sampling=sampling, streamer=None if args.json else printed)
+    result = out.result
     if not args.json:
-        sys.stdout.write(deltas.flush() + "\n")
+        sys.stdout.write("\n")
     record = {
-        "text": km.decode(result.token_ids),
-        "prompt_token_ids": ids[0].tolist(),
+        "text": out.text,
+        "prompt_token_ids": out.prompt_token_ids,
         "token_ids": result.token_ids,
         **result.stats(),
         "model": km.model_name,
@@ -129,7 +122,7 @@ def run(args) -> int:
         "sampling": sampling.to_dict(),
     }
     if args.compare:
-        ar = km.baseline.generate(ids, args.max_new_tokens, km.eos_token_ids, sampling)
+        ar = km.generate(ids, args.max_new_tokens, kangaroo=False, sampling=sampling).result
         record.update(
             ar_token_ids=ar.token_ids,
             ar_tokens_per_s=ar.tokens_per_s,

@@ -24,12 +24,7 @@ class TextDeltas:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = ""
-
-    @property
-    def text(self) -> str:
-        """Everything emitted so far."""
-        return self.emitted
+        self.emitted = ""  # everything returned so far
 
     def push(self, token_ids: Iterable[int]) -> str:
         """Add tokens; return the new text they complete (may be empty)."""
