@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -180,24 +181,24 @@ def test_one_step_lowers_the_loss(tiny_dir, data_file, tokenizer):
     from kangaroo.loading import load_model
     from kangaroo.model import Backbone
     from kangaroo.training.data import tokenize_all
-    from kangaroo.training.trainer import _null, compute_features, draft_loss, pad_batch
+    from kangaroo.training.trainer import compute_features, draft_loss, pad_batch
 
     model, _ = load_model(str(tiny_dir))
     bb = Backbone(model.requires_grad_(False))
     convs, report = read_conversations([str(data_file)])
     examples = tokenize_all(tokenizer, convs[:8], 96, report)
     ids, mask = pad_batch(examples, "cpu")
-    h, tid, tp = compute_features(bb, 1, ids, mask, top_k=32, chunk=256, autocast=_null)
+    h, tid, tp = compute_features(bb, 1, ids, mask, top_k=32, chunk=256, autocast=nullcontext)
     adapter = Adapter.random(bb, 1, seed=0).train()
     opt = torch.optim.AdamW(adapter.parameters(), lr=1e-2)
-    before = draft_loss(adapter, bb, h, mask, tid, tp, 256, _null, backward=True)
+    before = draft_loss(adapter, bb, h, mask, tid, tp, 256, nullcontext, backward=True)
     opt.step()
     with torch.no_grad():
-        after = draft_loss(adapter, bb, h, mask, tid, tp, 256, _null, backward=False)
+        after = draft_loss(adapter, bb, h, mask, tid, tp, 256, nullcontext, backward=False)
     assert after["loss"] < before["loss"]
     # chunking the LM head changes nothing but memory
     with torch.no_grad():
-        whole = draft_loss(adapter, bb, h, mask, tid, tp, 10_000, _null, backward=False)
+        whole = draft_loss(adapter, bb, h, mask, tid, tp, 10_000, nullcontext, backward=False)
     assert whole["loss"] == pytest.approx(after["loss"], rel=1e-5)
 
 
@@ -209,13 +210,13 @@ def test_hand_written_gradient_equals_autograd(tiny_dir, data_file, tokenizer):
     from kangaroo.loading import load_model
     from kangaroo.model import Backbone
     from kangaroo.training.data import tokenize_all
-    from kangaroo.training.trainer import _null, compute_features, draft_loss, pad_batch
+    from kangaroo.training.trainer import compute_features, draft_loss, pad_batch
 
     model, _ = load_model(str(tiny_dir))
     bb = Backbone(model.requires_grad_(False))
     convs, report = read_conversations([str(data_file)])
     ids, mask = pad_batch(tokenize_all(tokenizer, convs[:6], 96, report), "cpu")
-    h, tid, tp = compute_features(bb, 1, ids, mask, top_k=8, chunk=256, autocast=_null)
+    h, tid, tp = compute_features(bb, 1, ids, mask, top_k=8, chunk=256, autocast=nullcontext)
     adapter = Adapter.random(bb, 1, seed=3).train()
 
     a = adapter(h, bb, None, 0)[mask]
@@ -226,7 +227,7 @@ def test_hand_written_gradient_equals_autograd(tiny_dir, data_file, tokenizer):
     ref_grads = [p.grad.clone() for p in adapter.parameters()]
     for chunk in (7, 10_000):
         adapter.zero_grad()
-        got = draft_loss(adapter, bb, h, mask, tid, tp, chunk, _null, backward=True)
+        got = draft_loss(adapter, bb, h, mask, tid, tp, chunk, nullcontext, backward=True)
         assert got["loss"] == pytest.approx(ref_loss.item(), rel=1e-5)
         assert got["agree"] == float((logq.argmax(-1) == tid[:, 0]).sum())
         for ref, p in zip(ref_grads, adapter.parameters()):

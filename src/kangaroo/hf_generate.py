@@ -77,8 +77,6 @@ def kangaroo_generate(
         max_new = generation_config.max_length - n
     eos = generation_config.eos_token_id
     eos_ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
-    if isinstance(eos, torch.Tensor):
-        eos_ids = {int(e) for e in eos.reshape(-1)}
     new: list[int] = []
     if streamer is not None:
         streamer.put(input_ids.cpu())

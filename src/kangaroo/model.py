@@ -267,3 +267,48 @@ def attention_weights(attn: nn.Module) -> dict:
         "head_dim": head_dim,
         "scaling": float(attn.scaling),
     }
+
+
+# ---------------------------------------------------------------------- HF internals used elsewhere
+def new_forward_cache(model: nn.Module) -> tuple[str, object]:
+    """``(keyword, cache)``: an empty ``DynamicCache`` for ``model``'s own batched forward and the
+    keyword that forward takes it under (``cache`` since transformers 5.2x; ``past_key_values``
+    still works there, with a warning, and is the only one before)."""
+    from transformers import DynamicCache
+
+    return _cache_keyword(model), DynamicCache()
+
+
+def keep_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only batch rows ``rows`` (``[B']`` indices) of a ``DynamicCache``, in place."""
+    cache.batch_select_indices(rows)
+
+
+def strip_quantization_markers(model: nn.Module) -> None:
+    """Make a de-quantised GGUF-loaded model look like an ordinary float model.
+
+    transformers marks a GGUF-loaded model as quantized (``hf_quantizer``, ``is_quantized``,
+    ``quantization_method``, ``config.quantization_config``) and then refuses ``save_pretrained``
+    ("quantized with gguf and is not serializable") even though the weights are plain tensors. When
+    ``GgufConfig(dequantize=True)`` was honoured these are already gone; this handles the rest.
+    Raises ``RuntimeError`` if any weight is still packed.
+    """
+    from transformers import PreTrainedModel
+
+    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()})
+    if packed:
+        raise RuntimeError(f"GGUF weights were left packed ({', '.join(packed)}); cannot convert to float")
+    for name in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+        if name in vars(model):
+            delattr(model, name)
+    if getattr(model, "hf_quantizer", None) is not None:  # class-level or property: overwrite
+        model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    for sub in model.modules():
+        config = getattr(sub, "config", None)
+        if isinstance(sub, PreTrainedModel) and config is not None:
+            if hasattr(config, "quantization_config"):
+                delattr(config, "quantization_config")
+            if getattr(config, "_is_quantized", False):
+                config._is_quantized = False

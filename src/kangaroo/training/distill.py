@@ -16,7 +16,6 @@ learning rate) reuses them.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -155,7 +154,8 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_token
     Returns ``[(new token ids without EOS, finished)]`` in the order of ``prompts``.
     """
     import torch
-    from transformers import DynamicCache
+
+    from ..model import keep_cache_rows, new_forward_cache
 
     device = model.device
     n = max(len(p) for p in prompts)
@@ -169,14 +169,12 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_token
     live = list(range(len(prompts)))  # original row of each batch row
     outs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
-    cache = DynamicCache()
-    # the cache keyword was renamed in transformers 5.2x (past_key_values still works, with a warning)
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kw, cache = new_forward_cache(model)
     position = (attn.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         # logits_to_keep as an index tensor, not 1: HF then gathers a contiguous [B, 1, D] last state.
-        # With 1 it slices a strided view, and on CPU torch (2.13) runs the LM head on that view as a
-        # batched matmul that copies the [V, D] weight once per row: ~10 s instead of ~0.04 s at B=96.
+        # With 1 it slices a strided view, and CPU torch runs the LM head on that view as a batched
+        # matmul that copies the [V, D] weight once per row (docs/TRAINING.md).
         last = torch.tensor([n - 1], device=device)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=position, **{kw: cache},
                        use_cache=True, logits_to_keep=last).logits
@@ -195,7 +193,7 @@ def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_token
                 keep = (~done).nonzero()[:, 0]
                 live = [live[i] for i in keep.tolist()]
                 y, attn, next_pos = y[keep], attn[keep], next_pos[keep]
-                cache.batch_select_indices(keep)
+                keep_cache_rows(cache, keep)
             attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
             logits = model(input_ids=y[:, None], attention_mask=attn, position_ids=next_pos, **{kw: cache},
                            use_cache=True).logits

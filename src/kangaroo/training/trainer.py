@@ -20,12 +20,11 @@ lower bound). Metrics go to ``metrics.jsonl``; ``curves.png`` is drawn at the en
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,10 +32,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..adapter import Adapter, AdapterConfig, _atomic_write
+from ..adapter import Adapter, AdapterConfig
 from ..errors import KangarooError
 from .config import TrainConfig
 from .data import DataReport, Example, make_batches, read_conversations, split, tokenize_all
+from .outputs import (
+    MetricsLog,
+    latest_checkpoint,
+    plot_curves,
+    prune_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+    truncate_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +99,9 @@ def draft_loss(adapter, bb, h, mask, topk_ids, topk_p, chunk: int, autocast, bac
     With draft logits ``z = W a`` (``[n, V]``, the shared LM head), ``log q = z - logsumexp(z)`` and
     renormalised targets ``p̃`` over the top-k ids, the loss is ``−Σ p̃ log q = lse(z) − Σ p̃ z`` and
     its gradient is ``∂/∂z = softmax(z) − p̃`` (scattered), so ``∂/∂a = (softmax(z) − p̃) W``. Both
-    are computed here by hand, chunk by chunk: one ``[chunk, V]`` float buffer, no autograd graph
-    over the vocabulary (measured on 2 CPU cores, bf16, 784 positions: 460 ms against 511 ms for
-    autograd through ``log_softmax``; the two LM-head matmuls dominate either way). The adapter's
-    own backward then runs once. Returns sums over positions: ``loss``, ``agree`` (top-1
+    are computed here by hand, chunk by chunk: one ``[chunk, V]`` float buffer and no autograd graph
+    over the vocabulary, so memory stays bounded by ``chunk`` (docs/TRAINING.md has the timing
+    against autograd). The adapter's own backward then runs once. Returns sums over positions: ``loss``, ``agree`` (top-1
     match), ``accept`` (Σ min(p, q) over the top-k), ``n``.
     """
     with autocast():
@@ -216,270 +223,214 @@ def prepare_data(cfg: TrainConfig, model, bb, tokenizer, main_first) -> tuple[li
     return train, val, info
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-
-
-def _save_checkpoint(path: Path, adapter, optimizer, scheduler, state: dict) -> None:
-    """Write a checkpoint folder atomically: fill ``.tmp-<name>``, then rename it into place."""
-    tmp = path.parent / f".tmp-{path.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"adapter": adapter.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "state": state}, tmp / "checkpoint.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-    if path.exists():
-        old = path.parent / f".old-{path.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    steps = sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if ckpt_dir.exists() else []
-    return steps[-1] if steps else None
-
-
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns the final metrics. See the module docstring."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+    run = _Run(cfg)
+    if cfg.distill_only:
+        logger.info("self-distillation cache ready: %s", run.data_info.get("self_distill"))
+        return run.data_info
+    run.start()
+    epoch, done = run.state["epoch"], run.state["step"] >= run.total_steps
+    while not done:
+        done = run.epoch(epoch)
+        if not done:
+            epoch += 1
+            run.state.update(epoch=epoch, batch=0)
+    run.bar.close()
+    return run.export()
 
-    from ..loading import load_model, model_identity
-    from ..model import Backbone
 
+class _Run:
+    """One training run: set up (model, data, adapter, optimiser, resume) in ``__init__`` and
+    :meth:`start`, then :meth:`epoch` until the step budget is spent, then :meth:`export`."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from accelerate import Accelerator
+
+        _check(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.out = Path(cfg.out).expanduser()
+        self.ckpt_dir = self.out / "checkpoints"
+        self.latest = latest_checkpoint(self.ckpt_dir)
+        if self.latest is None and cfg.resume:
+            logger.warning("--resume: no checkpoint in %s, starting fresh", self.ckpt_dir)
+        if self.latest is not None and not cfg.resume and not cfg.distill_only:
+            raise KangarooError(f"{self.out} already holds checkpoints: pass --resume to continue, or choose another --out")
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                       mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+        self.device = self.accelerator.device
+        bf16 = cfg.precision == "bf16"
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        self.model, self.bb = self._load_target()
+        t_data = time.perf_counter()
+        self.train_set, self.val_set, self.data_info = prepare_data(cfg, self.model, self.bb, self.tokenizer,
+                                                                    self.accelerator.main_process_first)
+        self.data_info["prepare_s"] = round(time.perf_counter() - t_data, 1)
+
+    def _load_target(self):
+        from ..adapter import check_exit_layer, check_kv_heads
+        from ..loading import load_model
+        from ..model import Backbone
+
+        cfg = self.cfg
+        model_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        model, self.tokenizer = load_model(cfg.model, dtype=model_dtype, device=str(self.device))
+        model.requires_grad_(False).eval()
+        bb = Backbone(model)
+        check_exit_layer(cfg.exit_layer, bb.num_layers)
+        if cfg.kv_heads is not None:  # before any data preparation or self-distillation
+            check_kv_heads(cfg.kv_heads, bb.config.num_attention_heads)
+        return model, bb
+
+    def start(self) -> None:
+        """Adapter, optimiser and schedule (restored from the latest checkpoint on --resume), logs."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        self.lengths = [len(e.ids) for e in self.train_set]
+        adapter = _new_adapter(cfg, self.bb).float().to(self.device).train()
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        per_epoch = [len(make_batches(self.lengths, cfg.batch_tokens, cfg.seed, e)) // self.world for e in range(cfg.epochs)]
+        # --max-steps wins over --epochs: it stops early, or keeps cycling through further epochs
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else sum(per_epoch)
+        if self.total_steps <= 0 or not any(per_epoch[:1]) and cfg.max_steps is None:
+            raise KangarooError("nothing to train: no full batch per process (more data, or a smaller --batch-tokens)")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, self.total_steps))
+        self.adapter, self.optimizer, self.scheduler = acc.prepare(adapter, optimizer, scheduler)
+        self.raw = acc.unwrap_model(self.adapter)
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "best_val_loss": None, "best_step": None, "tokens": 0, "train_s": 0.0}
+        if self.latest is not None and cfg.resume:
+            self._resume(self.latest)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out / "metrics.jsonl"
+        if acc.is_main_process:
+            truncate_metrics(self.metrics_path, self.state["step"])
+            (self.out / "train_config.json").write_text(
+                json.dumps({"config": asdict(cfg), "data": self.data_info}, indent=2, default=str) + "\n")
+        self.cache = FeatureCache(cfg.feature_cache_gb * 2**30)
+        self.log = MetricsLog(self.metrics_path, acc.is_main_process)
+        self.bar = tqdm(total=self.total_steps, initial=self.state["step"], desc=f"train ℓ={cfg.exit_layer}",
+                        dynamic_ncols=True, disable=not (cfg.progress and acc.is_main_process))
+        self.last_val: dict = {}
+        self.window = {"loss": 0.0, "agree": 0.0, "n": 0, "t": time.perf_counter()}
+        self.t0 = time.perf_counter() - self.state["train_s"]
+
+    def _resume(self, checkpoint: Path) -> None:
+        ck = torch.load(checkpoint / "checkpoint.pt", map_location=self.device, weights_only=False)
+        self.raw.load_state_dict(ck["adapter"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        self.state = ck["state"]
+        logger.info("resumed from %s (step %d, epoch %d, batch %d)", checkpoint, self.state["step"], self.state["epoch"],
+                    self.state["batch"])
+
+    def epoch(self, epoch: int) -> bool:
+        """Train through ``epoch``'s batches (from the saved position on a resume); True once the
+        step budget is spent."""
+        cfg, state = self.cfg, self.state
+        batches = make_batches(self.lengths, cfg.batch_tokens, cfg.seed, epoch)
+        batches = batches[self.rank :: self.world][: len(batches) // self.world]
+        for bi in range(state["batch"] if epoch == state["epoch"] else 0, len(batches)):
+            exs = [self.train_set[i] for i in batches[bi]]
+            h, mask, tid, tp = batch_features(self.bb, cfg, exs, batches[bi], self.cache, self.device, self.autocast)
+            self.optimizer.zero_grad(set_to_none=True)
+            s = draft_loss(self.adapter, self.bb, h, mask, tid, tp, cfg.chunk, self.autocast, backward=True)
+            self.accelerator.clip_grad_norm_(self.adapter.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            state.update(step=state["step"] + 1, epoch=epoch, batch=bi + 1, tokens=state["tokens"] + int(mask.sum()))
+            for k in ("loss", "agree", "n"):
+                self.window[k] += s[k]
+            self.bar.update(1)
+            if state["step"] % cfg.log_every == 0:
+                self._log_window(epoch)
+            done = state["step"] >= self.total_steps
+            validate = done or state["step"] % cfg.val_every == 0
+            if validate or state["step"] % cfg.save_every == 0:
+                self.save(validate)
+            if done:
+                return True
+        return False
+
+    def _window_loss(self) -> float:
+        return self.window["loss"] / max(self.window["n"], 1)
+
+    def _log_window(self, epoch: int) -> None:
+        w, now = self.window, time.perf_counter()
+        dt = now - w["t"]
+        self.log.write({"step": self.state["step"], "epoch": epoch, "loss": self._window_loss(),
+                        "agreement": w["agree"] / max(w["n"], 1), "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": w["n"] / dt if dt > 0 else None, "elapsed_s": now - self.t0})
+        self.bar.set_postfix(loss=f"{self._window_loss():.3f}",
+                             val_agree=f"{self.last_val.get('val_agreement', float('nan')):.3f}")
+        w.update(loss=0.0, agree=0.0, n=0, t=time.perf_counter())
+
+    def save(self, validate: bool) -> None:
+        """Checkpoint this step (validating first if asked; a better validation loss also becomes
+        ``best/``), then prune old checkpoints."""
+        state, better = self.state, False
+        if validate:
+            better = self._validate()
+        state["train_s"] = time.perf_counter() - self.t0
+        if better:
+            state["best_val_loss"], state["best_step"] = self.last_val.get("val_loss"), state["step"]
+            state["best_metrics"] = dict(self.last_val)
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.ckpt_dir / f"step-{state['step']:06d}", self.raw, self.optimizer, self.scheduler, dict(state))
+            if better:
+                save_checkpoint(self.out / "best", self.raw, self.optimizer, self.scheduler, dict(state))
+            prune_checkpoints(self.ckpt_dir, self.cfg.keep)
+
+    def _validate(self) -> bool:
+        """Validate on the held-out set; whether it beat the best so far (always, with no held-out set)."""
+        if not self.val_set:
+            return True
+        self.last_val = v = evaluate(self.raw, self.bb, self.cfg, self.val_set, self.cache, self.device, self.autocast)
+        self.log.write({"step": self.state["step"], "epoch": self.state["epoch"], **v})
+        self.bar.set_postfix(loss=f"{self._window_loss():.3f}", val_agree=f"{v['val_agreement']:.3f}",
+                             val_accept=f"{v['val_accept']:.3f}")
+        return self.state["best_val_loss"] is None or v["val_loss"] < self.state["best_val_loss"]
+
+    def export(self) -> dict:
+        """Save the best checkpoint's adapter (and the curves) in ``--out``; returns its metrics."""
+        from ..loading import model_identity
+
+        cfg, raw, state = self.cfg, self.raw, self.state
+        best = torch.load(self.out / "best" / "checkpoint.pt", map_location="cpu", weights_only=False)
+        raw.load_state_dict(best["adapter"])
+        final = dict(best["state"].get("best_metrics") or self.last_val)
+        final.update(best_step=best["state"]["step"], steps=state["step"], train_tokens_seen=state["tokens"],
+                     train_s=round(time.perf_counter() - self.t0, 1))
+        if self.accelerator.is_main_process:
+            config = AdapterConfig(
+                base_model=model_identity(cfg.model), exit_layer=cfg.exit_layer, fingerprint=self.bb.fingerprint(),
+                kv_heads=cfg.kv_heads,
+                training={"config": asdict(cfg), "data": self.data_info, "final_metrics": final,
+                          "adapter_parameters": raw.num_parameters(),
+                          "model_parameters": sum(p.numel() for p in self.model.parameters())},
+            )
+            raw.float().save(self.out, config)
+            plot_curves(self.metrics_path, self.out / "curves.png")
+            logger.info("adapter saved to %s: %s", self.out, final)
+        return final
+
+
+def _check(cfg: TrainConfig) -> None:
     if cfg.precision not in ("fp32", "bf16"):
         raise KangarooError(f"--precision must be fp32 or bf16, got {cfg.precision}")
     if cfg.top_k < 1:
         raise KangarooError("--top-k must be >= 1")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out).expanduser()
-    ckpt_dir = out / "checkpoints"
-    latest = _latest_checkpoint(ckpt_dir)
-    if latest is None and cfg.resume:
-        logger.warning("--resume: no checkpoint in %s, starting fresh", ckpt_dir)
-    if latest is not None and not cfg.resume and not cfg.distill_only:
-        raise KangarooError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if cfg.precision == "bf16" else "no")
-    device = accelerator.device
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.precision == "bf16" else _null
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-
-    model_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    model, tokenizer = load_model(cfg.model, dtype=model_dtype, device=str(device))
-    model.requires_grad_(False).eval()
-    bb = Backbone(model)
-    from ..adapter import check_exit_layer, check_kv_heads
-    check_exit_layer(cfg.exit_layer, bb.num_layers)
-    if cfg.kv_heads is not None:  # before any data preparation or self-distillation
-        check_kv_heads(cfg.kv_heads, bb.config.num_attention_heads)
-
-    t_data = time.perf_counter()
-    train_set, val_set, data_info = prepare_data(cfg, model, bb, tokenizer, accelerator.main_process_first)
-    data_info["prepare_s"] = round(time.perf_counter() - t_data, 1)
-    if cfg.distill_only:
-        logger.info("self-distillation cache ready: %s", data_info.get("self_distill"))
-        return data_info
-    lengths = [len(e.ids) for e in train_set]
-
-    # adapter, optimiser, schedule
-    if cfg.init == "warm":
-        adapter = Adapter.from_backbone(bb, cfg.exit_layer, cfg.kv_heads)
-    elif cfg.init == "random":
-        adapter = Adapter.random(bb, cfg.exit_layer, seed=cfg.seed, kv_heads=cfg.kv_heads)
-    else:
+    if cfg.init not in ("warm", "random"):
         raise KangarooError(f"--init must be warm or random, got {cfg.init}")
-    adapter = adapter.float().to(device).train()
-    optimizer = torch.optim.AdamW(adapter.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch = [len(make_batches(lengths, cfg.batch_tokens, cfg.seed, e)) // world for e in range(cfg.epochs)]
-    # --max-steps wins over --epochs: it stops early, or keeps cycling through further epochs
-    total_steps = cfg.max_steps if cfg.max_steps is not None else sum(per_epoch)
-    if total_steps <= 0 or not any(per_epoch[:1]) and cfg.max_steps is None:
-        raise KangarooError("nothing to train: no full batch per process (more data, or a smaller --batch-tokens)")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    adapter, optimizer, scheduler = accelerator.prepare(adapter, optimizer, scheduler)
-    raw = accelerator.unwrap_model(adapter)
-
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_val_loss": None, "best_step": None, "tokens": 0, "train_s": 0.0}
-    if latest is not None and cfg.resume:
-        ck = torch.load(latest / "checkpoint.pt", map_location=device, weights_only=False)
-        raw.load_state_dict(ck["adapter"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"])
-        state = ck["state"]
-        logger.info("resumed from %s (step %d, epoch %d, batch %d)", latest, state["step"], state["epoch"], state["batch"])
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    if accelerator.is_main_process:
-        _truncate_metrics(metrics_path, state["step"])
-        (out / "train_config.json").write_text(json.dumps({"config": asdict(cfg), "data": data_info}, indent=2, default=str) + "\n")
-
-    cache = FeatureCache(cfg.feature_cache_gb * 2**30)
-    log = _MetricsLog(metrics_path, accelerator.is_main_process)
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train ℓ={cfg.exit_layer}", dynamic_ncols=True,
-               disable=not (cfg.progress and accelerator.is_main_process))
-    last_val: dict = {}
-    window = {"loss": 0.0, "agree": 0.0, "n": 0, "t": time.perf_counter()}
-    t0 = time.perf_counter() - state["train_s"]
-
-    def validate_and_save(final: bool = False) -> None:
-        nonlocal last_val
-        if val_set:
-            last_val = evaluate(raw, bb, cfg, val_set, cache, device, autocast)
-            log.write({"step": state["step"], "epoch": state["epoch"], **last_val})
-            bar.set_postfix(loss=f"{window_loss():.3f}", val_agree=f"{last_val['val_agreement']:.3f}",
-                            val_accept=f"{last_val['val_accept']:.3f}")
-            better = state["best_val_loss"] is None or last_val["val_loss"] < state["best_val_loss"]
-        else:
-            better = True
-        state["train_s"] = time.perf_counter() - t0
-        if better:
-            state["best_val_loss"], state["best_step"] = last_val.get("val_loss"), state["step"]
-            state["best_metrics"] = dict(last_val)
-        if accelerator.is_main_process:
-            _save_checkpoint(ckpt_dir / f"step-{state['step']:06d}", raw, optimizer, scheduler, dict(state))
-            if better:
-                _save_checkpoint(out / "best", raw, optimizer, scheduler, dict(state))
-            for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[: -cfg.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def window_loss() -> float:
-        return window["loss"] / max(window["n"], 1)
-
-    done = state["step"] >= total_steps
-    epoch = state["epoch"]
-    while not done:
-        batches = make_batches(lengths, cfg.batch_tokens, cfg.seed, epoch)
-        batches = batches[rank::world][: len(batches) // world]
-        for bi in range(state["batch"] if epoch == state["epoch"] else 0, len(batches)):
-            exs = [train_set[i] for i in batches[bi]]
-            h, mask, tid, tp = batch_features(bb, cfg, exs, batches[bi], cache, device, autocast)
-            optimizer.zero_grad(set_to_none=True)
-            s = draft_loss(adapter, bb, h, mask, tid, tp, cfg.chunk, autocast, backward=True)
-            accelerator.clip_grad_norm_(adapter.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            state.update(step=state["step"] + 1, epoch=epoch, batch=bi + 1, tokens=state["tokens"] + int(mask.sum()))
-            window["loss"] += s["loss"]
-            window["agree"] += s["agree"]
-            window["n"] += s["n"]
-            bar.update(1)
-            if state["step"] % cfg.log_every == 0:
-                dt = time.perf_counter() - window["t"]
-                log.write({"step": state["step"], "epoch": epoch, "loss": window_loss(),
-                           "agreement": window["agree"] / max(window["n"], 1), "lr": scheduler.get_last_lr()[0],
-                           "tokens_per_s": window["n"] / dt if dt > 0 else None, "elapsed_s": time.perf_counter() - t0})
-                bar.set_postfix(loss=f"{window_loss():.3f}", val_agree=f"{last_val.get('val_agreement', float('nan')):.3f}")
-                window.update(loss=0.0, agree=0.0, n=0, t=time.perf_counter())
-            if state["step"] >= total_steps:
-                done = True
-            if done or state["step"] % cfg.save_every == 0 or state["step"] % cfg.val_every == 0:
-                if done or state["step"] % cfg.val_every == 0:
-                    validate_and_save()
-                elif accelerator.is_main_process:
-                    state["train_s"] = time.perf_counter() - t0
-                    _save_checkpoint(ckpt_dir / f"step-{state['step']:06d}", raw, optimizer, scheduler, dict(state))
-                    for old in sorted(ckpt_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[: -cfg.keep]:
-                        shutil.rmtree(old, ignore_errors=True)
-            if done:
-                break
-        if not done:
-            epoch += 1
-            state.update(epoch=epoch, batch=0)
-    bar.close()
-
-    # final adapter: the best checkpoint by validation loss
-    best = torch.load(out / "best" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    raw.load_state_dict(best["adapter"])
-    final = dict(best["state"].get("best_metrics") or last_val)
-    final.update(best_step=best["state"]["step"], steps=state["step"], train_tokens_seen=state["tokens"],
-                 train_s=round(time.perf_counter() - t0, 1))
-    if accelerator.is_main_process:
-        config = AdapterConfig(
-            base_model=model_identity(cfg.model), exit_layer=cfg.exit_layer, fingerprint=bb.fingerprint(),
-            kv_heads=cfg.kv_heads,
-            training={"config": asdict(cfg), "data": data_info, "final_metrics": final,
-                      "adapter_parameters": raw.num_parameters(),
-                      "model_parameters": sum(p.numel() for p in model.parameters())},
-        )
-        raw.float().save(out, config)
-        plot_curves(metrics_path, out / "curves.png")
-        logger.info("adapter saved to %s: %s", out, final)
-    return final
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-class _MetricsLog:
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop log rows written after the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().split("\n") if line.strip()]
-    keep = []
-    for line in rows:
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            continue
-    _atomic_write(path, lambda p: p.write_text("".join(k + "\n" for k in keep)))
-
-
-def plot_curves(metrics_path: Path, png: Path) -> None:
-    """Training loss and validation metrics against steps (skipped if matplotlib is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.warning("matplotlib not installed: no %s", png)
-        return
-    rows = [json.loads(line) for line in metrics_path.read_text().split("\n") if line.strip()]
-    tr = [r for r in rows if "loss" in r]
-    va = [r for r in rows if "val_loss" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train soft CE")
-    ax1.plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", label="val soft CE")
-    ax1.set_xlabel("step")
-    ax1.legend()
-    ax2.plot([r["step"] for r in va], [r["val_agreement"] for r in va], "o-", label="val top-1 agreement")
-    ax2.plot([r["step"] for r in va], [r["val_accept"] for r in va], "s-", label="val Σ min(p, q)")
-    ax2.plot([r["step"] for r in tr], [r["agreement"] for r in tr], alpha=0.4, label="train top-1 agreement")
-    ax2.set_xlabel("step")
-    ax2.set_ylim(0, 1)
-    ax2.legend()
-    fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, png)
+def _new_adapter(cfg: TrainConfig, bb) -> Adapter:
+    if cfg.init == "warm":
+        return Adapter.from_backbone(bb, cfg.exit_layer, cfg.kv_heads)
+    return Adapter.random(bb, cfg.exit_layer, seed=cfg.seed, kv_heads=cfg.kv_heads)
