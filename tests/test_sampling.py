@@ -167,6 +167,8 @@ DECODER_SETTINGS = {
     "T=0.8 top-k=5 η=0.3, low-confidence token dropped": (
         SamplingConfig(0.8, top_k=5), KangarooConfig(exit_layer=1, max_steps=5, threshold=0.3, verify_low_confidence=False), "random"),
     "bad adapter T=1": (SamplingConfig(1.0), KangarooConfig(exit_layer=1, max_steps=2, threshold=0.0), "bad"),
+    # q lives on half the vocabulary (a draft vocabulary): p outside it must still come out exactly
+    "draft vocabulary T=1": (SamplingConfig(1.0), KangarooConfig(exit_layer=1, max_steps=4, threshold=0.0), "good-subset"),
 }
 
 
@@ -174,12 +176,14 @@ def _decoder_statistics(name: str, tokens_wanted: int) -> dict:
     """Decode until ``tokens_wanted`` tokens; return the PIT χ² test, the Σp(y) z-score and counters."""
     sampling, config, kind = DECODER_SETTINGS[name]
     V, max_new = 32, 250
-    model = tiny_model("llama", seed=11, vocab_size=V, damp_from=1 if kind == "good" else None, initializer_range=0.1,
+    model = tiny_model("llama", seed=11, vocab_size=V, damp_from=1 if kind.startswith("good") else None, initializer_range=0.1,
                        num_hidden_layers=config.exit_layer + 1, hidden_size=32, intermediate_size=64)
     backbone = Backbone(model)
     adapter = Adapter.random(backbone, config.exit_layer, seed=3)
-    if kind == "good":
+    if kind.startswith("good"):
         passthrough_adapter(adapter)
+    if kind == "good-subset":
+        adapter.draft_vocab = torch.arange(0, V, 2)
     if kind == "bad":  # confident and wrong: q is nearly a point mass on an unrelated token
         with torch.no_grad():
             adapter.post_norm.weight.mul_(30.0)

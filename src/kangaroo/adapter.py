@@ -32,6 +32,7 @@ from .model import Backbone
 logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "adapter.safetensors"
+DRAFT_VOCAB_KEY = "draft_vocab"  # int64 token ids in adapter.safetensors, when the adapter has a draft vocabulary
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = 1
 
@@ -47,6 +48,7 @@ class AdapterConfig:
     format_version: int = FORMAT_VERSION
     training: dict = field(default_factory=dict)  # training config, data and final metrics (kangaroo train)
     kv_heads: int | None = None  # adapter attention's key/value heads (None = the target's own layout)
+    draft_vocab: dict | None = None  # the draft head's token subset: {"size", "source"} (None = full LM head)
 
 
 class Adapter(nn.Module):
@@ -76,6 +78,9 @@ class Adapter(nn.Module):
         self.input_norm = norm_cls(config.hidden_size, eps=eps)
         self.self_attn = type(backbone.attention_module(0))(config, layer_idx=0)
         self.post_norm = norm_cls(config.hidden_size, eps=eps)
+        # token ids the draft head scores (sorted; None = the whole LM head): drafting over the most
+        # frequent tokens only costs a fraction of the LM head, and verification keeps every token
+        self.register_buffer("draft_vocab", None, persistent=False)
 
     def forward(self, hidden: torch.Tensor, backbone: Backbone, cache, pos: int) -> torch.Tensor:
         """Adapter over exit-layer states ``hidden`` ``[B, T, D]`` at positions ``pos..pos+T-1``.
@@ -140,6 +145,10 @@ class Adapter(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.draft_vocab is not None:
+            state[DRAFT_VOCAB_KEY] = self.draft_vocab.detach().long().cpu().contiguous()
+        elif config.draft_vocab is not None:
+            raise KangarooError("adapter config names a draft vocabulary but the adapter has none")
         config = AdapterConfig(**{**asdict(config), "dtype": str(next(self.parameters()).dtype).removeprefix("torch.")})
         _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
         _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(asdict(config), indent=2) + "\n"))
@@ -181,11 +190,16 @@ class Adapter(nn.Module):
             adapter = cls(backbone, config.exit_layer, config.kv_heads)
         except KangarooError as exc:
             raise KangarooError(f"corrupt adapter config {cfg_file}: {exc}") from None
+        vocab = state.pop(DRAFT_VOCAB_KEY, None)
+        if (vocab is None) != (config.draft_vocab is None):
+            raise KangarooError(f"adapter {path}: the draft vocabulary in {CONFIG_NAME} and {WEIGHTS_NAME} disagree")
         expected = {k: v.shape for k, v in adapter.state_dict().items()}
         found = {k: v.shape for k, v in state.items()}
         if expected != found:
             raise KangarooError(f"adapter weights {weights} do not fit this model's layout (tensor names or shapes differ)")
         adapter.load_state_dict(state)
+        if vocab is not None:
+            adapter.draft_vocab = check_draft_vocab(vocab, backbone.config.vocab_size, str(weights))
         return adapter.to(device=backbone.device, dtype=backbone.dtype).eval(), config
 
 
@@ -203,6 +217,15 @@ class EarlyExitHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, backbone: Backbone, cache=None, pos: int = 0) -> torch.Tensor:
         return backbone.final_norm(hidden)
+
+
+def check_draft_vocab(vocab: torch.Tensor, vocab_size: int, where: str) -> torch.Tensor:
+    """A draft vocabulary must be distinct sorted token ids of this model; returns it as int64."""
+    vocab = vocab.long()
+    if (vocab.dim() != 1 or vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= vocab_size
+            or (vocab.numel() > 1 and not bool((vocab[1:] > vocab[:-1]).all()))):
+        raise KangarooError(f"corrupt draft vocabulary in {where}: expected sorted distinct ids below {vocab_size}")
+    return vocab
 
 
 def check_exit_layer(exit_layer: int, num_layers: int) -> None:

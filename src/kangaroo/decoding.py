@@ -23,6 +23,7 @@ from .config import KangarooConfig, SamplingConfig
 from .drafting import Drafter
 from .errors import KangarooError
 from .kv_cache import KVCache
+from .lookup import NgramIndex
 from .engine import Engine
 from .sampling import Sampler
 from .verification import greedy_accept, truncate_at_stop
@@ -45,6 +46,7 @@ class Step:
     accepted: int = 0
     draft_steps: int = 0
     confidences: list[float] = field(default_factory=list)
+    source: str = ""  # where the drafts came from: "adapter", "lookup" ("" for the prefill and plain decoding)
 
 
 @dataclass
@@ -176,12 +178,15 @@ class KangarooDecoder:
         self.drafter.start(h_prompt)
         pos = input_ids.shape[1]  # position of y, the last committed token
         tokens, done = truncate_at_stop([y], eos_token_ids, budget)
+        lookup = self._lookup(input_ids, tokens, sampler)
         yield Step(tokens)
         budget -= len(tokens)
         while not done:
-            # 1. draft: shallow layers + adapter, at most γ tokens, stop when top-1 prob < η; one
+            # 1. draft: a continuation of an earlier occurrence of the last n-gram (prompt lookup,
+            #    free), else shallow layers + adapter, at most γ tokens, stop when top-1 prob < η; one
             #    token of the budget is kept for the target's own (sampling: drafts are drawn from q)
-            draft = self.drafter.draft(y, pos, self.cache, budget - 1, eos_token_ids, sampler)
+            proposal = lookup.propose(min(self.config.lookup_tokens, budget - 1)) if lookup else None
+            draft = self.drafter.draft(y, pos, self.cache, budget - 1, eos_token_ids, sampler, proposal)
             # 2. verify: only layers [ℓ, L) run, over the exit-layer states drafting already computed
             h_last = bb.run_layers(ℓ, L, draft.hidden, self.cache, pos)  # [1, k+1, D]
             logits = bb.logits(h_last)[0]  # [k+1, V]
@@ -195,9 +200,20 @@ class KangarooDecoder:
             # 4. roll back every cache to the committed length (the adapter may keep a pending state)
             self.cache.crop(pos + m + 1)
             self.drafter.rollback(pos + m + 1, draft.hidden, pos)
-            yield Step(tokens, len(draft.tokens), len(tokens) - 1, draft.steps, draft.confidences)
+            yield Step(tokens, len(draft.tokens), len(tokens) - 1, draft.steps, draft.confidences, draft.source)
+            if lookup:
+                lookup.extend(tokens)
             budget -= len(tokens)
             pos, y = pos + m + 1, new[-1]
+
+    def _lookup(self, input_ids: torch.Tensor, first: list[int], sampler: Sampler | None) -> NgramIndex | None:
+        """The n-gram index over prompt + first token, when lookup drafts are on (greedy only)."""
+        cfg = self.config
+        if not cfg.lookup_tokens or sampler is not None:
+            return None
+        index = NgramIndex(max_ngram=max(3, cfg.lookup_ngram), min_ngram=cfg.lookup_ngram)
+        index.reset(input_ids[0].tolist() + first)
+        return index
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset(),
                  sampling: SamplingConfig | None = None) -> GenerationResult:

@@ -30,6 +30,7 @@ class Draft:
         steps: adapter + LM-head steps run (``k``, or ``k+1`` when the low-confidence token was dropped).
         probs: when sampling, ``[k, V]`` processed draft distributions ``q`` the tokens were drawn
             from (None when greedy or ``k == 0``).
+        source: ``"adapter"`` (the self-draft model) or ``"lookup"`` (prompt lookup).
     """
 
     tokens: torch.Tensor
@@ -37,6 +38,7 @@ class Draft:
     confidences: list[float]
     steps: int
     probs: torch.Tensor | None = None
+    source: str = "adapter"
 
 
 class Drafter:
@@ -55,6 +57,11 @@ class Drafter:
         # prompt after prefill, or the last drafted token when every draft was accepted
         self.pending: torch.Tensor | None = None
         self.stateless = getattr(adapter, "stateless", False)  # e.g. EarlyExitHead: nothing to keep
+        # the draft head: the LM head, or its rows for the adapter's draft vocabulary (then draft-head
+        # index i is token vocab[i]; verification still uses the full vocabulary)
+        self.head, self.vocab = backbone.draft_head(adapter)
+        self.vocab_list = None if self.vocab is None else self.vocab.tolist()
+        self.vocab_size = backbone.config.vocab_size
 
     def start(self, prompt_hidden: torch.Tensor) -> None:
         """New sequence: the prompt's exit-layer states ``[1, n, D]`` become the adapter's first input."""
@@ -63,7 +70,7 @@ class Drafter:
 
     @torch.no_grad()
     def draft(self, y0: int, pos: int, target_cache: KVCache, budget: int, eos_token_ids: set[int],
-              sampler: Sampler | None = None) -> Draft:
+              sampler: Sampler | None = None, proposal: list[int] | None = None) -> Draft:
         """Draft from the last committed token ``y0`` at position ``pos``.
 
         Args:
@@ -72,7 +79,26 @@ class Drafter:
             sampler: None = greedy drafts (argmax); else each draft is drawn from the processed draft
                 distribution ``q`` (same temperature/top-k/top-p as the target), and the second early
                 exit looks at ``max q``.
+            proposal: tokens found by prompt lookup (greedy only): when given, they are the draft
+                and the adapter does not run this round.
         """
+        if proposal and sampler is None:
+            return self._lookup_draft(y0, pos, target_cache, proposal[:budget])
+        return self._adapter_draft(y0, pos, target_cache, budget, eos_token_ids, sampler)
+
+    def _lookup_draft(self, y0: int, pos: int, target_cache: KVCache, proposal: list[int]) -> Draft:
+        """A free draft: the shallow layers run once over ``y0`` and the proposal (row for row what
+        single steps compute, see kangaroo.engine), no adapter, no LM head."""
+        bb, ℓ = self.backbone, self.config.exit_layer
+        ids = torch.tensor([[y0, *proposal]], device=bb.device)
+        hidden = bb.run_layers(0, ℓ, bb.embed(ids), target_cache, pos)  # [1, k+1, D]
+        tokens = torch.tensor(proposal, dtype=torch.long, device=bb.device)
+        return Draft(tokens=tokens, hidden=hidden, confidences=[], steps=0, source="lookup")
+
+    def _adapter_draft(self, y0: int, pos: int, target_cache: KVCache, budget: int, eos_token_ids: set[int],
+                       sampler: Sampler | None) -> Draft:
+        """The paper's chain: shallow layers + adapter + draft head, token by token, until γ tokens,
+        the budget, an EOS, or a top-1 probability below η (the second early exit)."""
         bb, cfg, ℓ = self.backbone, self.config, self.config.exit_layer
         device = bb.device
         tokens: list[int] = []
@@ -88,14 +114,15 @@ class Drafter:
             a_in = h if self.pending is None else torch.cat([self.pending, h], dim=1)
             out = bb.adapter_forward(self.adapter, a_in, self.cache, self.cache.length())[:, -1:]  # [1, 1, D]
             self.pending = None
-            logits = bb.project(out).float()[0, -1]  # [V]
+            logits = self.head(out).float()[0, -1]  # [V], or [V_draft] over the draft vocabulary
             if sampler is None:
-                conf, tok = torch.softmax(logits, dim=-1).max(dim=-1)
-                y = int(tok)
+                conf, idx = torch.softmax(logits, dim=-1).max(dim=-1)
+                y = self._token(int(idx))
             else:
-                q = sampler.probs(logits)  # [V]
-                conf, y = q.max(), sampler.sample(q)
-                qs.append(q)
+                q = sampler.probs(logits)
+                conf, idx = q.max(), sampler.sample(q)
+                y = self._token(idx)
+                qs.append(q if self.vocab is None else q.new_zeros(self.vocab_size).index_copy_(0, self.vocab, q))
             tokens.append(y)
             confidences.append(float(conf))
             if confidences[-1] < cfg.threshold:  # second early exit
@@ -119,6 +146,10 @@ class Drafter:
             steps=steps,
             probs=torch.stack(qs) if qs else None,
         )
+
+    def _token(self, index: int) -> int:
+        """Token id of draft-head output ``index`` (the draft vocabulary maps it back)."""
+        return index if self.vocab is None else int(self.vocab_list[index])
 
     def rollback(self, new_len: int, hidden: torch.Tensor, pos: int) -> None:
         """Keep ``new_len`` positions in the adapter's view of the sequence.

@@ -126,6 +126,7 @@ class FusedEngine:
             self.embed_weight = backbone.embed_tokens.weight.detach()
         self._rope: dict[str, torch.Tensor] = {}  # layer type -> complex [n, d/2] (cos + i sin)
         self._adapters: dict[int, tuple] = {}  # id(adapter) -> (adapter, its fused attention, norms)
+        self._heads: dict[int, tuple] = {}  # id(adapter) -> (adapter, draft-vocabulary head)
 
     def _build_layer(self, w: dict) -> _Layer:
         gate_up = torch.cat([w["gate"].detach(), w["up"].detach()])
@@ -166,6 +167,23 @@ class FusedEngine:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head, ``[1, T, D] -> [1, T, V]`` float32."""
         return self.project(self.final_norm(hidden)).float()
+
+    def draft_head(self, adapter):
+        """``(head, vocab)``: the product drafting uses on adapter outputs ``[1, T, D] -> [1, T, V']``
+        and the token ids of its rows (None: the whole LM head). An adapter with a draft vocabulary
+        gets the LM head's rows for those tokens only."""
+        vocab = getattr(adapter, "draft_vocab", None)
+        if vocab is None:
+            return self.project, None
+        cached = self._heads.get(id(adapter))
+        if cached is None or cached[0] is not adapter:
+            head = self.backbone.lm_head
+            with torch.no_grad():
+                rows = Linear(head.weight[vocab], None if head.bias is None else head.bias[vocab],
+                              self.weight_dtype, self.kernel, check=False)  # drafts need no bit-exactness
+            cached = self._heads[id(adapter)] = (adapter, rows)
+        rows = cached[1]
+        return (lambda x: rows(x[0])[None]), vocab
 
     def rope(self, pos: int, T: int, layer_type: str = "full_attention") -> torch.Tensor:
         """RoPE as complex rotations for positions ``pos..pos+T-1``: ``[T, 1, d/2]``."""

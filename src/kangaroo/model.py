@@ -116,6 +116,16 @@ class Backbone:
         """The LM head alone, ``[B, T, D] -> [B, T, V]`` in the model's dtype."""
         return self.lm_head(x)
 
+    def draft_head(self, adapter: nn.Module):
+        """``(head, vocab)``: the LM head, or its rows for the adapter's draft vocabulary (see
+        :meth:`kangaroo.engine.FusedEngine.draft_head`)."""
+        vocab = getattr(adapter, "draft_vocab", None)
+        if vocab is None:
+            return self.project, None
+        weight = self.lm_head.weight[vocab].detach()
+        bias = None if self.lm_head.bias is None else self.lm_head.bias[vocab].detach()
+        return (lambda x: nn.functional.linear(x, weight, bias)), vocab
+
     def adapter_forward(self, adapter: nn.Module, hidden: torch.Tensor, cache, pos: int) -> torch.Tensor:
         """The adapter's own (HF-module) forward over exit-layer states ``[B, T, D]`` at ``pos..``."""
         return adapter(hidden, self, cache, pos)
