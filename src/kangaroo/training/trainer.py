@@ -193,7 +193,8 @@ def prepare_data(cfg: TrainConfig, model, bb, tokenizer, main_first) -> tuple[li
     info: dict = {"read": report.to_dict()}
     if cfg.self_distill:
         from ..api import _eos_ids
-        from ..loading import cache_dir, model_identity
+        from ..fetch import cache_dir
+        from ..loading import model_identity
         from .distill import cache_file, self_distill
 
         folder = cfg.distill_cache or cache_dir() / "distill"
