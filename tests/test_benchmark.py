@@ -1,7 +1,6 @@
 """``kangaroo bench`` end to end on a tiny random model, and its metrics recomputed from answer files alone.
 
-The tiny model uses the real SmolLM2 tokenizer (chat template included), which CI fetches into
-``~/.cache/kangaroo/models/smollm2-135m-instruct`` before the tests run.
+The tiny model uses the tiny in-process chat tokenizer of conftest.py (no download).
 """
 
 from __future__ import annotations
@@ -12,13 +11,13 @@ from statistics import mean
 
 import pytest
 import torch
-from conftest import default_model_folder
+from conftest import tiny_tokenizer
 
 from kangaroo.bench import metrics
 from kangaroo.bench.questions import load_questions, task_of
 from kangaroo.cli import main
 from kangaroo.errors import KangarooError
-ALL_METHODS = "ar-hf,ar-hf-static,ar-eager,ar,kangaroo,kangaroo-fixed,early-exit,pld"
+ALL_METHODS = "ar-hf,ar-hf-static,ar-eager,ar,kangaroo,kangaroo-chain,kangaroo-fixed,lookup,early-exit,pld"
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a short poem about the sea.", "Now make it rhyme."]},
     {"question_id": 82, "category": "coding", "turns": ["Write a Python function that adds two numbers.", "Add type hints."]},
@@ -31,11 +30,12 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 4-layer random Llama with the SmolLM2 vocabulary; deep layers damped so early drafts often agree."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A 4-layer random Llama with the tiny tokenizer; deep layers damped so early drafts often agree."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          initializer_range=0.25, tie_word_embeddings=True)
     model = LlamaForCausalLM(config).eval()
@@ -43,7 +43,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         for layer in model.model.layers[2:]:
             layer.self_attn.o_proj.weight.mul_(0.05)
             layer.mlp.down_proj.weight.mul_(0.05)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_folder())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     folder = tmp_path_factory.mktemp("tiny-smollm2")
     model.save_pretrained(folder)
@@ -94,18 +93,38 @@ def test_every_output_is_written(bench_run):
                         "mean_draft_length", "identical_fraction", "new_tokens", "wall_time"):
                 assert key in m, (name, key)
         o = entry["overall"]
-        if name in ("kangaroo", "kangaroo-fixed", "early-exit"):  # a random adapter's drafts fall below η:
-            # --verify-low-confidence still sends one per round
-            assert len(o["ctar"]) == 4 and 0.0 <= o["acceptance_rate"] <= 1.0 and o["mean_draft_length"] > 0
+        if name in ("kangaroo", "kangaroo-chain", "kangaroo-fixed", "early-exit"):  # a random adapter's drafts
+            # fall below η: --verify-low-confidence still sends one per round; lookup drafts up to 8
+            assert len(o["ctar"]) == (8 if name == "kangaroo" else 4)
+            assert 0.0 <= o["acceptance_rate"] <= 1.0 and o["mean_draft_length"] > 0
+            assert set(o["accepted_from"]) <= {"adapter", "lookup"}
+        elif name == "lookup":  # prompt lookup alone: 8 proposed tokens at most, γ = 0
+            assert len(o["ctar"]) == 8 and set(o["accepted_from"]) <= {"lookup"}
         elif name == "pld":  # transformers' default of 10 proposed tokens
             assert len(o["ctar"]) == 10 and 0.0 <= o["acceptance_rate"] <= 1.0
         else:
             assert o["ctar"] is None and o["acceptance_rate"] is None
     # kangaroo-fixed never stops drafting early: every round drafts γ unless the token budget is shorter
     fixed = summary["methods"]["kangaroo-fixed"]["overall"]
-    assert fixed["mean_draft_length"] > summary["methods"]["kangaroo"]["overall"]["mean_draft_length"] - 1e-9
+    assert fixed["mean_draft_length"] > summary["methods"]["kangaroo-chain"]["overall"]["mean_draft_length"] - 1e-9
     report = (bench_run / "report.md").read_text()
     assert "| `kangaroo` |" in report and "CTAR" in report and "![ctar.png](ctar.png)" in report
+    assert "| kangaroo | adapter |" in report or "| kangaroo | lookup |" in report
+
+
+def test_costs_only_writes_step_costs(tiny_model_dir, tmp_path):
+    out = tmp_path / "costs"
+    assert main(["bench", "--model", str(tiny_model_dir), "--adapter", "random", "--threads", "1", "--costs-only",
+                 "--out", str(out)]) == 0
+    costs = json.loads((out / "costs.json").read_text())
+    assert costs["machine"]["threads"] == 1 and costs["machine"]["cpu"] is not None
+    for name in ("chosen", "float32 eager"):
+        e = costs[name]
+        assert set(e["forward_ms"]) == {"1", "2", "4", "8", "16"} and all(v > 0 for v in e["forward_ms"].values())
+        assert e["draft_step_ms"] > 0 and e["lm_head_ms"] > 0 and e["engine"]["dtype"]
+        assert e["forward_ratio_8_to_1"] == pytest.approx(e["forward_ms"]["8"] / e["forward_ms"]["1"], abs=1e-3)
+    assert costs["chosen"]["engine"]["engine"] == "fused" and costs["float32 eager"]["engine"]["engine"] == "eager"
+    assert not (out / "summary.json").exists()  # no questions were run
 
 
 def test_answer_files_follow_spec_bench_layout(bench_run):

@@ -32,7 +32,7 @@ from .errors import KangarooError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = "ar-hf,ar-eager,ar,kangaroo,kangaroo-fixed,early-exit,pld"
+DEFAULT_METHODS = "ar-hf,ar-eager,ar,kangaroo,kangaroo-chain,lookup,early-exit,pld"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method (default 1)")
     g.add_argument("--pld-tokens", type=int, default=10, help="pld: tokens proposed per lookup (default 10)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    g.add_argument("--costs", action="store_true", help="also measure step costs (forward over 1-16 tokens, draft step, LM head) of the engine and of float32 eager: costs.json + a table in report.md")
+    g.add_argument("--costs-only", action="store_true", help="measure the step costs only (no Spec-Bench questions)")
     s = p.add_argument_group("sweep")
     s.add_argument("--sweep", action="store_true", help="instead of the methods, run Kangaroo over an ℓ/η/γ grid against the autoregressive baselines and print the best setting")
     s.add_argument("--sweep-thresholds", default="0.4,0.6,0.8", help="η values (default 0.4,0.6,0.8)")
@@ -83,6 +85,17 @@ def run(args) -> int:
     load_before, meter = _loadavg(), ContentionMeter().start()
 
     km = load_from_args(args)
+    costs = None
+    if args.costs or args.costs_only:
+        from .bench.costs import measure_run, table
+
+        costs = measure_run(km)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "costs.json").write_text(json.dumps(costs, indent=2) + "\n")
+        print(table(costs))
+        if args.costs_only:
+            print(f"\nwrote {out}/costs.json", file=sys.stderr)
+            return 0
     options = M.Options(pld_tokens=args.pld_tokens)
     if args.sweep:
         methods = M.build([n for n in names if n in AR_BASELINES] or ["ar-hf", "ar"], km, options)
@@ -111,6 +124,8 @@ def run(args) -> int:
         print(f"warning: other processes used {during:.0%} of the CPUs during the run: timings are unreliable", file=sys.stderr)
     if args.sweep:
         summary["sweep"] = _best(summary, [m.name for m in methods if m.name not in AR_BASELINES])
+    if costs is not None:
+        summary["costs"] = costs
     write_outputs(out, summary, answers)
     from .bench.report import print_table, write_report
 
@@ -149,6 +164,7 @@ def run_methods(km, methods, questions, max_new_tokens: int, warmup: int = 1):
         # rotate the order per question so that no method always runs first (or right after another)
         for m in methods[i % len(methods):] + methods[: i % len(methods)]:
             messages, turns, new_tokens, wall, accept, drafts, token_ids, turn_prompts = [], [], [], [], [], [], [], []
+            sources = []
             for turn in q["turns"]:
                 messages.append({"role": "user", "content": turn})
                 ids = _encode(km, messages)
@@ -164,11 +180,15 @@ def run_methods(km, methods, questions, max_new_tokens: int, warmup: int = 1):
                 accept.extend(r.accept_lengths)
                 if r.draft_lengths is not None:
                     drafts.extend(r.draft_lengths)
+                if r.draft_sources is not None:
+                    sources.extend(r.draft_sources)
                 token_ids.append(r.token_ids)
                 turn_prompts.append(ids[0].tolist())
             choice = {"index": 0, "turns": turns, "new_tokens": new_tokens, "wall_time": wall, "accept_lengths": accept}
             if m.reports_drafts:
                 choice["draft_lengths"] = drafts
+            if sources:
+                choice["draft_sources"] = sources
             choice.update(token_ids=token_ids, identical=None, mismatch=None)
             answers[m.name].append({
                 "question_id": q["question_id"],

@@ -27,6 +27,7 @@ class Run:
     token_ids: list[int]
     accept_lengths: list[int]  # tokens committed per target forward (prefill first)
     draft_lengths: list[int] | None = None  # drafts verified per target forward (0 for the prefill)
+    draft_sources: list[str] | None = None  # where each round's drafts came from ("adapter", "lookup"; "" = none)
 
 
 @dataclass
@@ -58,7 +59,9 @@ class Method:
     def max_draft(self) -> int:
         """Most drafts one round can verify (the CTAR curve's last w); 0 for autoregressive methods."""
         config = getattr(self, "config", None)
-        return config.max_steps if config is not None and self.reports_drafts else 0
+        if config is None or not self.reports_drafts:
+            return 0
+        return max(config.max_steps, getattr(config, "lookup_tokens", 0))
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -95,6 +98,7 @@ class _OurDecoder(Method):
             token_ids=result.token_ids,
             accept_lengths=[len(s.tokens) for s in result.steps],
             draft_lengths=[s.drafted for s in result.steps] if self.reports_drafts else None,
+            draft_sources=[s.source if s.drafted else "" for s in result.steps] if self.reports_drafts else None,
         )
 
 
@@ -127,7 +131,7 @@ class AutoregressiveEager(_OurDecoder):
 @register
 class Kangaroo(_OurDecoder):
     name = "kangaroo"
-    description = "Kangaroo: shallow layers + adapter drafts, stop when confidence < η (double early exit)"
+    description = "Kangaroo as shipped: prompt-lookup drafts where the text repeats, else the adapter's chain (double early exit)"
     reports_drafts = True
 
     def _decoder(self):
@@ -138,22 +142,47 @@ class Kangaroo(_OurDecoder):
         return {**self.km.config.to_dict(), "adapter": self.km.adapter_source}
 
 
-@register
-class KangarooFixed(_OurDecoder):
-    name = "kangaroo-fixed"
-    description = "Kangaroo without the second early exit (η = 0): always γ drafts"
+class _KangarooWith(_OurDecoder):
+    """Kangaroo with some of the default config's fields replaced (:attr:`overrides`)."""
+
     reports_drafts = True
+    overrides: dict = {}
 
     def _decoder(self):
         from dataclasses import replace
 
         from ..decoding import KangarooDecoder
 
-        self.config = replace(self.km.config, threshold=0.0)
+        self.config = replace(self.km.config, **self.overrides)
         return KangarooDecoder(self.km.engine, self.km.adapter, self.config)
 
     def settings(self) -> dict:
         return {**self.config.to_dict(), "adapter": self.km.adapter_source}
+
+
+@register
+class KangarooChain(_KangarooWith):
+    name = "kangaroo-chain"
+    description = "the paper's Kangaroo: the adapter's chain only (no lookup drafts)"
+    overrides = {"lookup_tokens": 0}
+
+
+@register
+class KangarooFixed(_KangarooWith):
+    name = "kangaroo-fixed"
+    description = "the adapter's chain without the second early exit (η = 0): always γ drafts"
+    overrides = {"threshold": 0.0, "lookup_tokens": 0}
+
+
+@register
+class Lookup(_KangarooWith):
+    name = "lookup"
+    description = "prompt-lookup drafts alone on our engine (no adapter drafts: γ = 0)"
+    overrides = {"max_steps": 0}
+
+    @property
+    def max_draft(self) -> int:
+        return self.config.lookup_tokens
 
 
 @register
@@ -163,10 +192,12 @@ class EarlyExit(_OurDecoder):
     reports_drafts = True
 
     def _decoder(self):
+        from dataclasses import replace
+
         from ..adapter import EarlyExitHead
         from ..decoding import KangarooDecoder
 
-        self.config = self.km.config
+        self.config = replace(self.km.config, lookup_tokens=0)
         return KangarooDecoder(self.km.engine, EarlyExitHead(self.config.exit_layer), self.config)
 
     def settings(self) -> dict:

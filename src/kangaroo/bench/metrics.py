@@ -78,6 +78,14 @@ def group_metrics(answers: list[dict], max_steps: int) -> dict:
         for n in committed:
             hist[n] = hist.get(n, 0) + 1
     m["accept_length_histogram"] = {str(k): hist[k] for k in sorted(hist)}  # verification rounds only
+    if all(c.get("draft_sources") is not None for c in choices):
+        # share of the new tokens that were accepted drafts of each source (the rest: the target's own)
+        shares: dict[str, int] = {}
+        for c in choices:
+            for source, n in zip(c["draft_sources"], c["accept_lengths"]):
+                if source:
+                    shares[source] = shares.get(source, 0) + n - 1
+        m["accepted_from"] = {k: v / m["new_tokens"] for k, v in sorted(shares.items())} if m["new_tokens"] else {}
     flags = [c.get("identical") for c in choices if c.get("identical") is not None]
     m["identical_fraction"] = mean(1.0 if f else 0.0 for f in flags) if flags else None
     return m

@@ -214,7 +214,28 @@ def _sweep_table(sweep: dict) -> str:
 def write_report(out: Path, summary: dict, plots: bool = True) -> None:
     summary = dict(summary)
     summary["_plots"] = make_plots(out, summary) if plots else []
-    (out / "report.md").write_text(report_markdown(summary), encoding="utf-8")
+    text = report_markdown(summary) + draft_sources_markdown(summary)
+    if summary.get("costs"):
+        from .costs import table
+
+        text += "\n## Step costs (`--costs`)\n\n" + table(summary["costs"]) + "\n"
+    (out / "report.md").write_text(text, encoding="utf-8")
+
+
+def draft_sources_markdown(summary: dict) -> str:
+    """Share of the new tokens that were accepted drafts from each source, per method and task."""
+    rows = [(name, e) for name, e in summary["methods"].items() if e["overall"].get("accepted_from") is not None]
+    if not rows:
+        return ""
+    tasks = summary.get("tasks", [])
+    lines = ["", "## Where accepted tokens came from", "",
+             "Share of each method's new tokens that were accepted drafts, by source (the rest are the target's own tokens).", "",
+             "| Method | Source | Overall | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
+    for name, e in rows:
+        for source in sorted(e["overall"]["accepted_from"]):
+            cells = [_pct(e["by_category"].get(t, {}).get("accepted_from", {}).get(source, 0.0)) for t in tasks]
+            lines.append(f"| {name} | {source} | {_pct(e['overall']['accepted_from'][source])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def print_table(summary: dict, f: TextIO) -> None:

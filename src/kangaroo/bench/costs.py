@@ -1,0 +1,122 @@
+"""What one step of each kind costs on this machine: the numbers Kangaroo's speed follows from.
+
+Speed-up = tokens per round ÷ (draft steps × draft cost + verification cost), in units of a one-token
+target step. ``kangaroo bench --costs`` measures, for the engine the run uses and for the float32
+eager engine (HF's own modules):
+
+* ``forward_ms[k]``: one target forward over ``k`` new tokens (every layer, final norm, LM head)
+  after ``context`` cached positions, k = 1, 2, 4, 8, 16;
+* ``verify_ms[k]``: what Kangaroo's verification runs: layers ``[ℓ, L)`` + LM head over ``k`` tokens;
+* ``draft_step_ms``: one drafted token: layers ``[0, ℓ)`` + adapter + draft head (the adapter's
+  draft vocabulary, if it has one) + top-1;
+* ``lm_head_ms``: the LM head on one row;
+* ``build_s``: building the engine (weight packing, row-invariance checks; no compilation).
+
+Each figure is the median of ``repeats`` timed calls after two untimed ones.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..kv_cache import KVCache
+
+ROWS = (1, 2, 4, 8, 16)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for i in range(repeats + 2):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+@torch.no_grad()
+def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int = 15) -> dict:
+    """Step costs of ``engine`` (a fused engine or the eager Backbone) with ``adapter`` at ℓ."""
+    L, device = engine.num_layers, engine.device
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(100, 20000, (1, context), generator=gen).to(device)
+    new = torch.randint(100, 20000, (1, max(ROWS)), generator=gen).to(device)
+    cache = KVCache(L, context + 2 * max(ROWS))
+    h_prompt = engine.run_layers(0, exit_layer, engine.embed(prompt), cache, 0)
+    engine.run_layers(exit_layer, L, h_prompt, cache, 0)
+
+    def forward(k):
+        def run():
+            cache.crop(context)
+            engine.logits(engine.run_layers(0, L, engine.embed(new[:, :k]), cache, context))
+        return run
+
+    h_new = engine.run_layers(0, exit_layer, engine.embed(new), cache, context)
+
+    def verify(k):
+        def run():
+            cache.crop(context)
+            engine.logits(engine.run_layers(exit_layer, L, h_new[:, :k], cache, context))
+        return run
+
+    a_cache = KVCache(1, context + 8)
+    engine.adapter_forward(adapter, h_prompt, a_cache, 0)
+    token = new[:, :1]
+    head, vocab = engine.draft_head(adapter)
+
+    def draft_step():
+        cache.crop(context)
+        a_cache.crop(context)
+        h = engine.run_layers(0, exit_layer, engine.embed(token), cache, context)
+        out = engine.adapter_forward(adapter, h, a_cache, context)
+        torch.softmax(head(out).float()[0, -1], dim=-1).max(dim=-1)
+
+    x = torch.randn(1, 1, engine.config.hidden_size, device=device)
+    return {
+        "context": context,
+        "exit_layer": exit_layer,
+        "forward_ms": {k: round(_median_ms(forward(k), repeats), 3) for k in ROWS},
+        "verify_ms": {k: round(_median_ms(verify(k), repeats), 3) for k in ROWS},
+        "draft_step_ms": round(_median_ms(draft_step, repeats), 3),
+        "draft_vocab": None if vocab is None else int(vocab.numel()),
+        "lm_head_ms": round(_median_ms(lambda: engine.project(x), repeats), 3),
+    }
+
+
+def measure_run(km, repeats: int = 15) -> dict:
+    """``costs.json``: the costs of the engine ``km`` runs on and of the float32 eager engine, with
+    the configuration and the machine."""
+    from ..calibration import machine
+
+    ℓ = km.config.exit_layer
+    chosen = {**measure(km.engine, km.adapter, ℓ, repeats=repeats), "engine": km.engine_info}
+    entries = {"chosen": chosen}
+    if km.engine is not km.backbone and km.backbone.dtype == torch.float32:
+        eager = measure(km.backbone, km.adapter, ℓ, repeats=max(3, repeats // 3))
+        entries["float32 eager"] = {**eager, "engine": {"engine": "eager", "dtype": "float32", "kernel": "hf", "build_s": 0.0}}
+    for e in entries.values():
+        f = e["forward_ms"]
+        e["forward_ratio_8_to_1"] = round(f[8] / f[1], 3)
+        e["draft_to_forward"] = round(e["draft_step_ms"] / f[1], 3)
+    return {"machine": machine(), "adapter": km.adapter_source, **entries}
+
+
+def table(costs: dict) -> str:
+    """The Markdown table of ``costs.json`` (one row per engine)."""
+    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | draft step ms | draft ÷ forward | LM head ms | build s |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, e in costs.items():
+        if not isinstance(e, dict) or "forward_ms" not in e:
+            continue
+        cfg = e["engine"]
+        f, v = e["forward_ms"], e["verify_ms"]
+        rows.append(f"| {name}: {cfg['engine']} {cfg['dtype']}/{cfg['kernel']} | {' / '.join(f'{f[k]:.1f}' for k in ROWS)} | "
+                    f"{e['forward_ratio_8_to_1']:.2f} | {v[1]:.1f} / {v[8]:.1f} | {e['draft_step_ms']:.2f} | "
+                    f"{e['draft_to_forward']:.2f} | {e['lm_head_ms']:.2f} | {cfg.get('build_s', 0):.1f} |")
+    return "\n".join(rows)
