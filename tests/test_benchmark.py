@@ -30,12 +30,15 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 4-layer random Llama with the tiny tokenizer; deep layers damped so early drafts often agree."""
+    """A 4-layer random Llama with the tiny tokenizer; deep layers damped so early drafts often agree.
+
+    Its embedding is padded past the tokenizer to 49,152 rows, as many real models' are (and as
+    bench/costs.py's random token ids, drawn below 20,000, need)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                          initializer_range=0.25, tie_word_embeddings=True)
     model = LlamaForCausalLM(config).eval()

@@ -1,7 +1,6 @@
 """The OpenAI-compatible server, driven by the real ``openai`` client against a tiny model served in-process.
 
-The model is a tiny random Llama (vocab 49152, hidden 64) saved with SmolLM2's real tokenizer and chat
-template, loaded through ``KangarooModel.from_pretrained`` like any model folder; its deep layers are
+The model is a tiny random Llama (hidden 64) saved with the tiny in-process chat tokenizer of conftest.py, loaded through ``KangarooModel.from_pretrained`` like any model folder; its deep layers are
 damped and the adapter passes its input through, so drafts are often accepted and rounds commit
 several tokens (the streaming path then sees multi-token steps).
 """
@@ -22,6 +21,7 @@ import fastapi  # noqa: F401,E402  (the dev extra installs the server stack: a m
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
+from conftest import tiny_tokenizer  # noqa: E402
 from tiny import damp_deep_layers, passthrough_adapter  # noqa: E402
 
 from kangaroo.api import KangarooModel  # noqa: E402
@@ -34,16 +34,9 @@ CONTEXT = 256
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kangaroo.loading import DEFAULT_MODEL, cache_dir
-
-    folder = cache_dir() / "models" / DEFAULT_MODEL
-    if not (folder / "tokenizer.json").is_file():
-        from kangaroo.loading import load_model
-
-        load_model()  # fetches and converts the default model once (CI does this before the tests)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

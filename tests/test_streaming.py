@@ -1,4 +1,4 @@
-"""Text deltas across multi-byte characters and tokenizer merges, with SmolLM2's real byte-level tokenizer."""
+"""Text deltas across multi-byte characters and tokenizer merges, with a byte-level BPE tokenizer built in-process."""
 
 from __future__ import annotations
 
@@ -8,21 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_tokenizer
 from kangaroo.streaming import TextDeltas, text_deltas
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    from kangaroo.loading import DEFAULT_MODEL, cache_dir
-
-    folder = cache_dir() / "models" / DEFAULT_MODEL
-    if not (folder / "tokenizer.json").is_file():
-        from kangaroo.loading import load_model
-
-        load_model()  # fetches and converts the default model once (CI does this before the tests)
-    return AutoTokenizer.from_pretrained(folder)
+    return tiny_tokenizer()
 
 
 def stream_in_chunks(tokenizer, ids: list[int], sizes: list[int]) -> list[str]:

@@ -1,10 +1,9 @@
 """Adapter training: data readers and errors, one step lowers the loss, a trained adapter beats a
 random one at decode time, and SIGKILL + --resume ends exactly where an uninterrupted run ends.
 
-The model is a tiny random Llama with SmolLM2's vocabulary, so the real SmolLM2 tokenizer and chat
-template work with it (the tokenizer comes from the default model's cache folder, which CI fills
-before the tests). Its deep layers are damped so that the target is learnable from layer 1 in a
-few dozen steps.
+The model is a tiny random Llama with the tiny in-process chat tokenizer of conftest.py (no
+download). Its deep layers are damped so that the target is learnable from layer 1 in a few dozen
+steps.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import default_model_folder
+from conftest import tiny_tokenizer
 from tiny import damp_deep_layers
 
 from kangaroo.errors import KangarooError
@@ -35,18 +34,16 @@ FAST = ["--threads", "1", "--no-progress", "--exit-layer", "1", "--batch-tokens"
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_folder())
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
-    """A 3-layer Llama (hidden 64, SmolLM2 vocabulary) saved with the SmolLM2 tokenizer."""
+    """A 3-layer Llama (hidden 64) saved with the tiny in-process tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       initializer_range=0.25, tie_word_embeddings=True, attn_implementation="sdpa",
                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
