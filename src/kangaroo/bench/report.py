@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shutil
 import sys
+from importlib import resources
 from pathlib import Path
+from string import Template
 from typing import TextIO
 
 from .contention import BUSY_SHARE
@@ -213,7 +215,12 @@ def _sweep_table(sweep: dict) -> str:
 
 def write_report(out: Path, summary: dict, plots: bool = True) -> None:
     summary = dict(summary)
-    summary["_plots"] = make_plots(out, summary) if plots else []
+    if plots:
+        from .plots import make_plots
+
+        summary["_plots"] = make_plots(out, summary)
+    else:
+        summary["_plots"] = []
     text = report_markdown(summary) + draft_sources_markdown(summary)
     if summary.get("costs"):
         from .costs import table
@@ -250,103 +257,37 @@ def print_table(summary: dict, f: TextIO) -> None:
     f.write(f"(speedup against {base}; MAT = mean accepted tokens per target forward)\n")
 
 
-# ---------------------------------------------------------------------------- plots
-def _save(fig, out: Path, name: str) -> str:
-    """Write one figure as PNG into ``out``, free it, and return its file name."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=80)
-    plt.close(fig)
-    return name
-
-
-def make_plots(out: Path, summary: dict) -> list[str]:
-    """Write the PNG plots into ``out``; returns their file names."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("note: matplotlib is not installed (pip install 'kangaroo-decoding[bench]'): no plots", file=sys.stderr)
-        return []
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    methods = summary["methods"]
-    tasks = summary["tasks"] + ["overall"]
-
-    # 1. speedup per category per method
-    fig, ax = plt.subplots(figsize=(9, 4))
-    names = [n for n in methods if methods[n]["overall"].get("speedup") is not None]
-    width = 0.8 / max(len(names), 1)
-    for i, n in enumerate(names):
-        vals = [(methods[n]["overall"] if t == "overall" else methods[n]["by_category"][t]).get("speedup") or 0.0 for t in tasks]
-        ax.bar([x + i * width for x in range(len(tasks))], vals, width, label=n)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(tasks))])
-    ax.set_xticklabels([TASK_NAMES.get(t, t.capitalize()) for t in tasks])
-    ax.set_ylabel(f"speedup vs {summary.get('baseline')}")
-    ax.set_title("Walltime speedup by Spec-Bench category")
-    ax.legend(fontsize=7, ncol=3)
-    made.append(_save(fig, out, PLOTS[0]))
-
-    # 2. accepted length (tokens per verification round) histogram
-    spec = [n for n in methods if (methods[n]["overall"].get("compression_rate") or 1.0) > 1.0 or methods[n]["overall"].get("ctar")]
-    if spec:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        top = max([int(k) for n in spec for k in methods[n]["overall"]["accept_length_histogram"]] or [1])
-        width = 0.8 / len(spec)
-        for i, n in enumerate(spec):
-            h = methods[n]["overall"]["accept_length_histogram"]
-            total = sum(h.values()) or 1
-            ax.bar([k + i * width for k in range(1, top + 1)], [h.get(str(k), 0) / total for k in range(1, top + 1)], width, label=n)
-        ax.set_xticks([k + width * (len(spec) - 1) / 2 for k in range(1, top + 1)])
-        ax.set_xticklabels([str(k) for k in range(1, top + 1)])
-        ax.set_xlabel("tokens committed per verification round (accepted drafts + 1)")
-        ax.set_ylabel("share of rounds")
-        ax.set_title("Accepted length per round")
-        ax.legend(fontsize=7)
-        made.append(_save(fig, out, PLOTS[1]))
-
-    # 3. CTAR curves
-    curves = [(n, methods[n]["overall"]["ctar"]) for n in methods if methods[n]["overall"].get("ctar")]
-    if curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for n, c in curves:
-            ws = [w for w, v in enumerate(c, 1) if v is not None]
-            ax.plot(ws, [c[w - 1] for w in ws], marker="o", label=n)
-        ax.set_xlabel("w (drafted tokens)")
-        ax.set_ylabel("CTAR(w)")
-        ax.set_ylim(0, 1.02)
-        ax.set_title("Consistent token acceptance rate")
-        ax.legend(fontsize=7)
-        made.append(_save(fig, out, PLOTS[2]))
-    return made
-
-
 # ---------------------------------------------------------------------------- BENCHMARKS.md
+TEMPLATE = "BENCHMARKS.template.md"  # the page's prose, next to this module; the numbers come from the run
+
+
 def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict | None = None, note: str | None = None) -> str:
+    """BENCHMARKS.md: :data:`TEMPLATE` filled with one run's tables, plots and facts."""
     c, mc = summary["config"], summary["machine"]
-    ms = summary["methods"]
-    k = ms.get("kangaroo", {}).get("overall", {})
-    adapter_line = (
+    adapter = (
         "the **seeded random adapter** (no trained adapter was available when this was run: Kangaroo's numbers below "
         "show the machinery's cost, not the method's benefit)" if c["adapter"] == "random"
         else f"the adapter at `{_short_path(c['adapter'])}` (ℓ = {c['exit_layer']})"
     )
-    parts = [
-        "# Benchmarks",
-        "",
-        f"Produced by `{script}` from one real run; do not edit by hand. Kangaroo ran with {adapter_line}.",
-        "",
-        *([f"**Note:** {note}", ""] if note else []),
-        header(summary),
-        "",
-        "## Results on this machine",
-        "",
-        overall_table(summary),
-        "",
-    ]
+    k = summary["methods"].get("kangaroo", {}).get("overall", {})
+    headline = (f"\nHeadline: `kangaroo` overall {_x(k.get('speedup'))} against `{summary.get('baseline')}`, "
+                f"{_f(k.get('compression_rate'))} mean accepted tokens, acceptance rate {_pct(k.get('acceptance_rate'))}, "
+                f"identical outputs {_pct(k.get('identical_fraction'))}.\n") if k else ""
+    training = _training_summary(c.get("adapter_training"))
+    training_line = ("\nAdapter training metadata (from its `adapter_config.json`): "
+                     + ", ".join(f"{a} = {b}" for a, b in training.items()) + ".\n") if training else ""
+    template = resources.files("kangaroo.bench").joinpath(TEMPLATE).read_text(encoding="utf-8")
+    return Template(template).substitute(
+        script=script, adapter=adapter, note=f"**Note:** {note}\n\n" if note else "", header=header(summary),
+        results=_results(summary, image_dir), model=c.get("model", "?"), cpu_count=mc["cpu_count"], engine=_engine(mc),
+        questions=c["questions"], max_new_tokens=c["max_new_tokens"], published=_published_table(summary),
+        training=training_line, headline=headline, sweep=_sweep_section(sweep), definitions=DEFINITIONS,
+    )
+
+
+def _results(summary: dict, image_dir: str) -> str:
+    """The run's own tables and plots: overall, by category, CTAR, losses, identity."""
+    parts = [overall_table(summary), ""]
     note = ar_note(summary)
     if note:
         parts += [note, ""]
@@ -363,56 +304,33 @@ def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict 
     mm = mismatch_table(summary)
     parts += [mm] if mm else ["Every answer of every method is token-identical to the autoregressive reference."]
     parts += ["", "### Plots", ""] + [f"![{p}]({image_dir}/{p})" for p in summary.get("_plots", [])]
-    parts += [
-        "",
-        "## Next to the published numbers",
-        "",
-        "The paper and the Spec-Bench leaderboard measure Vicuna-7B-v1.3 on an A100 GPU (fp16, greedy, batch 1, the full "
-        "480-question Spec-Bench, up to 1024 new tokens). This page measures a 135M-parameter model on "
-        f"{mc['cpu_count']} CPU cores ({_engine(mc)}), {c['questions']} questions, at most {c['max_new_tokens']} new tokens. "
-        "The published numbers are not reproduced here; they are the target.",
-        "",
-        "| Method | Setting | Overall speedup | Mean accepted tokens |",
-        "|---|---|---:|---:|",
-    ]
-    for name, sp, mat in PAPER:
-        parts.append(f"| {name} | Vicuna-7B, A100, fp16 | {sp}× | {mat or '–'} |")
+    return "\n".join(parts)
+
+
+def _published_table(summary: dict) -> str:
+    """The published speedups (:data:`PAPER`) next to this run's Kangaroo-like methods."""
+    c, mc, ms = summary["config"], summary["machine"], summary["methods"]
+    rows = ["| Method | Setting | Overall speedup | Mean accepted tokens |", "|---|---|---:|---:|"]
+    rows += [f"| {name} | Vicuna-7B, A100, fp16 | {sp}× | {mat or '–'} |" for name, sp, mat in PAPER]
+    setting = f"{c.get('model', '?')}, {mc['cpu_count']}-core CPU, {_engine(mc)}"
     for name in ("kangaroo", "kangaroo-fixed", "early-exit", "pld"):
         if name in ms:
             o = ms[name]["overall"]
-            parts.append(f"| `{name}` (this run) | SmolLM2-135M, {mc['cpu_count']}-core CPU, {_engine(mc)} | {_x(o.get('speedup'))} | {_f(o.get('compression_rate'))} |")
-    parts += [
-        "",
-        "Why the numbers differ:",
-        "",
-        "- **Model size.** With 30 layers of width 576, a 135M model's draft path (ℓ layers + adapter + the 49,152-row LM head) "
-        "costs a larger fraction of a full forward than Vicuna-7B's (the LM head alone is about 6% of a float32 forward here; "
-        "a drafted token costs about 12%), so each rejected draft is more expensive relative to what it can save.",
-        "- **CPU vs GPU.** On a GPU a forward over k+1 tokens costs about the same as over one token (memory-bound), which is "
-        "what speculative decoding sells. On 2 CPU cores in float32 a forward over 8 tokens costs ~1.9× one token "
-        "(see `/work/shared/NOTES.md`), so verification is not free and long drafts pay less.",
-        "- **Adapter training.** The paper's adapter is trained on ~68k ShareGPT conversations for 10+ epochs on 8 GPUs; ours "
-        "on far less data on CPU (see the adapter's `adapter_config.json`), so acceptance is lower.",
-        "- **Answer length.** Short answers (here ≤ " + str(c["max_new_tokens"]) + " tokens) weigh the prefill more.",
-    ]
-    training = _training_summary(c.get("adapter_training"))
-    if training:
-        parts += ["", "Adapter training metadata (from its `adapter_config.json`): " + ", ".join(f"{a} = {b}" for a, b in training.items()) + "."]
-    if k:
-        parts += ["", f"Headline: `kangaroo` overall {_x(k.get('speedup'))} against `{summary.get('baseline')}`, "
-                  f"{_f(k.get('compression_rate'))} mean accepted tokens, acceptance rate {_pct(k.get('acceptance_rate'))}, "
-                  f"identical outputs {_pct(k.get('identical_fraction'))}."]
-    if sweep and sweep.get("sweep"):
-        sc, best = sweep["config"], sweep["sweep"]["best"]
-        parts += [
-            "", "## Setting sweep", "",
-            f"`{sc['command']}` ({sc['date']}; {sc['questions']} questions, at most {sc['max_new_tokens']} new tokens, "
-            f"load average {_f(sweep['machine'].get('load_average_before'))}). Speedup against `{sweep.get('baseline')}`.",
-            "", _sweep_table(sweep["sweep"]), "",
-            f"Best on this machine: `{best['method']}` at {_x(best['speedup'])}." if best else "No setting ran.",
-        ]
-    parts += ["", "## Definitions", "", DEFINITIONS, "", "## Reproduce", "", "```sh", script, "```", ""]
-    return "\n".join(parts)
+            rows.append(f"| `{name}` (this run) | {setting} | {_x(o.get('speedup'))} | {_f(o.get('compression_rate'))} |")
+    return "\n".join(rows)
+
+
+def _sweep_section(sweep: dict | None) -> str:
+    if not (sweep and sweep.get("sweep")):
+        return ""
+    sc, best = sweep["config"], sweep["sweep"]["best"]
+    return "\n".join([
+        "", "## Setting sweep", "",
+        f"`{sc['command']}` ({sc['date']}; {sc['questions']} questions, at most {sc['max_new_tokens']} new tokens, "
+        f"load average {_f(sweep['machine'].get('load_average_before'))}). Speedup against `{sweep.get('baseline')}`.",
+        "", _sweep_table(sweep["sweep"]), "",
+        f"Best on this machine: `{best['method']}` at {_x(best['speedup'])}." if best else "No setting ran.", "",
+    ])
 
 
 def _training_summary(t: dict | None) -> dict:
@@ -469,6 +387,11 @@ def write_benchmarks(summary: dict, run_dir: Path, md_path: Path, image_dir: Pat
     md_path.write_text(benchmarks_markdown(summary, rel.as_posix(), script, sweep, note), encoding="utf-8")
 
 
+def _engine(machine: dict) -> str:
+    """``fused bfloat16/packed``: the engine, weight dtype and kernel a run used."""
+    e = machine.get("engine") or {}
+    return f"{e.get('engine', '?')} {e.get('dtype', '?')}/{e.get('kernel', '?')}"
+
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kangaroo.bench.report RUN_DIR --md BENCHMARKS.md --images docs/benchmarks --script CMD``."""
@@ -493,9 +416,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _engine(machine: dict) -> str:
-    """``fused bfloat16/packed``: the engine, weight dtype and kernel a run used."""
-    e = machine.get("engine") or {}
-    return f"{e.get('engine', '?')} {e.get('dtype', '?')}/{e.get('kernel', '?')}"
