@@ -296,21 +296,34 @@ def test_a_mismatch_is_located_and_its_logit_gap_measured(tiny_model_dir):
 
 
 def test_contention_meter_sees_another_busy_process():
-    """A child process spinning on one core for ~1.5 s shows up as other processes' CPU use; this
-    process's own work does not."""
+    """A child process spinning for ~1 s shows up as other processes' CPU use; this process's own
+    work does not. Checked in CPU-seconds against what the child and this process really used, so
+    other load on the machine (which only adds to both sides) cannot break it."""
+    import os
+    import resource
     import subprocess
     import sys
+    import time
 
-    from kangaroo.bench.contention import ContentionMeter
+    from kangaroo.bench import contention
 
-    meter = ContentionMeter().start()
-    subprocess.run([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"], check=True)
-    busy = meter.stop()
-    meter = ContentionMeter().start()
-    t = __import__("time").process_time()
-    while __import__("time").process_time() - t < 1.0:  # our own busy loop is not "other"
+    def cpu_seconds(meter_share: float, wall: float) -> float:
+        return meter_share * wall * (os.cpu_count() or 1)
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t, meter = time.perf_counter(), contention.ContentionMeter().start()
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass"],
+                   check=True)
+    share, wall = meter.stop(), time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_s = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    assert share is not None and cpu_seconds(share, wall) >= 0.8 * child_s, (share, wall, child_s)
+
+    machine_before = contention._machine_busy_s()
+    t, meter = time.perf_counter(), contention.ContentionMeter().start()
+    own = time.process_time()
+    while time.process_time() - own < 1.0:  # our own busy loop is not "other"
         pass
-    own = meter.stop()
-    ncpu = __import__("os").cpu_count()
-    assert busy is not None and busy > 0.6 / ncpu, busy
-    assert own < busy, (own, busy)
+    share, wall = meter.stop(), time.perf_counter() - t
+    machine_s = contention._machine_busy_s() - machine_before  # the same interval, a little wider
+    assert cpu_seconds(share, wall) <= machine_s - 0.8, (share, wall, machine_s)
