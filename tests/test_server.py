@@ -302,8 +302,9 @@ def test_kangaroo_serve_command(model_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    engine = ["--dtype", "float32", "--kernel", "stock"]  # fixed, so both processes run the same products
     cmd = [sys.executable, "-m", "kangaroo.cli", "serve", "--model", str(model_dir), "--adapter", "random",
-           "--port", str(port), "--threads", "1"]
+           "--port", str(port), "--threads", "1", *engine]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -318,8 +319,10 @@ def test_kangaroo_serve_command(model_dir):
         assert health.json()["status"] == "ok"
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         name = c.models.list().data[0].id
-        out = c.completions.create(model=name, prompt="Hi", max_tokens=3, temperature=0)
-        assert out.usage.completion_tokens <= 3
+        out = c.completions.create(model=name, prompt="Hi there", max_tokens=12, temperature=0)
+        expected = KangarooModel.from_pretrained(str(model_dir), adapter="random", dtype="float32", kernel="stock",
+                                                 threads=1).generate("Hi there", 12, chat=False)
+        assert out.choices[0].text == expected.text and out.usage.completion_tokens == expected.result.new_tokens
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -104,3 +104,23 @@ def test_text_deltas_skips_empty_deltas(tokenizer):
     ids = tokenizer("🦘 hop", add_special_tokens=False).input_ids
     out = list(text_deltas(tokenizer, [[t] for t in ids]))
     assert all(out) and "".join(out) == "🦘 hop"
+
+
+def test_generate_streams_each_round_with_its_step(tiny_chat_model_dir):
+    from kangaroo.api import KangarooModel
+
+    km = KangarooModel.from_pretrained(str(tiny_chat_model_dir), adapter="random", threshold=0.0)
+    seen = []
+    out = km.generate("Count to ten", 24, streamer=lambda text, step: seen.append((text, step)))
+    assert out.text and "".join(text for text, _ in seen) == out.text == "".join(km.stream("Count to ten", 24))
+    assert [step for _, step in seen[:-1]] == out.result.steps and seen[-1][1] is None  # then the tail
+
+    calls = []
+
+    def stop_after_two(text, step):
+        calls.append(step)
+        return len(calls) == 2
+
+    early = km.generate("Count to ten", 24, streamer=stop_after_two)
+    assert len(calls) == len(early.result.steps) == 2  # stopped at once, no tail call
+    assert early.result.token_ids == out.result.token_ids[: early.result.new_tokens]
