@@ -322,7 +322,8 @@ def test_kangaroo_serve_command(model_dir):
         out = c.completions.create(model=name, prompt="Hi there", max_tokens=12, temperature=0)
         expected = KangarooModel.from_pretrained(str(model_dir), adapter="random", dtype="float32", kernel="stock",
                                                  threads=1).generate("Hi there", 12, chat=False)
-        assert out.choices[0].text == expected.text and out.usage.completion_tokens == expected.result.new_tokens
+        assert expected.text and out.choices[0].text == expected.text
+        assert out.usage.completion_tokens == expected.result.new_tokens
     finally:
         proc.terminate()
         proc.wait(timeout=30)
