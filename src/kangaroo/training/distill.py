@@ -85,9 +85,6 @@ def self_distill(
     Returns:
         ``(conversations, counts)``; conversations keep their source and origin.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     cached = load_cache(cache_path)
     counts = defaultdict(int)
@@ -108,28 +105,7 @@ def self_distill(
         todo.append((key, ids))
     if todo and generate:
         logger.info("self-distillation: generating %d answers (%d cached) into %s", len(todo), len(cached), cache_path)
-        bar = tqdm(total=len(todo), desc="self-distill", unit="answer", disable=not progress, dynamic_ncols=True)
-        tokens = 0
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        # windows of 8 batches in the given order (an interrupted run has answered a prefix), sorted
-        # by length inside a window so that left padding stays short
-        window = 8 * batch_size
-        with open(cache_path, "a", encoding="utf-8") as f:
-            for w in range(0, len(todo), window):
-                rows = sorted(todo[w : w + window], key=lambda r: len(r[1]))
-                for b in range(0, len(rows), batch_size):
-                    chunk = rows[b : b + batch_size]
-                    outs = greedy_batch(backbone.model, [ids for _, ids in chunk], max_new_tokens, eos_token_ids, pad)
-                    for (key, _), (out, finished) in zip(chunk, outs):
-                        row = {"key": key, "response": tokenizer.decode(out, skip_special_tokens=True).strip(),
-                               "tokens": len(out), "finished": finished}
-                        cached[key] = row
-                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        tokens += len(out)
-                    f.flush()
-                    bar.update(len(chunk))
-                    bar.set_postfix(tokens=tokens)
-        bar.close()
+        _answer(todo, backbone.model, tokenizer, cache_path, cached, max_new_tokens, batch_size, eos_token_ids, progress)
     out = []
     for conv, msgs, key in keyed:
         row = cached.get(key)
@@ -144,6 +120,36 @@ def self_distill(
         counts["cut at max_new_tokens"] += 0 if row.get("finished", True) else 1
         out.append(Conversation(msgs + [{"role": "assistant", "content": row["response"]}], conv.source, conv.where))
     return out, dict(counts)
+
+
+def _answer(todo: list[tuple[str, list[int]]], model, tokenizer, cache_path: Path, cached: dict, max_new_tokens: int,
+            batch_size: int, eos_token_ids: set[int], progress: bool) -> None:
+    """Generate the answers to ``todo``'s prompts in batches, appending each batch to the cache file
+    (and to ``cached``) as it ends."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc="self-distill", unit="answer", disable=not progress, dynamic_ncols=True)
+    tokens = 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # windows of 8 batches in the given order (an interrupted run has answered a prefix), sorted
+    # by length inside a window so that left padding stays short
+    window = 8 * batch_size
+    with open(cache_path, "a", encoding="utf-8") as f:
+        for w in range(0, len(todo), window):
+            rows = sorted(todo[w : w + window], key=lambda r: len(r[1]))
+            for b in range(0, len(rows), batch_size):
+                chunk = rows[b : b + batch_size]
+                outs = greedy_batch(model, [ids for _, ids in chunk], max_new_tokens, eos_token_ids, pad)
+                for (key, _), (out, finished) in zip(chunk, outs):
+                    row = {"key": key, "response": tokenizer.decode(out, skip_special_tokens=True).strip(),
+                           "tokens": len(out), "finished": finished}
+                    cached[key] = row
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    tokens += len(out)
+                f.flush()
+                bar.update(len(chunk))
+                bar.set_postfix(tokens=tokens)
+    bar.close()
 
 
 def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: set[int], pad_id: int = 0
