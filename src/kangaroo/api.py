@@ -78,6 +78,7 @@ class KangarooModel:
         self.engine, self.engine_info = build_engine(self.backbone, self.engine_config)
         self.adapter, self.adapter_config, self.adapter_source = adapter, adapter_config, adapter_source
         self.decoder = KangarooDecoder(self.engine, adapter, config)
+        self.config_source = "given"  # or "default" / "tuned <date>" (from_pretrained)
         self.baseline = AutoregressiveDecoder(self.engine)
         self.eos_token_ids = _eos_ids(model, tokenizer)
 
@@ -91,8 +92,8 @@ class KangarooModel:
         model: str = DEFAULT_MODEL,
         adapter: str | None = None,
         exit_layer: int | None = None,
-        max_steps: int = KangarooConfig.max_steps,
-        threshold: float = KangarooConfig.threshold,
+        max_steps: int | None = None,
+        threshold: float | None = None,
         dtype: torch.dtype | str = EngineConfig.dtype,
         device: str = EngineConfig.device,
         seed: int = 0,
@@ -100,6 +101,9 @@ class KangarooModel:
         engine: str = EngineConfig.engine,
         kernel: str = EngineConfig.kernel,
         threads: int | None = EngineConfig.threads,
+        lookup_tokens: int | None = None,
+        lookup_ngram: int | None = None,
+        tuned: bool = True,
     ) -> "KangarooModel":
         """Load a model and an adapter.
 
@@ -108,7 +112,11 @@ class KangarooModel:
             adapter: adapter folder; None = the adapter shipped for ``model`` if any, else a seeded
                 random adapter (logged as a warning); ``"random"`` = always the random adapter.
             exit_layer: ℓ; None = the adapter's own (2 for a random adapter).
-            max_steps: γ. threshold: η. verify_low_confidence: also verify the draft that fell below η.
+            max_steps: γ. threshold: η. lookup_tokens / lookup_ngram: prompt-lookup drafts (see
+                :class:`~kangaroo.config.KangarooConfig`). Each left at None takes the value ``kangaroo
+                tune`` chose for this machine, engine, model and adapter (when ``tuned`` and it ran),
+                else the :class:`~kangaroo.config.KangarooConfig` default; :attr:`config_source` says which.
+            verify_low_confidence: also verify the draft that fell below η.
             dtype: weight dtype of the steps, ``"auto"`` (the fastest here, measured once and cached),
                 ``torch.float32``/``bfloat16``/``float16`` or their names.
             engine: ``"fused"`` (lean steps), ``"eager"`` (HF's modules) or ``"auto"`` (fused).
@@ -136,9 +144,29 @@ class KangarooModel:
         else:
             module, adapter_config = Adapter.load(source, backbone, exit_layer)
             ℓ = adapter_config.exit_layer
-        config = KangarooConfig(exit_layer=ℓ, max_steps=max_steps, threshold=threshold,
-                                verify_low_confidence=verify_low_confidence)
-        return cls(hf_model, tokenizer, module, config, name, adapter_config, source, engine_config, backbone)
+        given = {"max_steps": max_steps, "threshold": threshold, "lookup_tokens": lookup_tokens, "lookup_ngram": lookup_ngram}
+        config = KangarooConfig(exit_layer=ℓ, verify_low_confidence=verify_low_confidence,
+                                **{k: v for k, v in given.items() if v is not None})
+        km = cls(hf_model, tokenizer, module, config, name, adapter_config, source, engine_config, backbone)
+        km.config_source = "given" if all(v is not None for v in given.values()) else "default"
+        if tuned and km.config_source == "default":
+            km.apply_tuned({k for k, v in given.items() if v is None})
+        return km
+
+    def apply_tuned(self, fields: set[str]) -> None:
+        """Take ``fields`` from the setting ``kangaroo tune`` saved for this machine, engine, model
+        and adapter, if there is one."""
+        from dataclasses import replace
+
+        from .tune import load_tuned
+
+        record = load_tuned(self)
+        if not record:
+            return
+        values = {k: v for k, v in record["config"].items() if k in fields}
+        self.config = replace(self.config, **values)
+        self.decoder = KangarooDecoder(self.engine, self.adapter, self.config)
+        self.config_source = f"tuned {record['measured_at']}"
 
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | list[dict] | torch.Tensor | list[int], chat: bool | None = None) -> torch.Tensor:

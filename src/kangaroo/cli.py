@@ -21,12 +21,14 @@ SUBCOMMANDS = {
     "train": "kangaroo.training.cli",
     "bench": "kangaroo.benchmark",
     "serve": "kangaroo.server",
+    "tune": "kangaroo.tune",
 }
 HELP = {
     "generate": "generate text with Kangaroo decoding (streams to the terminal)",
     "train": "train an adapter for a model",
     "bench": "run Spec-Bench with Kangaroo and its peers",
     "serve": "OpenAI-compatible HTTP server",
+    "tune": "choose γ, η and the lookup settings that are fastest on this machine (saved; used by default)",
 }
 
 
@@ -39,8 +41,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, local folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--adapter", default=None, help="adapter folder; default: the adapter shipped for the model, else a seeded random one; 'random' forces the random one")
     p.add_argument("--exit-layer", type=int, default=None, help="ℓ: decoder layers run before the adapter (default: the adapter's)")
-    p.add_argument("--threshold", type=float, default=k.threshold, help=f"η: stop drafting when the draft's top-1 probability is below this (default {k.threshold})")
-    p.add_argument("--max-steps", type=int, default=k.max_steps, help=f"γ: most drafted tokens per round (default {k.max_steps})")
+    tuned = "default: what `kangaroo tune` chose on this machine, else"
+    p.add_argument("--threshold", type=float, default=None, help=f"η: stop drafting when the draft's top-1 probability is below this ({tuned} {k.threshold})")
+    p.add_argument("--max-steps", type=int, default=None, help=f"γ: most drafted tokens per round ({tuned} {k.max_steps})")
+    p.add_argument("--lookup-tokens", type=int, default=None, help=f"prompt-lookup drafts: most tokens proposed from an earlier occurrence of the last n-gram, 0 = off ({tuned} {k.lookup_tokens})")
+    p.add_argument("--lookup-ngram", type=int, default=None, help=f"prompt-lookup drafts: shortest n-gram matched, 1-3 ({tuned} {k.lookup_ngram})")
     p.add_argument("--verify-low-confidence", action=argparse.BooleanOptionalAction, default=k.verify_low_confidence,
                    help="also verify the drafted token that fell below η, as the authors' code does (default: off)")
     p.add_argument("--engine", default=e.engine, help=f"fused (lean steps on measured kernels), eager (HF's own modules, the reference) or auto (= fused) (default {e.engine})")
@@ -64,7 +69,8 @@ def load_from_args(args):
         args.model, adapter=args.adapter, exit_layer=args.exit_layer, max_steps=args.max_steps,
         threshold=args.threshold, dtype=args.dtype, device=args.device, seed=args.seed,
         verify_low_confidence=args.verify_low_confidence, engine=args.engine, kernel=args.kernel,
-        threads=args.threads,
+        threads=args.threads, lookup_tokens=args.lookup_tokens, lookup_ngram=args.lookup_ngram,
+        tuned=not getattr(args, "no_tuned", False),
     )
 
 
@@ -118,6 +124,10 @@ def run(args) -> int:
         "exit_layer": km.config.exit_layer,
         "threshold": km.config.threshold,
         "max_steps": km.config.max_steps,
+        "lookup_tokens": km.config.lookup_tokens,
+        "lookup_ngram": km.config.lookup_ngram,
+        "config_source": km.config_source,
+        "lookup_accepted": sum(s.accepted for s in result.steps if s.source == "lookup"),
         "engine": km.engine_info,
         "sampling": sampling.to_dict(),
     }
@@ -145,8 +155,9 @@ def _stats_line(r: dict) -> str:
     line += (
         f"[kangaroo] {r['new_tokens']} tokens in {r['target_forwards']} target forwards "
         f"(compression {r['compression_rate']:.2f}), accepted {r['accepted']}/{r['drafted']} drafts "
-        f"({100 * r['acceptance_rate']:.0f}%), {r['tokens_per_s']:.1f} tok/s; "
-        f"ℓ={r['exit_layer']} γ={r['max_steps']} η={r['threshold']} adapter={r['adapter']}"
+        f"({100 * r['acceptance_rate']:.0f}%; {r['lookup_accepted']} from prompt lookup), {r['tokens_per_s']:.1f} tok/s\n"
+        f"[config]   ℓ={r['exit_layer']} γ={r['max_steps']} η={r['threshold']} lookup={r['lookup_tokens']} tokens "
+        f"after {r['lookup_ngram']}-grams ({r['config_source']}); adapter={r['adapter']}"
     )
     if "ar_tokens_per_s" in r and r["identical_to_greedy"] is None:  # sampling: compare speeds only
         line += f"\n[sampling] autoregressive {r['ar_tokens_per_s']:.1f} tok/s; speed-up {r['speedup']:.2f}x"

@@ -1,0 +1,280 @@
+"""``kangaroo tune``: choose γ, η and the lookup settings that are fastest on this machine.
+
+Speed = tokens per round ÷ cost per round, and both depend on the machine and the adapter: how much a
+draft step, a verification of ``k`` tokens and a plain step cost (``kangaroo.bench.costs``), and how
+often the adapter's and prompt lookup's drafts are right. Greedy Kangaroo commits exactly the plain
+greedy tokens, so every setting can be replayed without decoding again:
+
+1. decode each tuning prompt once with plain greedy decoding;
+2. at every position of that answer, record the adapter's chain of ``γ_max`` drafts with their
+   top-1 probabilities (drafting from the committed prefix, as a real round does), and what prompt
+   lookup would propose for each n-gram length;
+3. replay each setting of the grid over those records (which tokens it drafts, how many verification
+   accepts, how far it advances) and price its rounds with the measured step costs.
+
+The setting with the most tokens per modelled second is written to ``$KANGAROO_CACHE/tuned/`` for
+this machine, thread count, engine, model and adapter; :meth:`kangaroo.api.KangarooModel.from_pretrained`
+uses it for every setting the caller leaves unset. Prompts: ``kangaroo/data/tune_prompts.json`` (chat,
+maths, code, role play, summaries, passage QA, translation; none from Spec-Bench) or ``--prompts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .errors import KangarooError
+
+logger = logging.getLogger(__name__)
+
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+MAX_STEPS = (2, 3, 4, 6, 8)
+LOOKUP_TOKENS = (0, 4, 6, 8, 10, 12)
+LOOKUP_NGRAMS = (1, 2, 3)
+
+
+@dataclass
+class Position:
+    """What a round starting after committed position ``p`` would see."""
+
+    chain: list[int]  # the adapter's greedy drafts d_1..d_γmax from this prefix
+    confidences: list[float]  # their top-1 probabilities
+    lookup: dict[int, list[int]]  # n-gram length -> proposal (longest matching n-gram >= n first)
+    truth: list[int]  # the greedy tokens that follow
+
+
+def record(km, ids, max_new_tokens: int, max_chain: int, max_lookup: int) -> list[Position]:
+    """Steps 1 and 2 for one prompt ``ids`` ``[1, n]``."""
+    import torch
+
+    from .kv_cache import KVCache
+    from .lookup import NgramIndex
+
+    engine, ℓ = km.engine, km.config.exit_layer
+    answer = km.baseline.generate(ids, max_new_tokens, km.eos_token_ids).token_ids
+    seq = ids[0].tolist() + answer
+    n0 = ids.shape[1]
+    decoder = km.decoder
+    drafter = decoder.drafter
+    cache = KVCache(engine.num_layers, len(seq) + max_chain + 2)
+    full = torch.tensor([seq], device=engine.device)
+    with torch.no_grad():
+        h = engine.run_layers(0, ℓ, engine.embed(full), cache, 0)  # exit states of every position
+        drafter.start(h)
+        engine.adapter_forward(km.adapter, h, drafter.cache, 0)  # the adapter's cache over all of them
+    chain_config = replace(km.config, threshold=0.0, max_steps=max_chain, lookup_tokens=0)
+    indices = {n: NgramIndex(max_ngram=max(3, n), min_ngram=n) for n in LOOKUP_NGRAMS}
+    for index in indices.values():
+        index.reset(seq[:n0])
+    positions = []
+    saved = drafter.config
+    drafter.config = chain_config
+    try:
+        for p in range(n0, len(seq)):  # the last committed token is seq[p - 1]... round after seq[:p+1]
+            pos = p  # position of y0 = seq[p]
+            cache.crop(pos)
+            drafter.cache.crop(pos)
+            drafter.pending = None
+            d = drafter.draft(seq[p], pos, cache, max_chain, km.eos_token_ids)
+            for index in indices.values():
+                index.extend([seq[p]])
+            positions.append(Position(d.tokens.tolist() if d.tokens.numel() else [], d.confidences,
+                                      {n: index.propose(max_lookup) for n, index in indices.items()},
+                                      seq[p + 1:]))
+    finally:
+        drafter.config = saved
+    return positions
+
+
+def _interp(table: dict, k: int) -> float:
+    """Cost of a ``k``-row step from a ``{rows: ms}`` table (linear between measured row counts)."""
+    keys = sorted(int(x) for x in table)
+    vals = {int(x): v for x, v in table.items()}
+    if k <= keys[0]:
+        return vals[keys[0]]
+    for a, b in zip(keys, keys[1:]):
+        if k <= b:
+            return vals[a] + (vals[b] - vals[a]) * (k - a) / (b - a)
+    return vals[keys[-1]] * k / keys[-1]
+
+
+def replay(positions: list[Position], config, costs: dict) -> tuple[int, int, float]:
+    """Step 3 for one answer: ``(tokens, rounds, modelled ms)`` of ``config`` (a KangarooConfig)."""
+    share = costs["exit_layer"] / costs["num_layers"]  # layers [0, ℓ) of a forward, LM head excluded
+
+    def shallow_ms(rows: int) -> float:
+        return (_interp(costs["forward_ms"], rows) - costs["lm_head_ms"]) * share
+
+    end = len(positions) - 1  # positions[-1] follows the last token: no round starts there
+    p, tokens, rounds, ms = 0, 0, 0, 0.0
+    while p < end:
+        pos = positions[p]
+        proposal = []
+        if config.lookup_tokens:
+            proposal = pos.lookup.get(config.lookup_ngram, [])[: config.lookup_tokens]
+        if proposal:
+            drafts, cost = proposal, shallow_ms(len(proposal) + 1)  # one shallow pass over y0 + proposal
+        else:
+            drafts, steps = [], 0
+            for tok, conf in zip(pos.chain[: config.max_steps], pos.confidences[: config.max_steps]):
+                steps += 1
+                if conf < config.threshold:
+                    if config.verify_low_confidence:
+                        drafts.append(tok)
+                    break
+                drafts.append(tok)
+            cost = steps * costs["draft_step_ms"] + (shallow_ms(1) if len(drafts) == steps else 0.0)
+        m = 0
+        while m < len(drafts) and m < len(pos.truth) and drafts[m] == pos.truth[m]:
+            m += 1
+        ms += cost + _interp(costs["verify_ms"], len(drafts) + 1)
+        rounds += 1
+        advance = min(m + 1, end - p)
+        tokens += advance
+        p += advance
+    return tokens, rounds, ms
+
+
+def grid(base) -> list:
+    """Every (η, γ, lookup tokens, lookup n-gram) setting on top of ``base``; lookup-free settings
+    once per (η, γ)."""
+    out = []
+    for η, γ, lt, ng in itertools.product(THRESHOLDS, MAX_STEPS, LOOKUP_TOKENS, LOOKUP_NGRAMS):
+        if lt == 0 and ng != LOOKUP_NGRAMS[0]:
+            continue
+        out.append(replace(base, threshold=η, max_steps=γ, lookup_tokens=lt, lookup_ngram=ng if lt else base.lookup_ngram))
+    return out
+
+
+def tuned_key(km) -> str:
+    """What a tuned setting is valid for: machine, threads, engine, model and adapter."""
+    from .calibration import machine
+
+    m = machine()
+    adapter = km.adapter_source
+    try:
+        adapter_id = hashlib.sha256(Path(adapter, "adapter.safetensors").read_bytes()).hexdigest()[:16]
+    except OSError:
+        adapter_id = adapter
+    e = km.engine_info
+    return "|".join([m["cpu"], ",".join(m["cpu_flags"]), f"{m['threads']} threads", m["torch"], km.model_name,
+                     f"{e['engine']}/{e['dtype']}/{e['kernel']}", adapter_id])
+
+
+def tuned_file() -> Path:
+    from .loading import cache_dir
+
+    return cache_dir() / "tuned" / "settings.json"
+
+
+def load_tuned(km) -> dict | None:
+    """The tuned setting for this machine/engine/model/adapter, if ``kangaroo tune`` wrote one."""
+    try:
+        return json.loads(tuned_file().read_text()).get(tuned_key(km))
+    except (OSError, ValueError):
+        return None
+
+
+def save_tuned(km, record: dict) -> Path:
+    path = tuned_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[tuned_key(km)] = record
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def default_prompts() -> list[tuple[str, str]]:
+    from importlib import resources
+
+    return [tuple(x) for x in json.loads((resources.files("kangaroo") / "data" / "tune_prompts.json").read_text())]
+
+
+def tune(km, prompts: list[tuple[str, str]], max_new_tokens: int = 128, costs: dict | None = None) -> dict:
+    """Replay the grid on ``prompts`` and return the ranking and the best setting."""
+    from tqdm import tqdm
+
+    from .bench.costs import measure
+
+    start = time.perf_counter()
+    if costs is None:
+        costs = measure(km.engine, km.adapter, km.config.exit_layer, repeats=9, best=True)
+    costs = json.loads(json.dumps(costs))  # int row keys -> str, as in costs.json
+    costs.update(num_layers=km.engine.num_layers, exit_layer=km.config.exit_layer)
+    max_chain, max_lookup = max(MAX_STEPS), max(LOOKUP_TOKENS)
+    answers = []
+    for kind, prompt in tqdm(prompts, desc="recording drafts", unit="prompt", disable=None, file=sys.stderr):
+        answers.append((kind, record(km, km.encode(prompt), max_new_tokens, max_chain, max_lookup)))
+    plain_ms = costs["forward_ms"]["1"]
+    results = []
+    for config in grid(km.config):
+        tokens = rounds = 0
+        ms = 0.0
+        for _, positions in answers:
+            t, r, m = replay(positions, config, costs)
+            tokens, rounds, ms = tokens + t, rounds + r, ms + m
+        results.append({"config": asdict(config), "compression": tokens / max(rounds, 1),
+                        "modelled_speedup": tokens * plain_ms / ms if ms else 0.0})
+    results.sort(key=lambda r: -r["modelled_speedup"])
+    return {"best": results[0], "top": results[:10], "costs": costs, "prompts": len(prompts),
+            "max_new_tokens": max_new_tokens, "seconds": round(time.perf_counter() - start, 1),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+TUNED_FIELDS = ("threshold", "max_steps", "lookup_tokens", "lookup_ngram")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("--prompts", default=None, help="JSON list of [kind, prompt] pairs (default: the packaged tuning prompts)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length per prompt (default 128)")
+    p.add_argument("--out", default=None, help="also write the full result here (JSON)")
+
+
+def run(args) -> int:
+    """``kangaroo tune``."""
+    from .cli import load_from_args
+
+    if args.max_new_tokens <= 0:
+        raise KangarooError(f"--max-new-tokens must be > 0, got {args.max_new_tokens}")
+    prompts = default_prompts()
+    if args.prompts:
+        try:
+            prompts = [tuple(x) for x in json.loads(Path(args.prompts).read_text())]
+        except (OSError, ValueError, TypeError) as exc:
+            raise KangarooError(f"cannot read --prompts {args.prompts}: {exc}") from None
+    args.no_tuned = True
+    km = load_from_args(args)
+    if km.adapter_is_random:
+        print("note: tuning with a seeded random adapter", file=sys.stderr)
+    result = tune(km, prompts, args.max_new_tokens)
+    best = result["best"]
+    record = {"config": {k: best["config"][k] for k in TUNED_FIELDS}, "modelled_speedup": best["modelled_speedup"],
+              "compression": best["compression"], "measured_at": result["measured_at"], "engine": km.engine_info}
+    path = save_tuned(km, record)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'η':>4} {'γ':>3} {'lookup':>6} {'n-gram':>6} {'compression':>11} {'modelled speed-up':>17}")
+    for r in result["top"]:
+        c = r["config"]
+        print(f"{c['threshold']:>4} {c['max_steps']:>3} {c['lookup_tokens']:>6} {c['lookup_ngram']:>6} "
+              f"{r['compression']:>11.2f} {r['modelled_speedup']:>16.2f}x")
+    c = best["config"]
+    print(f"\nchosen: η={c['threshold']} γ={c['max_steps']} lookup_tokens={c['lookup_tokens']} lookup_ngram={c['lookup_ngram']} "
+          f"(modelled {best['modelled_speedup']:.2f}x over plain decoding on this machine, {result['seconds']:.0f} s); "
+          f"saved to {path}; generate uses it by default")
+    return 0
