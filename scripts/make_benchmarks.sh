@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate BENCHMARKS.md (and docs/benchmarks/*.png) from one real `kangaroo bench` run:
-# 2 seeded questions per Spec-Bench task, at most 64 new tokens per turn, every method, all cores.
+# 2 seeded questions per Spec-Bench task, at most 128 new tokens per turn, every method, all cores,
+# with the step costs (--costs).
 #
 #   scripts/make_benchmarks.sh                      # the default model with its shipped adapter
 #   scripts/make_benchmarks.sh --adapter random     # extra options go to `kangaroo bench`
@@ -16,11 +17,11 @@ PY=${PYTHON:-.venv/bin/python}
 OUT=${OUT:-runs/bench-quick}
 THREADS=${THREADS:-$(nproc)}
 PER_CATEGORY=${PER_CATEGORY:-2}
-MAX_NEW=${MAX_NEW:-64}
+MAX_NEW=${MAX_NEW:-128}
 
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg)  (busy processes below, if any)"
 ps -eo pcpu,pid,args --sort=-pcpu | awk 'NR>1 && $1>20 {print "  " $0}' | cut -c1-120
-$PY -m kangaroo.cli bench --per-category "$PER_CATEGORY" --max-new-tokens "$MAX_NEW" --threads "$THREADS" --out "$OUT" "$@"
+$PY -m kangaroo.cli bench --per-category "$PER_CATEGORY" --max-new-tokens "$MAX_NEW" --threads "$THREADS" --costs --out "$OUT" "$@"
 SWEEP_ARGS=()
 if [ "${SWEEP:-0}" = 1 ]; then
   $PY -m kangaroo.cli bench --sweep --per-category 1 --max-new-tokens "$MAX_NEW" --threads "$THREADS" \
@@ -29,4 +30,4 @@ if [ "${SWEEP:-0}" = 1 ]; then
 fi
 [ -n "${NOTE:-}" ] && SWEEP_ARGS+=(--note "$NOTE")
 $PY -m kangaroo.bench.report "$OUT" --md BENCHMARKS.md --images docs/benchmarks "${SWEEP_ARGS[@]}" \
-    --script "${SWEEP:+SWEEP=$SWEEP }scripts/make_benchmarks.sh${*:+ $*}  # = kangaroo bench --per-category $PER_CATEGORY --max-new-tokens $MAX_NEW --threads $THREADS${*:+ $*}"
+    --script "${SWEEP:+SWEEP=$SWEEP }scripts/make_benchmarks.sh${*:+ $*}  # = kangaroo bench --per-category $PER_CATEGORY --max-new-tokens $MAX_NEW --threads $THREADS --costs${*:+ $*}"

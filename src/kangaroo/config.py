@@ -15,13 +15,14 @@ MAX_DRAFT = 15
 class KangarooConfig:
     """How one Kangaroo decode runs (Liu et al. 2024, section 3).
 
-    Defaults follow the paper's Vicuna-7B setting except ``exit_layer``, which is chosen per model
-    (the shipped adapter's config overrides it).
+    γ, η and the lookup settings default to what ``kangaroo tune`` chose for the shipped SmolLM2
+    adapter on the fused engine (docs/ENGINE.md); ``kangaroo tune`` re-chooses them per machine and
+    adapter. ``exit_layer`` is the adapter's own (its config overrides this one).
     """
 
     exit_layer: int = 2  # ℓ: layers run by the self-draft model before the adapter (first early exit)
-    max_steps: int = 6  # γ: at most this many drafted tokens per round
-    threshold: float = 0.6  # η: stop drafting once the draft's top-1 probability falls below this (second early exit)
+    max_steps: int = 4  # γ: at most this many drafted tokens per round
+    threshold: float = 0.3  # η: stop drafting once the draft's top-1 probability falls below this (second early exit)
     # also send the draft that fell below η for verification, as the authors' code does: every round
     # then verifies at least one draft. Off, since the shipped adapter is no faster with it
     # (measurements: docs/TRAINING.md).
@@ -29,7 +30,7 @@ class KangarooConfig:
     # prompt lookup (greedy only): when the last n >= lookup_ngram committed tokens occurred earlier in
     # the prompt or the answer, the tokens that followed them are the round's draft (free: no layer
     # runs to make it), up to lookup_tokens of them; 0 = adapter drafts only
-    lookup_tokens: int = 8
+    lookup_tokens: int = 6
     lookup_ngram: int = 2
 
     def __post_init__(self) -> None:

@@ -299,9 +299,19 @@ def _results(summary: dict, image_dir: str) -> str:
     lost = losses(summary)
     parts += ["### Where Kangaroo loses", ""]
     parts += [f"- {line}" for line in lost] if lost else ["Kangaroo is faster than every other method in every category of this run."]
-    parts += ["", "### Output identity", ""]
+    sources = draft_sources_markdown(summary)
+    if sources:
+        parts += [sources.replace("\n## ", "\n### ", 1)]
+    parts += ["", "### Output identity", "",
+              f"Reference: `{summary.get('reference')}`, plain greedy decoding on the engine Kangaroo runs on. "
+              "Methods on other engines (`ar-eager`, `ar-hf`, `pld`: HF's float32 modules) round differently; where "
+              "they differ, the table gives the reference's top-2 logit gap at the first differing token.", ""]
     mm = mismatch_table(summary)
     parts += [mm] if mm else ["Every answer of every method is token-identical to the autoregressive reference."]
+    if summary.get("costs"):
+        from .costs import table
+
+        parts += ["", "### Step costs", "", "From `--costs` in the same run (milliseconds; medians).", "", table(summary["costs"])]
     parts += ["", "### Plots", ""] + [f"![{p}]({image_dir}/{p})" for p in summary.get("_plots", [])]
     return "\n".join(parts)
 
