@@ -184,3 +184,16 @@ def test_bad_engine_settings_are_clear_errors(kwargs, message):
 def test_unavailable_device_is_a_clear_error():
     with pytest.raises(KangarooError, match="device 'cuda' is not available"):
         EngineConfig(device="cuda").check_device()
+
+
+def test_auto_engine_falls_back_to_eager_for_a_model_it_cannot_fuse(caplog):
+    model = tiny_model("llama", seed=0, hidden_act="gelu")
+    backbone = Backbone(model)
+    with caplog.at_level("WARNING"):
+        engine, info = calibration.build_engine(backbone, EngineConfig(dtype="float32"))
+    assert engine is backbone and info["source"] == "fallback"
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        "fused engine unavailable (the fused engine supports SiLU-gated MLPs, this model uses 'gelu': use --engine eager); "
+        "running HF's modules (eager engine)"]
+    with pytest.raises(KangarooError, match="supports SiLU-gated MLPs"):
+        calibration.build_engine(backbone, EngineConfig(engine="fused", dtype="float32"))

@@ -129,9 +129,20 @@ def build_engine(backbone: Backbone, config: EngineConfig):
     ``info`` says what was chosen and why: ``engine``, ``dtype``, ``kernel``, ``source``
     (``given``, ``cache`` or ``measured``), ``step_ms`` per candidate when measured, ``build_s``.
     """
+    eager = {"engine": "eager", "dtype": str(backbone.dtype).removeprefix("torch."), "kernel": "hf", "source": "given"}
     if config.engine == "eager":
-        info = {"engine": "eager", "dtype": str(backbone.dtype).removeprefix("torch."), "kernel": "hf", "source": "given"}
-        return backbone, info
+        return backbone, eager
+    try:
+        return _build_fused(backbone, config)
+    except KangarooError as exc:
+        if config.engine == "fused":
+            raise
+        # engine=auto: a model the fused steps cannot run still decodes, on HF's own modules
+        logger.warning("fused engine unavailable (%s); running HF's modules (eager engine)", exc)
+        return backbone, {**eager, "source": "fallback"}
+
+
+def _build_fused(backbone: Backbone, config: EngineConfig):
     start = time.perf_counter()
     options = candidates(config)
     if not options:

@@ -149,7 +149,8 @@ def run(args) -> int:
 
 def _stats_line(r: dict) -> str:
     e = r["engine"]
-    how = {"measured": "measured now", "cache": "measured earlier, cached", "given": "as asked"}[e["source"]]
+    how = {"measured": "measured now", "cache": "measured earlier, cached", "given": "as asked",
+           "fallback": "the fused engine cannot run this model"}[e["source"]]
     line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel ({how}"
     line += f"; built in {e['build_s']:.1f} s)\n" if "build_s" in e else ")\n"
     line += (

@@ -118,7 +118,8 @@ def table(costs: dict) -> str:
         if not isinstance(e, dict) or "forward_ms" not in e:
             continue
         cfg = e["engine"]
-        f, v = e["forward_ms"], e["verify_ms"]
+        # row counts are ints when measured, strings once read back from JSON
+        f, v = ({int(k): ms for k, ms in e[key].items()} for key in ("forward_ms", "verify_ms"))
         rows.append(f"| {name}: {cfg['engine']} {cfg['dtype']}/{cfg['kernel']} | {' / '.join(f'{f[k]:.1f}' for k in ROWS)} | "
                     f"{e['forward_ratio_8_to_1']:.2f} | {v[1]:.1f} / {v[8]:.1f} | {e['draft_step_ms']:.2f} | "
                     f"{e['draft_to_forward']:.2f} | {e['lm_head_ms']:.2f} | {cfg.get('build_s', 0):.1f} |")
