@@ -330,3 +330,29 @@ def test_contention_meter_sees_another_busy_process():
     share, wall = meter.stop(), time.perf_counter() - t
     machine_s = contention._machine_busy_s() - machine_before  # the same interval, a little wider
     assert cpu_seconds(share, wall) <= machine_s - 0.8, (share, wall, machine_s)
+
+
+def test_pld_peer_patches_no_transformers_class(tiny_model_dir):
+    """transformers' prompt-lookup generator class is untouched while the pld method runs (it counts
+    candidates through its own model object only) and after."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator as PLG
+    from transformers.generation.utils import GenerationMixin
+
+    from kangaroo.api import KangarooModel
+    from kangaroo.bench.methods import Options, PromptLookup
+
+    before = (PLG.get_candidates, GenerationMixin._get_candidate_generator)
+    km = KangarooModel.from_pretrained(str(tiny_model_dir), adapter="random", dtype="float32")
+    seen = []
+    original = km.model.forward
+
+    def forward(*args, **kwargs):  # runs inside generate: the class must be untouched there too
+        seen.append((PLG.get_candidates, GenerationMixin._get_candidate_generator) == before)
+        return original(*args, **kwargs)
+
+    km.model.forward = forward
+    run = PromptLookup(km, Options()).generate(km.encode("one two three one two three one two"), 12)
+    assert seen and all(seen)
+    assert (PLG.get_candidates, GenerationMixin._get_candidate_generator) == before
+    assert "_get_candidate_generator" not in km.model.__dict__
+    assert len(run.draft_lengths) == len(run.accept_lengths) and sum(run.accept_lengths) == len(run.token_ids)

@@ -322,3 +322,40 @@ def strip_quantization_markers(model: nn.Module) -> None:
                 delattr(config, "quantization_config")
             if getattr(config, "_is_quantized", False):
                 config._is_quantized = False
+
+
+class record_candidates:
+    """Count the tokens transformers' assisted generation proposes per round, on one model object.
+
+    ``with record_candidates(model) as drafted: model.generate(..., prompt_lookup_num_tokens=k)``
+    fills ``drafted`` with one count per round. It wraps this model instance's
+    ``_get_candidate_generator`` (a private transformers method) and the ``get_candidates`` of the
+    generator it returns, as instance attributes removed on exit: no class is patched, so other
+    models and threads are unaffected.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.drafted: list[int] = []
+
+    def __enter__(self) -> list[int]:
+        original = type(self.model)._get_candidate_generator
+        drafted = self.drafted
+
+        def get_candidate_generator(*args, **kwargs):
+            generator = original(self.model, *args, **kwargs)
+            propose = generator.get_candidates
+
+            def get_candidates(input_ids, *a, **k):
+                out = propose(input_ids, *a, **k)
+                drafted.append(int(out[0].shape[-1] - input_ids.shape[-1]))
+                return out
+
+            generator.get_candidates = get_candidates
+            return generator
+
+        self.model._get_candidate_generator = get_candidate_generator
+        return drafted
+
+    def __exit__(self, *exc) -> None:
+        self.model.__dict__.pop("_get_candidate_generator", None)

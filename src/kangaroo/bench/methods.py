@@ -289,7 +289,9 @@ class PromptLookup(_HFGenerate):
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
         rounds = _RoundLengths()
-        with _count_candidates() as drafted:
+        from ..model import record_candidates
+
+        with record_candidates(self.km.model) as drafted:
             ids = self._generate(input_ids, max_new_tokens, streamer=rounds)
         if sum(rounds.lengths) != len(ids) or len(drafted) != len(rounds.lengths):
             raise KangarooError("pld: could not follow transformers' assisted-generation rounds (this transformers "
@@ -300,33 +302,6 @@ class PromptLookup(_HFGenerate):
     def settings(self) -> dict:
         return {"prompt_lookup_num_tokens": self.options.pld_tokens, "max_matching_ngram_size": self.options.pld_ngram,
                 "cache": "transformers DynamicCache (generate's default)"}
-
-
-class _count_candidates:
-    """Record how many tokens transformers' prompt-lookup candidate generator proposes in each round.
-
-    Wraps ``PromptLookupCandidateGenerator.get_candidates`` for the duration of one ``generate`` call
-    (a function call per round: negligible next to a forward).
-    """
-
-    def __enter__(self) -> list[int]:
-        from transformers.generation.candidate_generator import (
-            PromptLookupCandidateGenerator as PLG,
-        )
-
-        self.cls, self.original, drafted = PLG, PLG.get_candidates, []
-        original = self.original
-
-        def get_candidates(gen, input_ids, *args, **kwargs):
-            out = original(gen, input_ids, *args, **kwargs)
-            drafted.append(int(out[0].shape[-1] - input_ids.shape[-1]))
-            return out
-
-        PLG.get_candidates = get_candidates
-        return drafted
-
-    def __exit__(self, *exc) -> None:
-        self.cls.get_candidates = self.original
 
 
 class KangarooVariant(_OurDecoder):
