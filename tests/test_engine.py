@@ -54,6 +54,10 @@ def test_row_count_dependent_product_is_caught():
     assert row_invariant(lambda x: (x[:, None, :] * w).sum(-1), in_features=32)  # row by row: invariant
 
 
+def lin_weight(lin):
+    return torch.cat([w for _, _, w in lin.chunks], dim=1)
+
+
 def test_a_non_invariant_product_is_split_or_padded(monkeypatch):
     """When the direct product fails the check, Linear falls back to a K-split, then to padding."""
     from kangaroo import kernels
@@ -62,14 +66,15 @@ def test_a_non_invariant_product_is_split_or_padded(monkeypatch):
 
     def fake_check(fn, *a, **k):
         calls.append((len(fn.chunks), fn.pad_to))
-        return fn.pad_to > 0  # only padding "passes"
+        return len(fn.chunks) > 1  # only a K-split "passes"
 
     monkeypatch.setattr(kernels, "row_invariant", fake_check)
     monkeypatch.setattr(kernels, "_INVARIANCE", {})
     lin = Linear(torch.randn(16, 64), None, torch.float32, "stock")
-    assert calls[0] == (1, 0) and any(n > 1 for n, _ in calls) and lin.pad_to == MAX_ROWS
+    assert calls[:3] == [(1, 0), (1, MAX_ROWS), (2, 0)]  # as is, padded, then split in 2: a fixed order
+    assert len(lin.chunks) == 2 and lin.pad_to == 0
     x = torch.randn(3, 64)
-    assert lin(x).shape == (3, 16)
+    torch.testing.assert_close(lin(x), x @ lin_weight(lin).t(), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- fused forward == HF modules

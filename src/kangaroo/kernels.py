@@ -14,15 +14,15 @@ token is verified in a batch of ``k`` rows or decoded alone. A product kernel ma
 another order for another number of rows (oneDNN does so for ``K`` above about 1,024), which moves
 the last bits and can flip a near-tied argmax. So every :class:`Linear` is made **row-invariant**
 before use: its row results are checked bit for bit against one-row products for every row count
-the engine will ask for; a product that fails runs instead either split along ``K`` into chunks
-that pass (partial products summed in float32) or always padded to the largest row count (one
-fixed shape), whichever of those passes the same check and measures faster.
+the engine will ask for; a product that fails runs instead always padded to the largest row count
+(one fixed shape), or failing that split along ``K`` into chunks that pass (partial products summed
+in float32). The choice follows a fixed order, never a timing, so a machine computes the same bits
+in every run.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from torch.nn import functional as F
@@ -112,34 +112,17 @@ class Linear:
             self.chunks = [(0, self.in_features, self._prepare(weight))]
 
     def _find_invariant_mode(self, weight: torch.Tensor) -> tuple[str, int]:
-        """The row-invariant way to run this product: as is if it passes the check, else the
-        faster (one and eight rows, timed) of the K-splits and the padding that pass."""
-        self._apply(weight, ("direct", 0))
-        if row_invariant(self):
-            return ("direct", 0)
+        """The first row-invariant way to run this product, in a fixed order: as is, padded to
+        :data:`MAX_ROWS` rows, split along K. The order is fixed (not timed) so that the same machine
+        always computes the same bits, run after run."""
         K = self.in_features
-        candidates = [("split", n) for n in (2, 3, 4, 6, 8) if K % n == 0 and (K // n) % 16 == 0]
-        candidates.append(("pad", MAX_ROWS))
-        passing = []
+        candidates = [("direct", 0), ("pad", MAX_ROWS)]
+        candidates += [("split", n) for n in (2, 3, 4, 6, 8) if K % n == 0 and (K // n) % 16 == 0]
         for mode in candidates:
             self._apply(weight, mode)
             if row_invariant(self):
-                passing.append((self._time_rows(), mode))
-        if not passing:
-            raise RuntimeError(f"no row-invariant {self.kernel} product found for a [{self.out_features} x {K}] weight")
-        return min(passing)[1]
-
-    def _time_rows(self, repeats: int = 20) -> float:
-        """Seconds for one product on 1 row plus one on 8 rows (best of ``repeats``)."""
-        x = torch.randn(8, self.in_features, device=self.device)
-        best = float("inf")
-        with torch.no_grad():
-            for _ in range(repeats + 3):
-                t = time.perf_counter()
-                self(x[:1])
-                self(x)
-                best = min(best, time.perf_counter() - t)
-        return best
+                return mode
+        raise RuntimeError(f"no row-invariant {self.kernel} product found for a [{self.out_features} x {K}] weight")
 
 
 def row_invariant(fn, in_features: int | None = None, max_rows: int = MAX_ROWS, trials: int = 3) -> bool:
