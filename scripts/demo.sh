@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PROMPT=${PROMPT:-"Explain in three sentences why the sky is blue."}
+# a 128-token coding answer (PROMPT="..." for your own; short chat answers gain least, see README)
+PROMPT=${PROMPT:-"Write a Python function that returns the n-th Fibonacci number, then explain it."}
 .venv/bin/kangaroo generate --prompt "$PROMPT" --max-new-tokens "${MAX_NEW_TOKENS:-128}" --compare "$@"
