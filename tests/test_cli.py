@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from kangaroo.cli import main
+from kangaroo.config import KangarooConfig
 
 JSON_FIELDS = {
     "text", "prompt_token_ids", "token_ids", "new_tokens", "rounds", "target_forwards", "drafted", "accepted",
@@ -34,7 +35,9 @@ def test_json_output(capsys, tiny_chat_model_dir):
     assert record["new_tokens"] == len(record["token_ids"]) == record["accepted"] + record["rounds"]
     assert record["target_forwards"] == record["rounds"]
     assert record["adapter"] == "random"
-    assert record["exit_layer"] == 2 and record["threshold"] == 0.6 and record["max_steps"] == 6
+    defaults = KangarooConfig()
+    assert record["exit_layer"] == 2 and record["threshold"] == defaults.threshold and record["max_steps"] == defaults.max_steps
+    assert record["config_source"] == "default" and record["lookup_tokens"] == defaults.lookup_tokens
     # the chat template was applied: the prompt holds the template's role markers
     assert record["prompt_token_ids"][0] == 1  # <|im_start|>
 
