@@ -1,5 +1,6 @@
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,28 @@ def tiny_chat_model_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 4-layer random Llama with the tiny tokenizer; deep layers damped so early drafts often agree.
+
+    Its embedding is padded past the tokenizer to 49,152 rows, as many real models' are (and as
+    bench/costs.py's random token ids, drawn below 20,000, need)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         initializer_range=0.25, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # peaked, stable argmaxes; layers 2.. barely change the exit-layer state
+        for layer in model.model.layers[2:]:
+            layer.self_attn.o_proj.weight.mul_(0.05)
+            layer.mlp.down_proj.weight.mul_(0.05)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    folder = tmp_path_factory.mktemp("tiny-smollm2")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -11,7 +11,6 @@ from statistics import mean
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
 
 from kangaroo.bench import metrics
 from kangaroo.bench.questions import load_questions, task_of
@@ -28,31 +27,6 @@ QUESTIONS = [
     {"question_id": 241, "category": "math_reasoning", "turns": ["Tom has 3 apples and buys 4 more. How many apples does he have?"]},
     {"question_id": 321, "category": "rag", "turns": ["Context: the sea is salty. The sea is salty because of the salt. Question: why is the sea salty?"]},
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 4-layer random Llama with the tiny tokenizer; deep layers damped so early drafts often agree.
-
-    Its embedding is padded past the tokenizer to 49,152 rows, as many real models' are (and as
-    bench/costs.py's random token ids, drawn below 20,000, need)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         initializer_range=0.25, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # peaked, stable argmaxes; layers 2.. barely change the exit-layer state
-        for layer in model.model.layers[2:]:
-            layer.self_attn.o_proj.weight.mul_(0.05)
-            layer.mlp.down_proj.weight.mul_(0.05)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    folder = tmp_path_factory.mktemp("tiny-smollm2")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

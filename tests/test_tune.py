@@ -6,44 +6,20 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import pytest
 import torch
-from conftest import tiny_tokenizer
 
+from kangaroo import tune
 from kangaroo.api import KangarooModel
 from kangaroo.cli import main
 from kangaroo.decoding import KangarooDecoder
-from kangaroo import tune
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         initializer_range=0.25, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # layers 2.. barely change the exit-layer state: early drafts often agree
-        for layer in model.model.layers[2:]:
-            layer.self_attn.o_proj.weight.mul_(0.05)
-            layer.mlp.down_proj.weight.mul_(0.05)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    folder = tmp_path_factory.mktemp("tiny-tune")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
 
 PROMPTS = [("repeat", "one two three four five six one two three four five six one two three"),
            ("chat", "Tell me about the sea and the sky.")]
 
 
-def test_replay_predicts_the_real_rounds(tiny_dir, tmp_path, monkeypatch):
+def test_replay_predicts_the_real_rounds(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("KANGAROO_CACHE", str(tmp_path))
-    km = KangarooModel.from_pretrained(str(tiny_dir), adapter="random", dtype="float32", kernel="stock", tuned=False)
+    km = KangarooModel.from_pretrained(str(tiny_model_dir), adapter="random", dtype="float32", kernel="stock", tuned=False)
     with torch.no_grad():
         from tiny import passthrough_adapter
 
@@ -68,21 +44,21 @@ def test_replay_predicts_the_real_rounds(tiny_dir, tmp_path, monkeypatch):
     assert len(checked) == len(settings) and accepted > 0
 
 
-def test_tune_saves_a_setting_that_generate_then_uses(tiny_dir, tmp_path, monkeypatch, capsys):
+def test_tune_saves_a_setting_that_generate_then_uses(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KANGAROO_CACHE", str(tmp_path))
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps([list(p) for p in PROMPTS]))
-    assert main(["tune", "--model", str(tiny_dir), "--adapter", "random", "--threads", "1", "--prompts", str(prompts),
+    assert main(["tune", "--model", str(tiny_model_dir), "--adapter", "random", "--threads", "1", "--prompts", str(prompts),
                  "--max-new-tokens", "12", "--out", str(tmp_path / "tune.json")]) == 0
     out = capsys.readouterr().out
     assert "chosen: η=" in out
     result = json.loads((tmp_path / "tune.json").read_text())
     best = result["best"]["config"]
     assert result["prompts"] == 2 and len(result["top"]) == 10 and result["best"]["modelled_speedup"] > 0
-    km = KangarooModel.from_pretrained(str(tiny_dir), adapter="random", threads=1)
+    km = KangarooModel.from_pretrained(str(tiny_model_dir), adapter="random", threads=1)
     assert km.config_source.startswith("tuned ")
     assert (km.config.threshold, km.config.max_steps, km.config.lookup_tokens) == (
         best["threshold"], best["max_steps"], best["lookup_tokens"])
-    given = KangarooModel.from_pretrained(str(tiny_dir), adapter="random", threads=1, threshold=0.95)
+    given = KangarooModel.from_pretrained(str(tiny_model_dir), adapter="random", threads=1, threshold=0.95)
     assert given.config.threshold == 0.95 and given.config.max_steps == best["max_steps"]
-    assert main(["tune", "--model", str(tiny_dir), "--adapter", "random", "--prompts", str(tmp_path / "nope.json")]) == 2
+    assert main(["tune", "--model", str(tiny_model_dir), "--adapter", "random", "--prompts", str(tmp_path / "nope.json")]) == 2
