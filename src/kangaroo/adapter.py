@@ -12,7 +12,6 @@ config records which model and exit layer it was made for, and loading checks bo
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -65,19 +64,13 @@ class Adapter(nn.Module):
     def __init__(self, backbone: Backbone, exit_layer: int, kv_heads: int | None = None) -> None:
         super().__init__()
         check_exit_layer(exit_layer, backbone.num_layers)
-        config = copy.copy(backbone.config)
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = ["full_attention"] * len(config.layer_types)
         if kv_heads is not None:
-            check_kv_heads(kv_heads, config.num_attention_heads)
-            config.num_key_value_heads = kv_heads
+            check_kv_heads(kv_heads, backbone.config.num_attention_heads)
         self.kv_heads = kv_heads
-        norm_cls = backbone.norm_class()
-        eps = getattr(config, "rms_norm_eps", 1e-6)
         self.exit_layer = exit_layer
-        self.input_norm = norm_cls(config.hidden_size, eps=eps)
-        self.self_attn = type(backbone.attention_module(0))(config, layer_idx=0)
-        self.post_norm = norm_cls(config.hidden_size, eps=eps)
+        self.input_norm = backbone.new_norm()
+        self.self_attn = backbone.new_attention(kv_heads)
+        self.post_norm = backbone.new_norm()
         # token ids the draft head scores (sorted; None = the whole LM head): drafting over the most
         # frequent tokens only costs a fraction of the LM head, and verification keeps every token
         self.register_buffer("draft_vocab", None, persistent=False)
@@ -90,12 +83,11 @@ class Adapter(nn.Module):
         """
         rope = backbone.position_embeddings(hidden, pos)
         mask = backbone.attention_mask(hidden.shape[1], pos, None, hidden.dtype, hidden.device)
-        kwargs = {backbone._cache_kw: cache} if cache is not None else {}
         attn_out = self.self_attn(
             hidden_states=self.input_norm(hidden),
             position_embeddings=rope,
             attention_mask=mask,
-            **kwargs,
+            **backbone.cache_kwargs(cache),
         )[0]
         return self.post_norm(hidden + attn_out)
 

@@ -17,6 +17,7 @@ embedding call, the keyword the layers take the cache under, and the attention-m
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 
@@ -227,6 +228,24 @@ class Backbone:
     def attention_module(self, layer: int = 0) -> nn.Module:
         """The HF attention module of ``layer`` (the adapter builds one of the same class)."""
         return self.layers[layer].self_attn
+
+    def new_attention(self, kv_heads: int | None = None) -> nn.Module:
+        """A fresh attention module of the target's own class and head layout (full attention, no
+        sliding window; ``kv_heads`` key/value heads if given), for the adapter."""
+        config = copy.copy(self.config)
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = ["full_attention"] * len(config.layer_types)
+        if kv_heads is not None:
+            config.num_key_value_heads = kv_heads
+        return type(self.attention_module(0))(config, layer_idx=0)
+
+    def new_norm(self) -> nn.Module:
+        """A fresh RMSNorm of the target's class over its hidden size, with its epsilon."""
+        return self.norm_class()(self.config.hidden_size, eps=getattr(self.config, "rms_norm_eps", 1e-6))
+
+    def cache_kwargs(self, cache) -> dict:
+        """The keyword argument that hands ``cache`` to an HF attention module or decoder layer."""
+        return {} if cache is None else {self._cache_kw: cache}
 
     def norm_class(self) -> type[nn.Module]:
         """The model's RMSNorm class (the adapter builds its norms from it)."""
