@@ -91,7 +91,9 @@ def test_every_output_is_written(bench_run):
     assert "| kangaroo | adapter |" in report or "| kangaroo | lookup |" in report
 
 
-def test_costs_only_writes_step_costs(tiny_model_dir, tmp_path):
+def test_costs_only_writes_step_costs(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no Spec-Bench file above: --costs-only does not need one
+    monkeypatch.delenv("KANGAROO_SPEC_BENCH", raising=False)
     out = tmp_path / "costs"
     assert main(["bench", "--model", str(tiny_model_dir), "--adapter", "random", "--threads", "1", "--costs-only",
                  "--out", str(out)]) == 0

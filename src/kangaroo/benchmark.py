@@ -75,7 +75,8 @@ def run(args) -> int:
     if not names:
         raise KangarooError("--methods is empty")
     categories = _csv(args.categories) if args.categories else None
-    questions = load_questions(args.questions, categories, args.per_category, args.sample_seed)
+    # --costs-only needs no questions (a user without the Spec-Bench file can still measure costs)
+    questions = None if args.costs_only else load_questions(args.questions, categories, args.per_category, args.sample_seed)
     out = Path(args.out)
     from .bench.contention import BUSY_SHARE, ContentionMeter, others_share
 
