@@ -93,7 +93,6 @@ class GenerationResult:
     def stats(self) -> dict:
         return {
             "new_tokens": self.new_tokens,
-            "rounds": self.rounds,
             "target_forwards": self.rounds,
             "drafted": self.drafted,
             "accepted": self.accepted,

@@ -65,9 +65,6 @@ class KVCache:
         """Number of positions stored for ``layer_idx``."""
         return self.lengths[layer_idx]
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:  # HF name, for code that asks a cache its length
-        return self.lengths[layer_idx]
-
     def crop(self, length: int, layers: range | None = None) -> None:
         """Roll back ``layers`` (default: all) to at most ``length`` positions. Costs nothing."""
         for i in layers if layers is not None else range(self.num_layers):
