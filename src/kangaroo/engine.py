@@ -221,8 +221,8 @@ class FusedEngine:
             layer = self.layers[i]
             if layer.layer_type not in ropes:
                 ropes[layer.layer_type] = self.rope(pos, T, layer.layer_type)
-            if layer.window not in masks:
-                masks[layer.window] = self.mask(T, pos, layer.window)
+            if layer.window not in masks:  # only prompts longer than MAX_ROWS attend in one masked call
+                masks[layer.window] = self.mask(T, pos, layer.window) if T > MAX_ROWS else None
             h = _norm(x, layer.input_norm)
             x = x + self.attend(layer.attention, h, cache, i, ropes[layer.layer_type], masks[layer.window], layer.window)
             h = _norm(x, layer.post_norm)
