@@ -1,5 +1,7 @@
-"""Device check: greedy Kangaroo == HF greedy on tiny models of every architecture, then the default
-model in float32 and bfloat16 with speeds (our AR loop, HF generate, Kangaroo).
+"""Device check: greedy Kangaroo == HF greedy on tiny models of every architecture (eager engine),
+greedy Kangaroo == plain greedy on the fused step engine in float32 and bfloat16 (the device's
+stock kernel), then the default model in float32 and bfloat16 with speeds (our AR loop, HF
+generate, Kangaroo).
 
 usage: python scripts/cuda_check.py [DEVICE] [quick]      # DEVICE defaults to cuda; quick = 1 prompt
 
@@ -21,7 +23,8 @@ from tiny import ARCHITECTURES, VOCAB, hf_greedy, passthrough_adapter, tiny_mode
 from kangaroo import KangarooModel  # noqa: E402
 from kangaroo.adapter import Adapter  # noqa: E402
 from kangaroo.config import KangarooConfig  # noqa: E402
-from kangaroo.decoding import KangarooDecoder  # noqa: E402
+from kangaroo.decoding import AutoregressiveDecoder, KangarooDecoder  # noqa: E402
+from kangaroo.engine import FusedEngine  # noqa: E402
 from kangaroo.model import Backbone  # noqa: E402
 
 dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
@@ -51,6 +54,18 @@ for arch in ARCHITECTURES:
             cases += 1
             bad += decoder.generate(ids, m).token_ids != hf_greedy(model, ids, m)
 print(f"tiny models on {dev}: {cases} cases, {bad} differ from HF greedy", flush=True)
+
+cases = bad = 0
+for arch, dtype in itertools.product(ARCHITECTURES, (torch.float32, torch.bfloat16)):
+    model = tiny_model(arch, seed=2, damp_from=1).to(dev)
+    engine = FusedEngine(Backbone(model), dtype, "stock")
+    for ℓ, γ in ((1, 4), (2, 8)):
+        adapter = passthrough_adapter(Adapter.random(engine.backbone, ℓ, seed=ℓ))
+        decoder = KangarooDecoder(engine, adapter, KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=0.0))
+        ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(ℓ)).to(dev)
+        cases += 1
+        bad += decoder.generate(ids, 40).token_ids != AutoregressiveDecoder(engine).generate(ids, 40).token_ids
+print(f"fused engine on {dev}: {cases} cases, {bad} differ from plain greedy on the same engine", flush=True)
 
 prompts = json.loads(Path(__file__).with_name("prompts.json").read_text())[: 1 if quick else None]
 print("real model: dtype, kind, tokens, compression, AR tok/s, HF generate tok/s, Kangaroo tok/s, "

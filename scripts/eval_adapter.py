@@ -21,7 +21,7 @@ from kangaroo.decoding import KangarooDecoder
 
 torch.set_num_threads(2)
 adapter = sys.argv[1]
-dtype = sys.argv[2] if len(sys.argv) > 2 else "float32"
+dtype = sys.argv[2] if len(sys.argv) > 2 else "auto"
 km = KangarooModel.from_pretrained(adapter=adapter, dtype=dtype, verify_low_confidence=True)
 prompts = json.loads(Path(__file__).with_name("prompts.json").read_text())
 settings = json.loads(sys.argv[3]) if len(sys.argv) > 3 else [
@@ -36,7 +36,7 @@ for kind, prompt in prompts:
     r = km.baseline.generate(ids, 128, km.eos_token_ids)
     greedy[kind] = (r.token_ids, time.perf_counter() - t)
 for name, overrides in settings:
-    decoder = KangarooDecoder(km.backbone, km.adapter, dataclasses.replace(km.config, **overrides))
+    decoder = KangarooDecoder(km.engine, km.adapter, dataclasses.replace(km.config, **overrides))
     rows = []
     for kind, prompt in prompts:
         ids = km.encode(prompt)
