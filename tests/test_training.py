@@ -244,6 +244,7 @@ def test_trained_adapter_accepts_more_than_random(tiny_dir, data_file, tmp_path)
     bb = Backbone(model)
     trained, cfg = Adapter.load(out, bb, 1)
     assert cfg.training["final_metrics"]["val_agreement"] > 0.5
+    assert trained.draft_vocab is None and cfg.draft_vocab is None  # 8,192 is over half this tiny vocabulary
     assert (out / "curves.png").is_file() and (out / "metrics.jsonl").is_file()
     config = KangarooConfig(exit_layer=1, max_steps=6, threshold=0.0)
     prompts = [_encode(tok, [{"role": "user", "content": " ".join(WORDS[i : i + 5])}]) for i in range(0, 15, 5)]
@@ -253,6 +254,27 @@ def test_trained_adapter_accepts_more_than_random(tiny_dir, data_file, tmp_path)
         return sum(dec.generate(torch.tensor([p]), 24).accepted for p in prompts)
 
     assert accepted(trained) > accepted(Adapter.random(bb, 1, seed=0)) + 10
+
+
+def test_exported_adapter_gets_a_draft_vocabulary(tiny_dir, data_file, tmp_path):
+    from collections import Counter
+
+    from kangaroo.adapter import Adapter
+    from kangaroo.loading import load_model
+    from kangaroo.model import Backbone
+
+    out = tmp_path / "run"
+    assert _train(["--model", str(tiny_dir), "--data", str(data_file), "--out", str(out), "--max-steps", "4",
+                   "--val-every", "4", "--draft-vocab", "32", *FAST]) == 0
+    model, tok = load_model(str(tiny_dir))
+    adapter, cfg = Adapter.load(out, Backbone(model), 1)
+    vocab = adapter.draft_vocab.tolist()
+    assert len(vocab) == cfg.draft_vocab["size"] == 32 and vocab == sorted(vocab)
+    assert tok.eos_token_id in vocab and cfg.draft_vocab["source"] == "training targets"
+    # the most frequent reply token of the data is in it
+    replies = [json.loads(line)["conversations"][1]["content"] for line in data_file.read_text().splitlines()]
+    counts = Counter(t for r in replies for t in tok(r, add_special_tokens=False).input_ids)
+    assert counts.most_common(1)[0][0] in vocab and 0.5 < cfg.draft_vocab["token_coverage"] <= 1.0
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tiny_dir, data_file, tmp_path):

@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", choices=["warm", "random"], default=d.init, help="warm: copy target layer ℓ's attention (default); random")
     g.add_argument("--kv-heads", type=int, default=d.kv_heads,
                    help="key/value heads of the adapter's attention (default: the target's; its query-head count = full multi-head)")
+    g.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help=f"the adapter drafts over this many of the most frequent target tokens of the training data; 0 = the whole LM head (default {d.draft_vocab})")
     g.add_argument("--seed", type=int, default=d.seed, help="data order, split and init seed (default 0)")
     g = p.add_argument_group("bookkeeping")
     g.add_argument("--val-every", type=int, default=d.val_every, help=f"validate (and checkpoint) every N steps (default {d.val_every})")

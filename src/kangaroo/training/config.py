@@ -30,6 +30,9 @@ class TrainConfig:
     top_k: int = 32  # target probabilities kept per position
     init: str = "warm"  # warm: from target layer ℓ's attention; random
     kv_heads: int | None = None  # adapter key/value heads (None = the target's layout; = heads: full MHA)
+    # the exported adapter drafts over the N tokens most frequent in the training targets (the model's
+    # own answers with --self-distill); 0, or N at least half the vocabulary, = the whole LM head
+    draft_vocab: int = 8192
     # data
     max_conversations: int | None = None  # training conversations, taken in a fixed seeded order
     val_size: int = 64  # held-out conversations

@@ -409,9 +409,10 @@ class _Run:
         final.update(best_step=best["state"]["step"], steps=state["step"], train_tokens_seen=state["tokens"],
                      train_s=round(time.perf_counter() - self.t0, 1))
         if self.accelerator.is_main_process:
+            draft_vocab = self._draft_vocab()
             config = AdapterConfig(
                 base_model=model_identity(cfg.model), exit_layer=cfg.exit_layer, fingerprint=self.bb.fingerprint(),
-                kv_heads=cfg.kv_heads,
+                kv_heads=cfg.kv_heads, draft_vocab=draft_vocab,
                 training={"config": asdict(cfg), "data": self.data_info, "final_metrics": final,
                           "adapter_parameters": raw.num_parameters(),
                           "model_parameters": sum(p.numel() for p in self.model.parameters())},
@@ -420,6 +421,35 @@ class _Run:
             plot_curves(self.metrics_path, self.out / "curves.png")
             logger.info("adapter saved to %s: %s", self.out, final)
         return final
+
+    def _draft_vocab(self) -> dict | None:
+        """Give the adapter the ``--draft-vocab`` most frequent training targets as its draft
+        vocabulary (kangaroo.draft_vocab); returns what the adapter config records, or None."""
+        from collections import Counter
+
+        from ..draft_vocab import choose
+
+        size, vocab_size = self.cfg.draft_vocab, self.bb.config.vocab_size
+        if not size or size * 2 > vocab_size:
+            self.raw.draft_vocab = None
+            return None
+        counts = Counter(e.ids[t + 1] for e in self.train_set for t, m in enumerate(e.loss_mask) if m)
+        special = list(getattr(self.tokenizer, "all_special_ids", [])) + list(self.eos_ids())
+        vocab = choose(counts, size, vocab_size, special)
+        self.raw.draft_vocab = vocab.to(self.raw.input_norm.weight.device)
+        total = sum(counts.values())
+        covered = sum(counts[int(t)] for t in vocab) / total if total else 0.0
+        return {"size": int(vocab.numel()), "source": "training targets" + (" (self-distilled)" if self.cfg.self_distill else ""),
+                "token_coverage": round(covered, 4)}
+
+    def eos_ids(self) -> set[int]:
+        ids = set()
+        for value in (getattr(self.model.generation_config, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(int(v) for v in value)
+        return ids
 
 
 def _check(cfg: TrainConfig) -> None:
