@@ -56,6 +56,22 @@ def choose(counts: Counter, size: int, vocab_size: int, always: list[int]) -> to
     return torch.tensor(sorted(keep), dtype=torch.long)
 
 
+def from_examples(examples, size: int, vocab_size: int, special: list) -> tuple[torch.Tensor | None, dict | None]:
+    """The ``size`` most frequent trained targets of tokenised training examples (``ids`` and
+    ``loss_mask``, as in ``kangaroo.training.data.Example``) plus ``special`` ids (ints or lists of
+    them; None ignored); ``(None, None)`` when ``size`` is 0 or at least half the vocabulary."""
+    if not size or size * 2 > vocab_size:
+        return None, None
+    counts = Counter(e.ids[t + 1] for e in examples for t, trained in enumerate(e.loss_mask) if trained)
+    always = []
+    for s in special:
+        always += [] if s is None else ([int(s)] if isinstance(s, int) else [int(x) for x in s])
+    vocab = choose(counts, size, vocab_size, always)
+    total = sum(counts.values())
+    covered = sum(counts[int(t)] for t in vocab) / total if total else 0.0
+    return vocab, {"size": int(vocab.numel()), "token_coverage": round(covered, 4)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .adapter import Adapter, AdapterConfig
     from .api import KangarooModel

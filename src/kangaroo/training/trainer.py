@@ -423,33 +423,16 @@ class _Run:
         return final
 
     def _draft_vocab(self) -> dict | None:
-        """Give the adapter the ``--draft-vocab`` most frequent training targets as its draft
-        vocabulary (kangaroo.draft_vocab); returns what the adapter config records, or None."""
-        from collections import Counter
+        """Give the adapter its ``--draft-vocab`` (kangaroo.draft_vocab); returns what its config records."""
+        from ..draft_vocab import from_examples
 
-        from ..draft_vocab import choose
-
-        size, vocab_size = self.cfg.draft_vocab, self.bb.config.vocab_size
-        if not size or size * 2 > vocab_size:
-            self.raw.draft_vocab = None
-            return None
-        counts = Counter(e.ids[t + 1] for e in self.train_set for t, m in enumerate(e.loss_mask) if m)
-        special = list(getattr(self.tokenizer, "all_special_ids", [])) + list(self.eos_ids())
-        vocab = choose(counts, size, vocab_size, special)
-        self.raw.draft_vocab = vocab.to(self.raw.input_norm.weight.device)
-        total = sum(counts.values())
-        covered = sum(counts[int(t)] for t in vocab) / total if total else 0.0
-        return {"size": int(vocab.numel()), "source": "training targets" + (" (self-distilled)" if self.cfg.self_distill else ""),
-                "token_coverage": round(covered, 4)}
-
-    def eos_ids(self) -> set[int]:
-        ids = set()
-        for value in (getattr(self.model.generation_config, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
-            if isinstance(value, int):
-                ids.add(value)
-            elif value:
-                ids.update(int(v) for v in value)
-        return ids
+        special = list(getattr(self.tokenizer, "all_special_ids", []))
+        special += [getattr(self.tokenizer, "eos_token_id", None), getattr(self.model.generation_config, "eos_token_id", None)]
+        vocab, record = from_examples(self.train_set, self.cfg.draft_vocab, self.bb.config.vocab_size, special)
+        self.raw.draft_vocab = None if vocab is None else vocab.to(self.raw.input_norm.weight.device)
+        if record is not None:
+            record["source"] = "training targets" + (" (self-distilled)" if self.cfg.self_distill else "")
+        return record
 
 
 def _check(cfg: TrainConfig) -> None:
