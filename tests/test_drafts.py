@@ -156,3 +156,15 @@ def test_draft_vocabulary_choice_keeps_special_tokens():
 
     counts = Counter({5: 10, 6: 9, 7: 8, 8: 1, 200: 50})
     assert choose(counts, 3, 100, always=[2]).tolist() == [2, 5, 6]  # 200 is out of the model's range
+
+
+def test_draft_vocab_command_bad_input_is_one_line(tmp_path, capsys):
+    from kangaroo.draft_vocab import main
+
+    assert main(["--adapter", str(tmp_path / "nope"), "--size", "0", "--data", "x.jsonl"]) == 2
+    assert capsys.readouterr().err.strip() == "kangaroo.draft_vocab: error: --size must be >= 1, got 0"
+    assert main(["--adapter", str(tmp_path / "nope"), "--data", "x.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kangaroo.draft_vocab: error: adapter not found") and err.count("\n") == 1
+    assert main(["--adapter", str(tmp_path), "--data", str(tmp_path / "none.jsonl")]) == 2
+    assert capsys.readouterr().err == f"kangaroo.draft_vocab: error: data file not found: {tmp_path / 'none.jsonl'}\n"

@@ -169,6 +169,10 @@ def test_cli_bad_data_is_one_line_exit_2(tmp_path, capsys, tiny_dir):
                    "--kv-heads", "3", *FAST]) == 2
     err = capsys.readouterr().err
     assert "kv_heads must divide" in err and "Traceback" not in err
+    assert _train(["--model", str(tiny_dir), "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o"),
+                   "--draft-vocab", "-1", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--draft-vocab must be >= 0" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------- optimisation

@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
+
+from .errors import KangarooError
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +76,6 @@ def from_examples(examples, size: int, vocab_size: int, special: list) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .adapter import Adapter, AdapterConfig
-    from .api import KangarooModel
-
     p = argparse.ArgumentParser(prog="python -m kangaroo.draft_vocab", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="adapter folder to add the draft vocabulary to (rewritten in place)")
     p.add_argument("--model", default=None, help="the adapter's model (default: the default model)")
@@ -83,6 +83,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", nargs="+", required=True, help="training conversations (JSONL) to count tokens in")
     p.add_argument("--max-conversations", type=int, default=None)
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except (KangarooError, OSError, ValueError) as exc:  # bad adapter, missing or malformed data file
+        print(f"kangaroo.draft_vocab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from .adapter import Adapter, AdapterConfig
+    from .api import KangarooModel
+
+    if args.size < 1:
+        raise KangarooError(f"--size must be >= 1, got {args.size}")
+    if not Path(args.adapter).is_dir():  # checked before the model is loaded
+        raise KangarooError(f"adapter not found: {args.adapter}")
+    missing = [f for f in args.data if not Path(f).is_file()]
+    if missing:
+        raise KangarooError(f"data file not found: {missing[0]}")
     kwargs = {"model": args.model} if args.model else {}
     km = KangarooModel.from_pretrained(adapter=args.adapter, engine="eager", dtype="float32", **kwargs)
     vocab_size = km.backbone.config.vocab_size

@@ -442,6 +442,8 @@ def _check(cfg: TrainConfig) -> None:
         raise KangarooError("--top-k must be >= 1")
     if cfg.init not in ("warm", "random"):
         raise KangarooError(f"--init must be warm or random, got {cfg.init}")
+    if cfg.draft_vocab < 0:
+        raise KangarooError(f"--draft-vocab must be >= 0 (0 = the whole LM head), got {cfg.draft_vocab}")
 
 
 def _new_adapter(cfg: TrainConfig, bb) -> Adapter:
