@@ -202,3 +202,120 @@ def test_auto_engine_falls_back_to_eager_for_a_model_it_cannot_fuse(caplog):
         "running HF's modules (eager engine)"]
     with pytest.raises(KangarooError, match="supports SiLU-gated MLPs"):
         calibration.build_engine(backbone, EngineConfig(engine="fused", dtype="float32"))
+
+
+# ---------------------------------------------------------------- token trees
+class _TreeWatch:
+    """Counts the tree rounds whose accepted path left the first branch (and needed the cache fixed)."""
+
+    def __init__(self, monkeypatch):
+        from kangaroo import decoding
+
+        self.trees = self.other_branch = self.deep_other_branch = self.moved = 0
+        accept = decoding.accept
+
+        def watched(draft, logits, sampler):
+            new, path = accept(draft, logits, sampler)
+            if draft.tree is not None:
+                self.trees += 1
+                self.other_branch += bool(path) and path[0] != 1
+                self.deep_other_branch += len(path) >= 2 and path[0] != 1
+                self.moved += not draft.tree.resident(path)
+            return new, path
+
+        monkeypatch.setattr(decoding, "accept", watched)
+
+
+@pytest.mark.parametrize("dtype,kernel", CONFIGS[::2] + CONFIGS[1:2])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_token_trees_equal_plain_greedy_on_the_same_engine(arch, dtype, kernel, monkeypatch):
+    """Adapter trees (top-k siblings at depth 1) and lookup + adapter trees (two deep branches),
+    with paths accepted through later branches, give plain greedy decoding's tokens."""
+    watch = _TreeWatch(monkeypatch)
+    rng = random.Random(f"tree-{arch}-{dtype}-{kernel}")
+    for friendly in (False, True):
+        model = tiny_model(arch, seed=2, damp_from=1) if friendly else tiny_model(arch, seed=1)
+        engine = FusedEngine(Backbone(model), dtype, kernel)
+        for ℓ, width, branch in itertools.product((1, NUM_LAYERS - 1), (2, 4), (False, True)):
+            adapter = Adapter.random(engine.backbone, ℓ, seed=rng.randrange(1000))
+            config = KangarooConfig(exit_layer=ℓ, max_steps=rng.choice([3, 5]), threshold=rng.choice([0.0, 0.3]),
+                                    tree_width=width, tree_threshold=0.0, lookup_branch=branch,
+                                    lookup_tokens=rng.choice([4, 7]), lookup_ngram=1)
+            base = torch.randint(0, VOCAB, (1, rng.randrange(8, 30)), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
+            ids = torch.cat([base, base, base[:, :5]], dim=1)  # repeats: prompt lookup proposes drafts
+            expected = AutoregressiveDecoder(engine).generate(ids, 40).token_ids
+            eos = {expected[rng.randrange(len(expected))]} if rng.random() < 0.3 else set()
+            if eos:
+                expected = AutoregressiveDecoder(engine).generate(ids, 40, eos).token_ids
+            result = KangarooDecoder(engine, adapter, config).generate(ids, 40, eos)
+            assert result.token_ids == expected, f"{arch} {dtype} {kernel} ℓ={ℓ} width={width} branch={branch}"
+    assert watch.trees > 50 and watch.other_branch > 5 and watch.deep_other_branch > 0 and watch.moved > 5, vars(watch)
+
+
+def test_tree_cache_after_a_later_branch_wins_equals_plain_decoding(monkeypatch):
+    """After a round accepted through a branch that is not the first (so its keys and values were
+    copied back from the stash, and its shallow states recomputed), every layer's cache equals the
+    one plain one-token steps build (bit for bit) and a fresh float32 prefill (to rounding)."""
+    watch = _TreeWatch(monkeypatch)
+    model = tiny_model("qwen3", seed=2, damp_from=1)
+    engine = FusedEngine(Backbone(model), torch.float32, "stock")
+    adapter = Adapter.random(engine.backbone, 1, seed=5)
+    config = KangarooConfig(exit_layer=1, max_steps=4, threshold=0.0, tree_width=3, tree_threshold=0.0,
+                            lookup_branch=True, lookup_tokens=6, lookup_ngram=1)
+    base = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([base, base, base[:, :4]], dim=1)
+    decoder = KangarooDecoder(engine, adapter, config)
+    committed, checked = ids[0].tolist(), 0
+    for step in decoder.stream(ids, 60):
+        committed += step.tokens
+        if checked < watch.moved:  # this round's path was copied back into place
+            checked = watch.moved
+            n = len(committed) - 1  # the cache holds every committed token but the newest
+            plain = KVCache(engine.num_layers)
+            prefix = torch.tensor([committed[:len(ids[0])]])
+            engine.run_layers(0, engine.num_layers, engine.embed(prefix), plain, 0)
+            for p in range(prefix.shape[1], n):
+                engine.run_layers(0, engine.num_layers, engine.embed(torch.tensor([[committed[p]]])), plain, p)
+            fresh = KVCache(engine.num_layers)
+            engine.run_layers(0, engine.num_layers, engine.embed(torch.tensor([committed[:n]])), fresh, 0)
+            for i in range(engine.num_layers):
+                assert decoder.cache.length(i) == n
+                k, v = decoder.cache.keys[i][:, :, :n], decoder.cache.values[i][:, :, :n]
+                assert torch.equal(k, plain.keys[i][:, :, :n]) and torch.equal(v, plain.values[i][:, :, :n]), i
+                torch.testing.assert_close(k, fresh.keys[i][:, :, :n], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(v, fresh.values[i][:, :, :n], rtol=1e-4, atol=1e-5)
+    assert checked >= 2, vars(watch)
+
+
+def test_tree_layout_and_accepting_rules():
+    from kangaroo.tree import TreeLayout, greedy_accept_tree
+
+    t = TreeLayout.of([0, 1, 2, 0, 4, 0])  # root -> 1 -> 2 -> 3; root -> 4 -> 5; root -> 6
+    assert t.depths == (0, 1, 2, 3, 1, 2, 1)
+    assert t.segments == ((0, 4, 0), (4, 6, 1), (6, 7, 1))
+    assert t.resident([6]) and not t.resident([4, 5]) and not t.resident([1, 2, 3])
+    tokens = [10, 11, 12, 20, 21, 30]
+    assert greedy_accept_tree(tokens, t, [20, 0, 0, 0, 21, 9, 0]) == ([20, 21, 9], [4, 5])
+    assert greedy_accept_tree(tokens, t, [10, 11, 12, 7, 0, 0, 0]) == ([10, 11, 12, 7], [1, 2, 3])
+    assert greedy_accept_tree(tokens, t, [5, 0, 0, 0, 0, 0, 0]) == ([5], [])
+    assert TreeLayout.chain(3).is_chain and TreeLayout.chain(3).resident([1, 2])
+    with pytest.raises(ValueError, match="depth-first"):
+        TreeLayout.of([0, 0, 1])  # row 3's parent (row 1) was left behind for row 2's branch
+    with pytest.raises(ValueError, match="earlier row"):
+        TreeLayout.of([0, 2])
+
+
+def test_eager_engine_keeps_to_chains():
+    """HF's modules cannot attend row by row at tree depths: on the eager engine the adapter drafts
+    chains and lookup stands aside, and the output is still plain greedy decoding's."""
+    model = tiny_model("llama", seed=2, damp_from=1)
+    backbone = Backbone(model)
+    adapter = passthrough_adapter(Adapter.random(backbone, 1, seed=1))
+    config = KangarooConfig(exit_layer=1, max_steps=4, threshold=0.0, tree_width=3, tree_threshold=0.0, lookup_branch=True)
+    ids = torch.arange(30)[None] % 7
+    result = KangarooDecoder(backbone, adapter, config).generate(ids, 30)
+    assert result.token_ids == AutoregressiveDecoder(backbone).generate(ids, 30).token_ids
+    with pytest.raises(ValueError, match="chains only"):
+        from kangaroo.tree import TreeLayout
+
+        backbone.run_layers(0, 1, backbone.embed(ids[:, :3]), KVCache(backbone.num_layers), 0, TreeLayout.of([0, 0]))

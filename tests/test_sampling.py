@@ -23,6 +23,8 @@ expected count is below 5 are pooled, as the χ² approximation needs.
 
 from __future__ import annotations
 
+import unittest.mock
+
 import pytest
 import torch
 from tiny import passthrough_adapter, tiny_model
@@ -33,6 +35,7 @@ from kangaroo.decoding import AutoregressiveDecoder, KangarooDecoder
 from kangaroo.errors import KangarooError
 from kangaroo.model import Backbone
 from kangaroo.sampling import process_logits
+from kangaroo.tree import sample_accept_tree
 from kangaroo.verification import speculative_accept
 
 ALPHA = 1e-3
@@ -150,6 +153,51 @@ def test_speculative_sampling_first_three_tokens_exact(name):
         assert chi2_test(lossy, exact)[2] < 1e-6
 
 
+def _tree_first_two(P, Q, n: int, gen: torch.Generator, width: int, lossy: bool = False) -> torch.Tensor:
+    """The first two tokens after a committed token through one token-tree round: ``width``
+    independent candidates from ``q1`` at depth 1, the first with a chain child from ``q2``; a round
+    that yields one token is followed by a plain draw from ``p2``. ``lossy`` accepts the first
+    candidate unconditionally (a wrong rule, for the sensitivity check)."""
+    from kangaroo.tree import TreeLayout, sample_accept_tree
+
+    layout = TreeLayout.of([0, 1] + [0] * (width - 1))
+    V = P[0].shape[-1]
+    out = torch.empty(n, dtype=torch.long)
+    for s in range(n):
+        c = torch.multinomial(Q[0], width, replacement=True, generator=gen).tolist()
+        d = int(torch.multinomial(Q[1][c[0]], 1, generator=gen))
+        tokens = [c[0], d] + c[1:]
+        q = torch.stack([Q[0], Q[1][c[0]]] + [Q[0]] * (width - 1))
+        p = torch.stack([P[0], P[1][c[0]], P[2][c[0], d]] + [P[1][x] for x in c[1:]])
+        if lossy:
+            new = [c[0], int(torch.multinomial(P[1][c[0]], 1, generator=gen))]
+        else:
+            new, _ = sample_accept_tree(tokens, layout, q, p, gen)
+        if len(new) == 1:
+            new.append(int(torch.multinomial(P[1][new[0]], 1, generator=gen)))
+        out[s] = new[0] * V + new[1]
+    return out
+
+
+@pytest.mark.parametrize("width,draft", [(3, "near"), (2, "bad"), (4, "same")])
+def test_tree_speculative_sampling_first_two_tokens_exact(width, draft):
+    """Multi-candidate speculative sampling over a token tree keeps the target's joint distribution."""
+    V, n = 6, 30_000
+    target = _tables(3, V, 1.5)
+    noise = _tables(4, V, 1.0 if draft == "near" else 4.0)
+    draft_logits = {"near": [t + z for t, z in zip(target, noise)], "bad": noise, "same": target}[draft]
+    P = [process_logits(t, 1.0) for t in target]
+    Q = [process_logits(t, 1.0) for t in draft_logits]
+    exact = (P[0][:, None] * P[1]).flatten()  # [V²] p1(y1) p2(y2|y1)
+    counts = torch.bincount(_tree_first_two(P, Q, n, torch.Generator().manual_seed(5), width), minlength=V**2)
+    stat, df, p_value = chi2_test(counts, exact)
+    print(f"width {width}, {draft} draft: χ²={stat:.1f} df={df} p={p_value:.3g} TV={total_variation(counts, exact):.4f}")
+    assert p_value > ALPHA
+    if draft != "same":
+        lossy = torch.bincount(_tree_first_two(P, Q, n, torch.Generator().manual_seed(5), width, lossy=True), minlength=V**2)
+        assert chi2_test(lossy, exact)[2] < 1e-6
+
+
 # ---------------------------------------------------------------------------------------------- decoder
 
 def _pit(tokens: torch.Tensor, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -169,6 +217,10 @@ DECODER_SETTINGS = {
     "bad adapter T=1": (SamplingConfig(1.0), KangarooConfig(exit_layer=1, max_steps=2, threshold=0.0), "bad"),
     # q lives on half the vocabulary (a draft vocabulary): p outside it must still come out exactly
     "draft vocabulary T=1": (SamplingConfig(1.0), KangarooConfig(exit_layer=1, max_steps=4, threshold=0.0), "good-subset"),
+    # token trees (fused engine): three independent candidates at depth 1, the first one's chain below
+    "tree width 3 T=1": (SamplingConfig(1.0), KangarooConfig(exit_layer=1, max_steps=3, threshold=0.0, tree_width=3), "good-tree"),
+    "tree width 2 T=0.8 top-k=6": (
+        SamplingConfig(0.8, top_k=6), KangarooConfig(exit_layer=1, max_steps=2, threshold=0.2, tree_width=2), "random-tree"),
 }
 
 
@@ -180,6 +232,10 @@ def _decoder_statistics(name: str, tokens_wanted: int) -> dict:
                        num_hidden_layers=config.exit_layer + 1, hidden_size=32, intermediate_size=64)
     backbone = Backbone(model)
     adapter = Adapter.random(backbone, config.exit_layer, seed=3)
+    if kind.endswith("tree"):  # token trees need the step engine
+        from kangaroo.engine import FusedEngine
+
+        backbone = FusedEngine(backbone, torch.float32, "stock")
     if kind.startswith("good"):
         passthrough_adapter(adapter)
     if kind == "good-subset":
@@ -190,13 +246,22 @@ def _decoder_statistics(name: str, tokens_wanted: int) -> dict:
     decoder = KangarooDecoder(backbone, adapter, config)
     gen = torch.Generator().manual_seed(0)
     pits, drafted, accepted, full_rounds, seed = [], 0, 0, 0, 0
+    later = [0]  # tree rounds that accepted a candidate other than the first
+
+    def watched(tokens, layout, q, p, generator=None):
+        new, path = sample_accept_tree(tokens, layout, q, p, generator)
+        later[0] += bool(path) and path[0] != 1
+        return new, path
+
+    patch = unittest.mock.patch("kangaroo.decoding.sample_accept_tree", watched)
+    patch.start()
     score = mean = var = 0.0  # Σ p_t(y_t), its expectation Σ_t Σ_v p_t(v)², and its variance
     while sum(len(u) for u in pits) < tokens_wanted:
         prompt = torch.randint(0, V, (1, int(torch.randint(1, 9, (1,), generator=gen))), generator=gen)
         result = decoder.generate(prompt, max_new, sampling=SamplingConfig(**{**sampling.to_dict(), "seed": seed}))
         seed += 1
         drafted, accepted = drafted + result.drafted, accepted + result.accepted
-        full_rounds += sum(s.drafted > 0 and s.accepted == s.drafted for s in result.steps)
+        full_rounds += sum(s.drafted > 0 and s.accepted in (s.drafted, config.max_steps) for s in result.steps)
         ids = torch.cat([prompt[0], torch.tensor(result.token_ids)])
         with torch.no_grad():
             logits = model(ids[None]).logits[0, prompt.shape[1] - 1 : -1]  # [T, V] teacher-forced
@@ -206,11 +271,12 @@ def _decoder_statistics(name: str, tokens_wanted: int) -> dict:
         score += float(p.gather(-1, y[:, None]).sum())
         mean += float((p**2).sum())
         var += float(((p**3).sum(-1) - (p**2).sum(-1) ** 2).sum())
+    patch.stop()
     u = torch.cat(pits)
     counts = torch.bincount((u * 20).long().clamp(max=19), minlength=20)
     stat, df, p_value = chi2_test(counts, torch.full((20,), 1 / 20))
     return dict(tokens=len(u), chi2=stat, df=df, p_value=p_value, z=(score - mean) / var**0.5,
-                drafted=drafted, accepted=accepted, full_rounds=full_rounds, kind=kind)
+                drafted=drafted, accepted=accepted, full_rounds=full_rounds, kind=kind, later_candidates=later[0])
 
 
 @pytest.mark.parametrize("name", list(DECODER_SETTINGS))
@@ -224,8 +290,10 @@ def test_kangaroo_sampling_is_distributed_as_the_target(name):
     assert abs(r["z"]) < 3.29, r
     # the paths that matter were exercised: rejections (residual draws) and fully accepted rounds
     assert r["drafted"] - r["accepted"] > 50, r
-    if r["kind"] == "good":
+    if r["kind"] in ("good", "good-tree"):
         assert r["full_rounds"] > 50, r
+    if r["kind"] == "random-tree":  # (a good adapter's first candidate is rarely rejected)
+        assert r["later_candidates"] > 50, r
 
 
 def test_the_decoder_check_catches_a_lossy_sampler(monkeypatch):

@@ -32,6 +32,14 @@ class KangarooConfig:
     # runs to make it), up to lookup_tokens of them; 0 = adapter drafts only
     lookup_tokens: int = 6
     lookup_ngram: int = 2
+    # token trees (kangaroo.tree; the fused engine only): with a lookup proposal, the adapter still
+    # drafts its chain as a second branch of the same tree instead of standing aside
+    lookup_branch: bool = False
+    # the adapter's candidates at the first draft position: the chain's token plus up to
+    # tree_width - 1 siblings whose draft probability reaches tree_threshold (sampling: independent
+    # draws); 1 = the paper's chain
+    tree_width: int = 1
+    tree_threshold: float = 0.1
 
     def __post_init__(self) -> None:
         from .errors import KangarooError
@@ -44,6 +52,10 @@ class KangarooConfig:
             raise KangarooError(f"lookup_ngram must be 1, 2 or 3, got {self.lookup_ngram}")
         if not 0.0 <= self.threshold <= 1.0:
             raise KangarooError(f"threshold (η) must be in [0, 1], got {self.threshold}")
+        if not 1 <= self.tree_width <= 8:
+            raise KangarooError(f"tree_width must be in 1..8, got {self.tree_width}")
+        if not 0.0 <= self.tree_threshold <= 1.0:
+            raise KangarooError(f"tree_threshold must be in [0, 1], got {self.tree_threshold}")
 
     def to_dict(self) -> dict:
         return asdict(self)

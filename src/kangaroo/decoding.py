@@ -20,12 +20,13 @@ import torch
 
 from .adapter import Adapter
 from .config import KangarooConfig, SamplingConfig
-from .drafting import Drafter
+from .drafting import Draft, Drafter
 from .errors import KangarooError
 from .kv_cache import KVCache
 from .lookup import NgramIndex
 from .engine import Engine
 from .sampling import Sampler
+from .tree import greedy_accept_tree, sample_accept_tree
 from .verification import greedy_accept, truncate_at_stop
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,33 @@ def next_token_logits(backbone: Engine, input_ids: torch.Tensor) -> torch.Tensor
     return backbone.logits(h[:, -1:])[0, -1]
 
 
+def accept(draft: Draft, logits: torch.Tensor, sampler: Sampler | None) -> tuple[list[int], list[int]]:
+    """The round's new tokens and the accepted rows (``1..m`` for a chain) from the target's logits
+    ``[k+1, V]`` over the draft's rows."""
+    if draft.tree is None:
+        if sampler is None:
+            new, m = greedy_accept(draft.tokens, logits.argmax(-1))
+        else:
+            new, m = sampler.accept(draft.tokens, draft.probs, logits)
+        return new, list(range(1, m + 1))
+    tokens = draft.tokens.tolist()
+    if sampler is None:
+        return greedy_accept_tree(tokens, draft.tree, logits.argmax(-1).tolist())
+    return sample_accept_tree(tokens, draft.tree, draft.probs, sampler.probs(logits), sampler.generator)
+
+
+def adapter_end(draft: Draft, path: list[int], pos: int) -> int | None:
+    """How far the adapter's cache holds accepted states after a branching round (None: a chain)."""
+    if draft.adapter_rows is None:
+        return None
+    kept = 0
+    for row, mine in zip(path, draft.adapter_rows):
+        if row != mine:
+            break
+        kept += 1
+    return pos + 1 + kept
+
+
 def _next_token(logits: torch.Tensor, sampler: Sampler | None) -> int:
     """The target's token from its logits ``[V]``: argmax, or a draw from the processed ``p``."""
     return int(logits.argmax(-1)) if sampler is None else sampler.sample(sampler.probs(logits))
@@ -187,23 +215,37 @@ class KangarooDecoder:
             proposal = lookup.propose(min(self.config.lookup_tokens, budget - 1)) if lookup else None
             draft = self.drafter.draft(y, pos, self.cache, budget - 1, eos_token_ids, sampler, proposal)
             # 2. verify: only layers [ℓ, L) run, over the exit-layer states drafting already computed
-            h_last = bb.run_layers(ℓ, L, draft.hidden, self.cache, pos)  # [1, k+1, D]
+            #    (a token tree: every row at its depth, attending over the prefix and its ancestors)
+            h_last = bb.run_layers(ℓ, L, draft.hidden, self.cache, pos, draft.tree)  # [1, k+1, D]
             logits = bb.logits(h_last)[0]  # [k+1, V]
-            # 3. accept the longest agreeing prefix plus the target's own next token (greedy), or
-            #    each draft with prob min(1, p/q), then a residual or bonus draw (sampling)
-            if sampler is None:
-                new, m = greedy_accept(draft.tokens, logits.argmax(-1))
-            else:
-                new, m = sampler.accept(draft.tokens, draft.probs, logits)
+            # 3. accept the longest agreeing prefix (path) plus the target's own next token (greedy),
+            #    or each draft with prob min(1, p/q), then a residual or bonus draw (sampling)
+            new, path = accept(draft, logits, sampler)
+            m = len(path)
             tokens, done = truncate_at_stop(new, eos_token_ids, budget)
-            # 4. roll back every cache to the committed length (the adapter may keep a pending state)
-            self.cache.crop(pos + m + 1)
-            self.drafter.rollback(pos + m + 1, draft.hidden, pos)
-            yield Step(tokens, len(draft.tokens), len(tokens) - 1, draft.steps, draft.confidences, draft.source)
+            # 4. roll back every cache to the committed length, with the accepted path in place
+            self._keep_path(draft, path, pos)
+            self.drafter.rollback(pos + m + 1, draft.hidden[:, [0, *path]], pos, adapter_end(draft, path, pos))
+            yield Step(tokens, len(draft.tokens), len(tokens) - 1, draft.steps, draft.confidences,
+                       draft.source_of(path))
             if lookup:
                 lookup.extend(tokens)
             budget -= len(tokens)
             pos, y = pos + m + 1, new[-1]
+
+    def _keep_path(self, draft: Draft, path: list[int], pos: int) -> None:
+        """Every layer ends after the accepted path, whose keys and values sit at ``pos + 1 ..``: for a
+        chain this is a crop; a tree's later branches may have overwritten the path's slots, so the
+        deep layers copy it back from verification's stash and the shallow layers recompute it."""
+        bb, ℓ, L = self.backbone, self.config.exit_layer, self.backbone.num_layers
+        resident = draft.tree is None or draft.tree.resident(path)
+        self.cache.commit(range(ℓ, L), pos, path, resident)
+        if resident:
+            self.cache.commit(range(ℓ), pos, path, True)
+        else:
+            self.cache.crop(pos + 1, range(ℓ))
+            ids = draft.tokens[[r - 1 for r in path]][None]
+            bb.run_layers(0, ℓ, bb.embed(ids), self.cache, pos + 1)
 
     def _lookup(self, input_ids: torch.Tensor, first: list[int], sampler: Sampler | None) -> NgramIndex | None:
         """The n-gram index over prompt + first token, when lookup drafts are on (greedy only)."""

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from .kernels import MAX_ROWS, Linear
 from .kv_cache import KVCache
 from .model import Backbone, attention_weights, norm_weights
+from .tree import TreeLayout
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class FusedEngine:
     """
 
     name = "fused"
+
+    supports_trees = True  # per-row attention at each row's depth (kangaroo.tree)
 
     def __init__(self, backbone: Backbone, dtype: torch.dtype, kernel: str) -> None:
         self.backbone = backbone
@@ -185,21 +188,25 @@ class FusedEngine:
         rows = cached[1]
         return (lambda x: rows(x[0])[None]), vocab
 
-    def rope(self, pos: int, T: int, layer_type: str = "full_attention") -> torch.Tensor:
-        """RoPE as complex rotations for positions ``pos..pos+T-1``: ``[T, 1, d/2]``."""
+    def rope(self, pos: int, T: int, layer_type: str = "full_attention", depths: torch.Tensor | None = None) -> torch.Tensor:
+        """RoPE as complex rotations for positions ``pos..pos+T-1`` (or ``pos + depths`` for a tree's
+        rows): ``[T, 1, d/2]``."""
         table = self._rope.get(layer_type)
-        if table is None or table.shape[0] < pos + T:
-            n = max(pos + T, 2 * (0 if table is None else table.shape[0]), 256)
+        top = pos + (T if depths is None else int(depths.max()) + 1)
+        if table is None or table.shape[0] < top:
+            n = max(top, 2 * (0 if table is None else table.shape[0]), 256)
             cos, sin = self.backbone.rope_table(n, layer_type)
             half = cos.shape[-1] // 2
             table = torch.complex(cos[:, :half], sin[:, :half])  # HF's table repeats each half
             self._rope[layer_type] = table
-        return table[pos:pos + T, None]
+        return table[pos:pos + T, None] if depths is None else table[pos + depths, None]
 
     def mask(self, T: int, pos: int, window: int | None) -> torch.Tensor | None:
-        """Boolean ``[T, pos + T]`` (True = attend) or None where SDPA needs none."""
+        """Boolean ``[T, pos + T]`` (True = attend), or None where SDPA needs none (one row, or a causal prompt at 0)."""
         S = pos + T
-        if T == 1 and (window is None or S <= window):
+        if (T == 1 or pos == 0) and (window is None or S <= window):
+            # a fresh prompt is plain causal: SDPA's is_causal skips the masked half of the
+            # scores (a 772-token prompt's attention took half of its prefill with a mask)
             return None
         q_idx = torch.arange(pos, S, device=self.device)[:, None]
         kv_idx = torch.arange(S, device=self.device)[None]
@@ -209,22 +216,31 @@ class FusedEngine:
         return allowed
 
     # ------------------------------------------------------------------ layers
-    def run_layers(self, start: int, end: int, hidden: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
+    def run_layers(self, start: int, end: int, hidden: torch.Tensor, cache: KVCache | None, pos: int,
+                   tree: TreeLayout | None = None) -> torch.Tensor:
         """Decoder layers ``[start, end)`` over ``hidden`` ``[1, T, D]`` at positions ``pos..pos+T-1``;
-        every layer in the range holds ``pos`` cached positions and appends ``T``. Returns ``[1, T, D]``."""
+        every layer in the range holds ``pos`` cached positions and appends ``T``. Returns ``[1, T, D]``.
+
+        With ``tree`` (a :class:`~kangaroo.tree.TreeLayout` of ``T`` rows, row 0 at ``pos``), row ``i``
+        sits at ``pos + depth_i`` and attends over the prefix and its ancestors only; the rows' keys
+        and values are kept in ``cache.stash`` for :meth:`KVCache.commit`."""
         if start >= end:
             return hidden
         x = hidden[0].to(self.act_dtype)  # [T, D]
         T = x.shape[0]
+        if tree is not None and (tree.rows != T or T > MAX_ROWS):
+            raise ValueError(f"a tree of {tree.rows} rows over {T} states (at most {MAX_ROWS} rows)")
+        depths = None if tree is None or tree.is_chain else torch.tensor(tree.depths, device=self.device)
         ropes, masks = {}, {}
         for i in range(start, end):
             layer = self.layers[i]
             if layer.layer_type not in ropes:
-                ropes[layer.layer_type] = self.rope(pos, T, layer.layer_type)
+                ropes[layer.layer_type] = self.rope(pos, T, layer.layer_type, depths)
             if layer.window not in masks:  # only prompts longer than MAX_ROWS attend in one masked call
                 masks[layer.window] = self.mask(T, pos, layer.window) if T > MAX_ROWS else None
             h = _norm(x, layer.input_norm)
-            x = x + self.attend(layer.attention, h, cache, i, ropes[layer.layer_type], masks[layer.window], layer.window)
+            x = x + self.attend(layer.attention, h, cache, i, ropes[layer.layer_type], masks[layer.window], layer.window,
+                                tree=tree)
             h = _norm(x, layer.post_norm)
             gu = layer.gate_up(h)  # [T, 2I]
             inner = gu.shape[-1] // 2
@@ -232,11 +248,13 @@ class FusedEngine:
         return x[None]
 
     def attend(self, a: _Attention, h: torch.Tensor, cache: KVCache | None, layer_idx: int, rope: torch.Tensor,
-               mask: torch.Tensor | None, window: int | None = None, batched: bool = False) -> torch.Tensor:
+               mask: torch.Tensor | None, window: int | None = None, batched: bool = False,
+               tree: TreeLayout | None = None) -> torch.Tensor:
         """Attention block over normed states ``h`` ``[T, D]``; returns the o-projection ``[T, D]``.
 
         Up to :data:`~kangaroo.kernels.MAX_ROWS` rows are attended one by one unless ``batched``
         (prompts, and the adapter, whose drafts need no bit-exactness, take one masked call).
+        A ``tree``'s segments are written at their depth and each row attends over its own keys.
         """
         T, H, Hkv, d = h.shape[0], a.heads, a.kv_heads, a.head_dim
         qkv = a.qkv(h).to(self.act_dtype)  # [T, (H + 2 H_kv) d]
@@ -247,9 +265,11 @@ class FusedEngine:
         qk = torch.view_as_real(torch.view_as_complex(qk.reshape(T, H + Hkv, d // 2, 2)) * rope).view(T, H + Hkv, d)
         q, k = qk[:, :H].transpose(0, 1)[None], qk[:, H:].transpose(0, 1)[None]  # [1, H, T, d], [1, H_kv, T, d]
         v = v.transpose(0, 1)[None]
+        gqa = H != Hkv
+        if tree is not None:
+            return a.o(self._attend_tree(a, q, k, v, cache, layer_idx, tree, window, gqa))
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)  # [1, H_kv, S, d]
-        gqa = H != Hkv
         if 1 < T <= MAX_ROWS and not batched:
             # one query row at a time over exactly its own keys: the very call a one-token step
             # makes for that token (batching query rows changes SDPA's summation order)
@@ -267,6 +287,23 @@ class FusedEngine:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if T > 1 else None, scale=a.scaling,
                                                  is_causal=mask is None and T > 1, enable_gqa=gqa)
         return a.o(out[0].transpose(0, 1).reshape(T, H * d))
+
+    def _attend_tree(self, a: _Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                     layer_idx: int, tree: TreeLayout, window: int | None, gqa: bool) -> torch.Tensor:
+        """Tree rows (``q`` ``[1, H, T, d]``, new ``k``/``v`` ``[1, H_kv, T, d]``): each segment is
+        written at ``pos + depth`` of its first row, so in depth-first order the slots before a row
+        hold exactly its ancestors; each row then makes the one-token step's call. Returns ``[T, H d]``."""
+        T, pos = q.shape[2], cache.length(layer_idx)
+        cache.stash[layer_idx] = (k, v)
+        rows = []
+        for first, stop, depth in tree.segments:
+            keys, values = cache.write(k[:, :, first:stop], v[:, :, first:stop], layer_idx, pos + depth)
+            for i in range(first, stop):
+                end = pos + depth + (i - first) + 1
+                begin = 0 if window is None else max(0, end - window)
+                rows.append(F.scaled_dot_product_attention(q[:, :, i:i + 1], keys[:, :, begin:end], values[:, :, begin:end],
+                                                           scale=a.scaling, enable_gqa=gqa))
+        return torch.cat(rows, dim=2)[0].transpose(0, 1).reshape(T, -1)
 
     # ------------------------------------------------------------------ adapter
     def adapter_forward(self, adapter, hidden: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:

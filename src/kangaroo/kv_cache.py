@@ -29,6 +29,9 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths: list[int] = [0] * num_layers
+        # a token tree's keys/values per layer, ``[B, H_kv, rows, D]``, while its round is verified
+        # (kangaroo.tree): the accepted path is copied back from here when a later branch overwrote it
+        self.stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Append ``[B, H_kv, T, D]`` keys/values at the layer's current length; return all of them.
@@ -45,6 +48,27 @@ class KVCache:
         self.values[layer_idx][:, :, start:end] = value_states
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, start: int):
+        """Write ``[B, H_kv, T, D]`` at positions ``start..start+T-1`` (at most the current length) and
+        make that the layer's end; return all keys/values up to it, as :meth:`update` does."""
+        if start > self.lengths[layer_idx]:
+            raise ValueError(f"layer {layer_idx}: write at {start} leaves a gap after {self.lengths[layer_idx]}")
+        self.lengths[layer_idx] = start
+        return self.update(key_states, value_states, layer_idx)
+
+    def commit(self, layers: range, pos: int, path: list[int], resident: bool) -> None:
+        """Keep a tree's accepted rows ``path`` (one per depth) at ``pos + 1 ..`` in ``layers``: copied
+        from :attr:`stash` unless already ``resident`` there; the layers then end after the path."""
+        end = pos + 1 + len(path)
+        for i in layers:
+            if path and not resident:
+                k, v = self.stash[i]
+                idx = torch.tensor(path, device=k.device)
+                self.keys[i][:, :, pos + 1:end] = k[:, :, idx]
+                self.values[i][:, :, pos + 1:end] = v[:, :, idx]
+            self.lengths[i] = end
+        self.stash.clear()
 
     def _grow(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
         """(Re)allocate one layer's buffers with room for at least ``needed`` positions."""

@@ -162,12 +162,17 @@ class Backbone:
             return allowed
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-    def run_layers(self, start: int, end: int, hidden: torch.Tensor, cache, pos: int) -> torch.Tensor:
+    #: token trees need the step engine's per-row attention (kangaroo.tree); HF's modules attend in one call
+    supports_trees = False
+
+    def run_layers(self, start: int, end: int, hidden: torch.Tensor, cache, pos: int, tree=None) -> torch.Tensor:
         """Decoder layers ``[start, end)`` over ``hidden`` ``[B, T, D]`` at positions ``pos .. pos+T-1``.
 
         Every layer in the range must hold exactly ``pos`` cached positions; each appends ``T``.
-        Returns the hidden states after layer ``end - 1``, ``[B, T, D]``.
+        Returns the hidden states after layer ``end - 1``, ``[B, T, D]``. ``tree`` must be None or a chain.
         """
+        if tree is not None and not tree.is_chain:
+            raise ValueError("the eager engine verifies chains only; token trees need the fused engine")
         if start >= end:
             return hidden
         rope = {}

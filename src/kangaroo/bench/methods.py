@@ -168,6 +168,20 @@ class KangarooChain(_KangarooWith):
 
 
 @register
+class KangarooTree(_KangarooWith):
+    name = "kangaroo-tree"
+    description = "the adapter's token tree: its chain plus up to 2 siblings at the first draft position (no lookup drafts)"
+    overrides = {"lookup_tokens": 0, "tree_width": 3}
+
+
+@register
+class KangarooPlusLookup(_KangarooWith):
+    name = "kangaroo+pld"
+    description = "prompt lookup and the adapter's chain as two branches of one token tree, every round"
+    overrides = {"lookup_branch": True}
+
+
+@register
 class KangarooFixed(_KangarooWith):
     name = "kangaroo-fixed"
     description = "the adapter's chain without the second early exit (η = 0): always γ drafts"
