@@ -49,6 +49,10 @@ def test_streamed_text_equals_json_text(capsys, tiny_chat_model_dir):
     assert code == 0
     assert out_text == json.loads(out_json)["text"] + "\n"
     assert "target forwards" in err and "compression" in err
+    assert "chain (" in err  # the configuration in use
+    code, tree_text, err = run_cli(capsys, *args, "--stats", "--tree-width", "3", "--tree-threshold", "0.05", "--lookup-branch")
+    assert code == 0 and tree_text == out_text  # greedy: a token tree changes nothing in the output
+    assert "tree of 3 candidates at p >= 0.05, adapter beside lookup" in err
 
 
 def test_prompt_from_stdin_and_no_chat(capsys, monkeypatch, tiny_chat_model_dir):
@@ -70,6 +74,8 @@ def test_prompt_from_stdin_and_no_chat(capsys, monkeypatch, tiny_chat_model_dir)
         (["--max-new-tokens", "0"], "max-new-tokens must be > 0"),
         (["--prompt", "word " * 400], "does not fit the model's context of 256"),
         (["--threshold", "2"], "threshold"),
+        (["--tree-width", "0"], "tree_width must be in 1..8"),
+        (["--tree-threshold", "-1"], "tree_threshold must be in [0, 1]"),
     ],
 )
 def test_bad_input_is_one_line_error(capsys, monkeypatch, tiny_chat_model_dir, args, message):

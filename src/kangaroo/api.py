@@ -103,6 +103,9 @@ class KangarooModel:
         threads: int | None = EngineConfig.threads,
         lookup_tokens: int | None = None,
         lookup_ngram: int | None = None,
+        tree_width: int | None = None,
+        tree_threshold: float | None = None,
+        lookup_branch: bool | None = None,
         tuned: bool = True,
     ) -> "KangarooModel":
         """Load a model and an adapter.
@@ -112,7 +115,8 @@ class KangarooModel:
             adapter: adapter folder; None = the adapter shipped for ``model`` if any, else a seeded
                 random adapter (logged as a warning); ``"random"`` = always the random adapter.
             exit_layer: ℓ; None = the adapter's own (2 for a random adapter).
-            max_steps: γ. threshold: η. lookup_tokens / lookup_ngram: prompt-lookup drafts (see
+            max_steps: γ. threshold: η. lookup_tokens / lookup_ngram: prompt-lookup drafts;
+                tree_width / tree_threshold / lookup_branch: token trees (see
                 :class:`~kangaroo.config.KangarooConfig`). Each left at None takes the value ``kangaroo
                 tune`` chose for this machine, engine, model and adapter (when ``tuned`` and it ran),
                 else the :class:`~kangaroo.config.KangarooConfig` default; :attr:`config_source` says which.
@@ -144,7 +148,8 @@ class KangarooModel:
         else:
             module, adapter_config = Adapter.load(source, backbone, exit_layer)
             ℓ = adapter_config.exit_layer
-        given = {"max_steps": max_steps, "threshold": threshold, "lookup_tokens": lookup_tokens, "lookup_ngram": lookup_ngram}
+        given = {"max_steps": max_steps, "threshold": threshold, "lookup_tokens": lookup_tokens, "lookup_ngram": lookup_ngram,
+                 "tree_width": tree_width, "tree_threshold": tree_threshold, "lookup_branch": lookup_branch}
         config = KangarooConfig(exit_layer=ℓ, verify_low_confidence=verify_low_confidence,
                                 **{k: v for k, v in given.items() if v is not None})
         km = cls(hf_model, tokenizer, module, config, name, adapter_config, source, engine_config, backbone)

@@ -46,6 +46,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=None, help=f"γ: most drafted tokens per round ({tuned} {k.max_steps})")
     p.add_argument("--lookup-tokens", type=int, default=None, help=f"prompt-lookup drafts: most tokens proposed from an earlier occurrence of the last n-gram, 0 = off ({tuned} {k.lookup_tokens})")
     p.add_argument("--lookup-ngram", type=int, default=None, help=f"prompt-lookup drafts: shortest n-gram matched, 1-3 ({tuned} {k.lookup_ngram})")
+    p.add_argument("--tree-width", type=int, default=None, help=f"token trees: the adapter's candidates at the first draft position, 1 = a chain ({tuned} {k.tree_width})")
+    p.add_argument("--tree-threshold", type=float, default=None, help=f"token trees: draft probability a sibling candidate needs ({tuned} {k.tree_threshold})")
+    p.add_argument("--lookup-branch", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"token trees: the adapter still drafts beside a prompt-lookup proposal, as a second branch ({tuned} {'on' if k.lookup_branch else 'off'})")
     p.add_argument("--verify-low-confidence", action=argparse.BooleanOptionalAction, default=k.verify_low_confidence,
                    help="also verify the drafted token that fell below η, as the authors' code does (default: off)")
     p.add_argument("--engine", default=e.engine, help=f"fused (lean steps on measured kernels), eager (HF's own modules, the reference) or auto (= fused) (default {e.engine})")
@@ -70,6 +74,7 @@ def load_from_args(args):
         threshold=args.threshold, dtype=args.dtype, device=args.device, seed=args.seed,
         verify_low_confidence=args.verify_low_confidence, engine=args.engine, kernel=args.kernel,
         threads=args.threads, lookup_tokens=args.lookup_tokens, lookup_ngram=args.lookup_ngram,
+        tree_width=args.tree_width, tree_threshold=args.tree_threshold, lookup_branch=args.lookup_branch,
         tuned=not getattr(args, "no_tuned", False),
     )
 
@@ -126,6 +131,9 @@ def run(args) -> int:
         "max_steps": km.config.max_steps,
         "lookup_tokens": km.config.lookup_tokens,
         "lookup_ngram": km.config.lookup_ngram,
+        "tree_width": km.config.tree_width,
+        "tree_threshold": km.config.tree_threshold,
+        "lookup_branch": km.config.lookup_branch,
         "config_source": km.config_source,
         "lookup_accepted": sum(s.accepted for s in result.steps if s.source == "lookup"),
         "engine": km.engine_info,
@@ -158,7 +166,10 @@ def _stats_line(r: dict) -> str:
         f"(compression {r['compression_rate']:.2f}), accepted {r['accepted']}/{r['drafted']} drafts "
         f"({100 * r['acceptance_rate']:.0f}%; {r['lookup_accepted']} from prompt lookup), {r['tokens_per_s']:.1f} tok/s\n"
         f"[config]   ℓ={r['exit_layer']} γ={r['max_steps']} η={r['threshold']} lookup={r['lookup_tokens']} tokens "
-        f"after {r['lookup_ngram']}-grams ({r['config_source']}); adapter={r['adapter']}"
+        f"after {r['lookup_ngram']}-grams, "
+        + ("chain" if r["tree_width"] == 1 else f"tree of {r['tree_width']} candidates at p >= {r['tree_threshold']}")
+        + (", adapter beside lookup" if r["lookup_branch"] else "")
+        + f" ({r['config_source']}); adapter={r['adapter']}"
     )
     if "ar_tokens_per_s" in r and r["identical_to_greedy"] is None:  # sampling: compare speeds only
         line += f"\n[sampling] autoregressive {r['ar_tokens_per_s']:.1f} tok/s; speed-up {r['speedup']:.2f}x"

@@ -38,6 +38,8 @@ THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MAX_STEPS = (2, 3, 4, 6, 8)
 LOOKUP_TOKENS = (0, 4, 6, 8, 10, 12)
 LOOKUP_NGRAMS = (1, 2, 3)
+TREE_WIDTHS = (1, 2, 3)  # the adapter's candidates at the first draft position (1 = a chain)
+TREE_THRESHOLDS = (0.05, 0.1, 0.2)  # the draft probability a sibling needs
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Position:
     confidences: list[float]  # their top-1 probabilities
     lookup: dict[int, list[int]]  # n-gram length -> proposal (longest matching n-gram >= n first)
     truth: list[int]  # the greedy tokens that follow
+    siblings: list[tuple[int, float]] = ()  # the adapter's next candidates at depth 1, with probabilities
 
 
 def record(km, ids, max_new_tokens: int, max_chain: int, max_lookup: int) -> list[Position]:
@@ -69,7 +72,8 @@ def record(km, ids, max_new_tokens: int, max_chain: int, max_lookup: int) -> lis
         h = engine.run_layers(0, ℓ, engine.embed(full), cache, 0)  # exit states of every position
         drafter.start(h)
         engine.adapter_forward(km.adapter, h, drafter.cache, 0)  # the adapter's cache over all of them
-    chain_config = replace(km.config, threshold=0.0, max_steps=max_chain, lookup_tokens=0)
+    chain_config = replace(km.config, threshold=0.0, max_steps=max_chain, lookup_tokens=0,
+                           tree_width=max(TREE_WIDTHS), tree_threshold=0.0, lookup_branch=False)
     indices = {n: NgramIndex(max_ngram=max(3, n), min_ngram=n) for n in LOOKUP_NGRAMS}
     for index in indices.values():
         index.reset(seq[:n0])
@@ -85,9 +89,10 @@ def record(km, ids, max_new_tokens: int, max_chain: int, max_lookup: int) -> lis
             d = drafter.draft(seq[p], pos, cache, max_chain, km.eos_token_ids)
             for index in indices.values():
                 index.extend([seq[p]])
-            positions.append(Position(d.tokens.tolist() if d.tokens.numel() else [], d.confidences,
-                                      {n: index.propose(max_lookup) for n, index in indices.items()},
-                                      seq[p + 1:]))
+            tokens, leaves = d.tokens.tolist(), d.leaf_probs or []
+            chain = tokens[: len(tokens) - len(leaves)]
+            positions.append(Position(chain, d.confidences, {n: index.propose(max_lookup) for n, index in indices.items()},
+                                      seq[p + 1:], list(zip(tokens[len(chain):], leaves))))
     finally:
         drafter.config = saved
     return positions
@@ -112,6 +117,12 @@ def replay(positions: list[Position], config, costs: dict) -> tuple[int, int, fl
     def shallow_ms(rows: int) -> float:
         return (_interp(costs["forward_ms"], rows) - costs["lm_head_ms"]) * share
 
+    def agree(drafts: list[int], truth: list[int]) -> int:
+        m = 0
+        while m < len(drafts) and m < len(truth) and drafts[m] == truth[m]:
+            m += 1
+        return m
+
     end = len(positions) - 1  # positions[-1] follows the last token: no round starts there
     p, tokens, rounds, ms = 0, 0, 0, 0.0
     while p < end:
@@ -119,22 +130,33 @@ def replay(positions: list[Position], config, costs: dict) -> tuple[int, int, fl
         proposal = []
         if config.lookup_tokens:
             proposal = pos.lookup.get(config.lookup_ngram, [])[: config.lookup_tokens]
-        if proposal:
-            drafts, cost = proposal, shallow_ms(len(proposal) + 1)  # one shallow pass over y0 + proposal
-        else:
-            drafts, steps = [], 0
+        rows, m, cost = 0, 0, 0.0
+        if proposal:  # one shallow pass over y0 + proposal
+            rows, m, cost = len(proposal), agree(proposal, pos.truth), shallow_ms(len(proposal) + 1)
+        if not proposal or (config.lookup_branch and config.max_steps):
+            # the adapter's chain (a second branch after a proposal, where it does not repeat its first token)
+            avoid = proposal[0] if proposal else None
+            drafts, steps, low = [], 0, False
             for tok, conf in zip(pos.chain[: config.max_steps], pos.confidences[: config.max_steps]):
                 steps += 1
+                if steps == 1 and tok == avoid:
+                    break
                 if conf < config.threshold:
+                    low = True
                     if config.verify_low_confidence:
                         drafts.append(tok)
                     break
                 drafts.append(tok)
-            cost = steps * costs["draft_step_ms"] + (shallow_ms(1) if len(drafts) == steps else 0.0)
-        m = 0
-        while m < len(drafts) and m < len(pos.truth) and drafts[m] == pos.truth[m]:
-            m += 1
-        ms += cost + _interp(costs["verify_ms"], len(drafts) + 1)
+            cost += steps * costs["draft_step_ms"] + (shallow_ms(1) if drafts and len(drafts) == steps else 0.0)
+            if not proposal and not drafts and not low:
+                cost += shallow_ms(1)  # y0's own exit state, when nothing was drafted
+            leaves = [t for t, prob in pos.siblings[: config.tree_width - 1] if prob >= config.tree_threshold and t != avoid]
+            if low and not drafts:
+                leaves = []
+            cost += len(leaves) * shallow_ms(1)
+            rows += len(drafts) + len(leaves)
+            m = max(m, agree(drafts, pos.truth), int(bool(pos.truth) and pos.truth[0] in leaves))
+        ms += cost + _interp(costs["verify_ms"], rows + 1)
         rounds += 1
         advance = min(m + 1, end - p)
         tokens += advance
@@ -143,13 +165,27 @@ def replay(positions: list[Position], config, costs: dict) -> tuple[int, int, fl
 
 
 def grid(base) -> list:
-    """Every (η, γ, lookup tokens, lookup n-gram) setting on top of ``base``; lookup-free settings
-    once per (η, γ)."""
+    """Stage 1: every (η, γ, lookup tokens, lookup n-gram) chain setting on top of ``base``;
+    lookup-free settings once per (η, γ)."""
     out = []
     for η, γ, lt, ng in itertools.product(THRESHOLDS, MAX_STEPS, LOOKUP_TOKENS, LOOKUP_NGRAMS):
         if lt == 0 and ng != LOOKUP_NGRAMS[0]:
             continue
-        out.append(replace(base, threshold=η, max_steps=γ, lookup_tokens=lt, lookup_ngram=ng if lt else base.lookup_ngram))
+        out.append(replace(base, threshold=η, max_steps=γ, lookup_tokens=lt, lookup_ngram=ng if lt else base.lookup_ngram,
+                           tree_width=1, lookup_branch=False))
+    return out
+
+
+def tree_grid(best: list) -> list:
+    """Stage 2: token trees around the best chain settings ``best``: siblings at depth 1 (count and
+    probability threshold) and lookup as a branch beside the adapter (with and without lookup)."""
+    out = []
+    for config in best:
+        for w, τ, branch in itertools.product(TREE_WIDTHS, TREE_THRESHOLDS, (False, True)):
+            if (w == 1 and τ != TREE_THRESHOLDS[0]) or (w == 1 and not branch):
+                continue
+            for lt in {config.lookup_tokens, 0} if not branch else {config.lookup_tokens or LOOKUP_TOKENS[2]}:
+                out.append(replace(config, tree_width=w, tree_threshold=τ, lookup_branch=branch, lookup_tokens=lt))
     return out
 
 
@@ -218,22 +254,30 @@ def tune(km, prompts: list[tuple[str, str]], max_new_tokens: int = 128, costs: d
     for kind, prompt in tqdm(prompts, desc="recording drafts", unit="prompt", disable=None, file=sys.stderr):
         answers.append((kind, record(km, km.encode(prompt), max_new_tokens, max_chain, max_lookup)))
     plain_ms = costs["forward_ms"]["1"]
-    results = []
-    for config in grid(km.config):
-        tokens = rounds = 0
-        ms = 0.0
-        for _, positions in answers:
-            t, r, m = replay(positions, config, costs)
-            tokens, rounds, ms = tokens + t, rounds + r, ms + m
-        results.append({"config": asdict(config), "compression": tokens / max(rounds, 1),
-                        "modelled_speedup": tokens * plain_ms / ms if ms else 0.0})
+
+    def score(configs: list) -> list[dict]:
+        out = []
+        for config in configs:
+            tokens = rounds = 0
+            ms = 0.0
+            for _, positions in answers:
+                t, r, m = replay(positions, config, costs)
+                tokens, rounds, ms = tokens + t, rounds + r, ms + m
+            out.append({"config": asdict(config), "compression": tokens / max(rounds, 1),
+                        "modelled_speedup": tokens * plain_ms / ms if ms else 0.0, "_config": config})
+        return out
+
+    results = sorted(score(grid(km.config)), key=lambda r: -r["modelled_speedup"])
+    results += score(tree_grid([r["_config"] for r in results[:3]]))
     results.sort(key=lambda r: -r["modelled_speedup"])
-    return {"best": results[0], "top": results[:10], "costs": costs, "prompts": len(prompts),
+    for r in results:
+        del r["_config"]
+    return {"best": results[0], "top": results[:10], "ranking": results, "costs": costs, "prompts": len(prompts),
             "max_new_tokens": max_new_tokens, "seconds": round(time.perf_counter() - start, 1),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-TUNED_FIELDS = ("threshold", "max_steps", "lookup_tokens", "lookup_ngram")
+TUNED_FIELDS = ("threshold", "max_steps", "lookup_tokens", "lookup_ngram", "tree_width", "tree_threshold", "lookup_branch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -268,13 +312,19 @@ def run(args) -> int:
     path = save_tuned(km, record)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'η':>4} {'γ':>3} {'lookup':>6} {'n-gram':>6} {'compression':>11} {'modelled speed-up':>17}")
+    print(f"{'η':>4} {'γ':>3} {'lookup':>6} {'n-gram':>6} {'tree':>9} {'+branch':>7} {'compression':>11} {'modelled speed-up':>17}")
     for r in result["top"]:
         c = r["config"]
-        print(f"{c['threshold']:>4} {c['max_steps']:>3} {c['lookup_tokens']:>6} {c['lookup_ngram']:>6} "
-              f"{r['compression']:>11.2f} {r['modelled_speedup']:>16.2f}x")
+        tree = "chain" if c["tree_width"] == 1 else f"{c['tree_width']}@{c['tree_threshold']}"
+        print(f"{c['threshold']:>4} {c['max_steps']:>3} {c['lookup_tokens']:>6} {c['lookup_ngram']:>6} {tree:>9} "
+              f"{'yes' if c['lookup_branch'] else 'no':>7} {r['compression']:>11.2f} {r['modelled_speedup']:>16.2f}x")
+    for label, pick in (("best token tree", lambda c: c["tree_width"] > 1), ("best with lookup as a branch", lambda c: c["lookup_branch"])):
+        alt = next((r for r in result["ranking"] if pick(r["config"])), None)
+        if alt:
+            print(f"{label}: compression {alt['compression']:.2f}, modelled {alt['modelled_speedup']:.2f}x")
     c = best["config"]
     print(f"\nchosen: η={c['threshold']} γ={c['max_steps']} lookup_tokens={c['lookup_tokens']} lookup_ngram={c['lookup_ngram']} "
+          f"tree_width={c['tree_width']} tree_threshold={c['tree_threshold']} lookup_branch={c['lookup_branch']} "
           f"(modelled {best['modelled_speedup']:.2f}x over plain decoding on this machine, {result['seconds']:.0f} s); "
           f"saved to {path}; generate uses it by default")
     return 0
