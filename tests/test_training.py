@@ -354,3 +354,74 @@ def test_train_config_takes_every_option_by_field_name(monkeypatch, tmp_path):
     assert cfg.self_distill and cfg.distill_only and not cfg.progress and cfg.feature_cache_gb == 1.5 and cfg.threads == 2
     d = TrainConfig()
     assert (cfg.model, cfg.exit_layer, cfg.betas, cfg.chunk, cfg.seq_len) == (d.model, d.exit_layer, d.betas, d.chunk, d.seq_len)
+
+
+# ---------------------------------------------------------------------- task-diverse prompts
+def _toy_train_dir(root):
+    """The five files of ../shared/data/train, in miniature (prose long enough for passages)."""
+    rng = random.Random(1)
+    root.mkdir()
+
+    def prose(n):
+        return ". ".join(" ".join(rng.choice(WORDS) for _ in range(10)).capitalize() for _ in range(n)) + "."
+
+    share = []
+    for i in range(60):
+        turns = []
+        for _ in range(2):
+            turns += [{"role": "user", "content": f"Question {i} about {rng.choice(WORDS)}?"},
+                      {"role": "assistant", "content": prose(rng.randint(15, 40))}]
+        share.append({"id": f"s{i}", "source": "sharegpt_v3", "conversations": turns})
+    simple = lambda name, n: [{"id": f"{name}{i}", "source": name, "conversations": [  # noqa: E731
+        {"role": "user", "content": f"{name} task {i}: {prose(1)}"}, {"role": "assistant", "content": prose(2)}]} for i in range(n)]
+    files = {"sharegpt_v3.jsonl": share, "gsm8k_train.jsonl": simple("gsm8k", 20), "gpteacher_codegen.jsonl": simple("code", 20),
+             "gpteacher_roleplay.jsonl": simple("roleplay", 10), "self_instruct_seed_tasks.jsonl": simple("seed", 10)}
+    for name, records in files.items():
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_task_prompts_cover_every_kind_and_train_with_self_distillation(tiny_dir, tmp_path, capsys):
+    """`python -m kangaroo.training.tasks` writes prompt-only records of every kind; they are
+    refused without --self-distill, answered by the target with it (multi-turn prompts whole), and
+    validation reports agreement per kind, also in the curves."""
+    from kangaroo.training import tasks
+    from kangaroo.training.data import read_conversations
+    from kangaroo.training.distill import prompt_messages
+
+    train_dir = _toy_train_dir(tmp_path / "train")
+    out = tmp_path / "prompts"
+    assert tasks.main(["--data", str(train_dir), "--out", str(out), "--per-kind", "6"]) == 0
+    assert sorted(p.stem for p in out.glob("*.jsonl")) == sorted(tasks.KINDS)
+    again = tmp_path / "again"
+    assert tasks.main(["--data", str(train_dir), "--out", str(again), "--per-kind", "6"]) == 0
+    assert all((out / f.name).read_text() == f.read_text() for f in again.glob("*.jsonl"))  # seeded
+    convs, report = read_conversations([str(out)], prompts_ok=True)
+    assert len(convs) == 6 * len(tasks.KINDS) and all(c.prompt_only for c in convs)
+    multi = [c for c in convs if c.source == "task-multi_turn"]
+    assert all(len(prompt_messages(c)) >= 3 and prompt_messages(c)[-1]["role"] == "user" for c in multi)
+    with pytest.raises(KangarooError, match="prompt without a reply"):
+        read_conversations([str(out)])
+    assert tasks.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "missing" in capsys.readouterr().err
+
+    # passages need a longer --seq-len; a bigger held-out set holds every kind
+    LONG = [{"96": "700", "512": "2048", "16": "40"}.get(a, a) for a in FAST]
+    assert LONG[-6:-4] == ["--init", "random"]
+    run = tmp_path / "run"
+    assert _train(["--model", str(tiny_dir), "--data", str(out), "--out", str(run), "--max-steps", "3", "--val-every", "3",
+                   "--self-distill", "--distill-cache", str(tmp_path / "answers"), "--distill-max-new-tokens", "8", "--distill-max-prompt-tokens", "1024",
+                   *LONG]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    by_kind = [r for r in rows if "val_agreement_by_kind" in r][-1]["val_agreement_by_kind"]
+    assert len(by_kind) == len(tasks.KINDS) and all(k.startswith("task-") and 0 <= v <= 1 for k, v in by_kind.items())
+    assert (run / "curves.png").is_file()
+
+    # continuing from that adapter: validated once before the first step
+    more = tmp_path / "more"
+    assert _train(["--model", str(tiny_dir), "--data", str(out), "--out", str(more), "--max-steps", "2", "--val-every", "2",
+                   "--self-distill", "--distill-cache", str(tmp_path / "answers"), "--distill-max-new-tokens", "8", "--distill-max-prompt-tokens", "1024",
+                   *LONG[:-6], "--init", str(run), *LONG[-4:]]) == 0
+    first = json.loads((more / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["initial"] and "val_agreement_by_kind" in first
+    assert _train(["--model", str(tiny_dir), "--data", str(out), "--out", str(more), "--init", str(tmp_path / "nope")]) == 2

@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help=f"padded tokens per batch and process (default {d.batch_tokens})")
     g.add_argument("--precision", choices=["fp32", "bf16"], default=d.precision, help="fp32, or bf16 (model weights bf16, adapter fp32 under autocast; fast on AMX CPUs and GPUs)")
     g.add_argument("--top-k", type=int, default=d.top_k, help=f"target probabilities kept per position (default {d.top_k})")
-    g.add_argument("--init", choices=["warm", "random"], default=d.init, help="warm: copy target layer ℓ's attention (default); random")
+    g.add_argument("--init", default=d.init, help="warm: copy target layer ℓ's attention (default); random; or an adapter folder to continue from")
     g.add_argument("--kv-heads", type=int, default=d.kv_heads,
                    help="key/value heads of the adapter's attention (default: the target's; its query-head count = full multi-head)")
     g.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help=f"the adapter drafts over this many of the most frequent target tokens of the training data; 0 = the whole LM head (default {d.draft_vocab})")

@@ -44,6 +44,9 @@ class Conversation:
     messages: list[dict]
     source: str  # the record's "source" field, else the file's stem
     where: str  # "file:line" (or "file:#index" inside a JSON list), for messages
+    # a prompt with no reply yet (ends with a user turn): only self-distillation can use it, and it
+    # answers the whole conversation, not just the first turn (kangaroo.training.tasks writes these)
+    prompt_only: bool = False
 
 
 @dataclass
@@ -92,8 +95,10 @@ def data_files(spec: str) -> list[Path]:
     return [path]
 
 
-def read_conversations(specs: list[str], report: DataReport | None = None) -> tuple[list[Conversation], DataReport]:
+def read_conversations(specs: list[str], report: DataReport | None = None,
+                       prompts_ok: bool = False) -> tuple[list[Conversation], DataReport]:
     """Read every file or folder in ``specs`` (``hf:name`` = a Hugging Face dataset).
+    ``prompts_ok``: keep prompt-only records (ending with a user turn), for self-distillation.
 
     Raises:
         KangarooError: missing path, the evaluation set, or no usable conversation at all.
@@ -106,14 +111,14 @@ def read_conversations(specs: list[str], report: DataReport | None = None) -> tu
             continue
         for file in data_files(spec):
             report.files.append(str(file))
-            out.extend(_read_file(file, report))
+            out.extend(_read_file(file, report, prompts_ok))
     if not out:
         reasons = ", ".join(f"{n} {r}" for r, n in report.skipped.most_common()) or "no records"
         raise KangarooError(f"no usable conversations in {', '.join(specs)} ({reasons})")
     return out, report
 
 
-def _read_file(file: Path, report: DataReport) -> list[Conversation]:
+def _read_file(file: Path, report: DataReport, prompts_ok: bool = False) -> list[Conversation]:
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -148,7 +153,7 @@ def _read_file(file: Path, report: DataReport) -> list[Conversation]:
     out = []
     for where, record in records:
         report.read += 1
-        conv = parse_record(record, where, file.stem, report)
+        conv = parse_record(record, where, file.stem, report, prompts_ok)
         if conv is not None:
             out.append(conv)
             report.kept += 1
@@ -156,7 +161,7 @@ def _read_file(file: Path, report: DataReport) -> list[Conversation]:
     return out
 
 
-def parse_record(record, where: str, default_source: str, report: DataReport) -> Conversation | None:
+def parse_record(record, where: str, default_source: str, report: DataReport, prompts_ok: bool = False) -> Conversation | None:
     """One record in any supported format -> a validated :class:`Conversation`, or None (counted)."""
     if not isinstance(record, dict):
         report.skip("record is not a JSON object", where)
@@ -199,6 +204,11 @@ def parse_record(record, where: str, default_source: str, report: DataReport) ->
     if any(a["role"] == b["role"] for a, b in zip(body, body[1:])):
         report.skip("roles do not alternate", where)
         return None
+    if body[-1]["role"] == "user" and record.get("source", "").startswith("task-"):
+        if not prompts_ok:
+            report.skip("prompt without a reply (needs --self-distill)", where)
+            return None
+        return Conversation(messages, source, where, prompt_only=True)
     if not any(m["role"] == "assistant" for m in body):
         report.skip("no assistant turn", where)
         return None

@@ -28,8 +28,11 @@ logger = logging.getLogger(__name__)
 
 
 def prompt_messages(conv: Conversation) -> list[dict]:
-    """System turn (if any) + first user turn: what the target is asked to answer."""
+    """System turn (if any) + first user turn: what the target is asked to answer (a prompt-only
+    record: the whole conversation, which ends with the user turn to answer)."""
     msgs = conv.messages
+    if conv.prompt_only:
+        return list(msgs)
     head = [msgs[0]] if msgs[0]["role"] == "system" else []
     first_user = next(m for m in msgs if m["role"] == "user")
     return head + [first_user]

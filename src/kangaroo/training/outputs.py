@@ -108,7 +108,9 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     rows = [json.loads(line) for line in metrics_path.read_text().split("\n") if line.strip()]
     tr = [r for r in rows if "loss" in r]
     va = [r for r in rows if "val_loss" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    kinds = sorted({k for r in va for k in r.get("val_agreement_by_kind", {})})
+    fig, axes = plt.subplots(1, 3 if kinds else 2, figsize=(15 if kinds else 10, 4))
+    ax1, ax2 = axes[0], axes[1]
     ax1.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train soft CE")
     ax1.plot([r["step"] for r in va], [r["val_loss"] for r in va], "o-", label="val soft CE")
     ax1.set_xlabel("step")
@@ -119,6 +121,15 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     ax2.set_xlabel("step")
     ax2.set_ylim(0, 1)
     ax2.legend()
+    if kinds:  # validation agreement per task kind (the held-out conversations' source)
+        ax3 = axes[2]
+        for kind in kinds:
+            pts = [(r["step"], r["val_agreement_by_kind"][kind]) for r in va if kind in r.get("val_agreement_by_kind", {})]
+            ax3.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=kind, markersize=3)
+        ax3.set_xlabel("step")
+        ax3.set_title("val top-1 agreement by task kind")
+        ax3.set_ylim(0, 1)
+        ax3.legend(fontsize=7)
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp, dpi=80)

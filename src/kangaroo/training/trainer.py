@@ -167,24 +167,35 @@ def batch_features(bb, cfg, examples, keys, cache: FeatureCache, device, autocas
 
 
 def evaluate(adapter, bb, cfg, val, cache, device, autocast) -> dict:
+    """Validation metrics over all held-out positions, and top-1 agreement per task kind (the
+    conversations' source) in ``val_agreement_by_kind``."""
     adapter.eval()
     tot = {"loss": 0.0, "agree": 0.0, "accept": 0.0, "n": 0}
-    for batch in make_batches([len(e.ids) for e in val], cfg.batch_tokens, seed=0, epoch=0):
-        exs = [val[i] for i in batch]
-        h, mask, tid, tp = batch_features(bb, cfg, exs, [("val", i) for i in batch], cache, device, autocast)
-        with torch.no_grad():
-            s = draft_loss(adapter, bb, h, mask, tid, tp, cfg.chunk, autocast, backward=False)
-        for k in tot:
-            tot[k] += s[k]
+    kinds: dict[str, list[int]] = {}
+    for i, e in enumerate(val):
+        kinds.setdefault(e.source, []).append(i)
+    by_kind = {}
+    for kind, members in sorted(kinds.items()):  # batches never mix kinds, so each is summed apart
+        agree = n = 0
+        for batch in make_batches([len(val[i].ids) for i in members], cfg.batch_tokens, seed=0, epoch=0):
+            idx = [members[j] for j in batch]
+            h, mask, tid, tp = batch_features(bb, cfg, [val[i] for i in idx], [("val", i) for i in idx], cache, device, autocast)
+            with torch.no_grad():
+                s = draft_loss(adapter, bb, h, mask, tid, tp, cfg.chunk, autocast, backward=False)
+            for k in tot:
+                tot[k] += s[k]
+            agree, n = agree + s["agree"], n + s["n"]
+        by_kind[kind] = round(agree / max(n, 1), 4)
     adapter.train()
     n = max(tot["n"], 1)
-    return {"val_loss": tot["loss"] / n, "val_agreement": tot["agree"] / n, "val_accept": tot["accept"] / n, "val_tokens": tot["n"]}
+    return {"val_loss": tot["loss"] / n, "val_agreement": tot["agree"] / n, "val_accept": tot["accept"] / n,
+            "val_tokens": tot["n"], "val_agreement_by_kind": by_kind}
 
 
 def prepare_data(cfg: TrainConfig, model, bb, tokenizer, main_first) -> tuple[list[Example], list[Example], dict]:
     """Read, split (seeded), cut training to ``max_conversations``, optionally self-distill, tokenise."""
     report = DataReport()
-    convs, report = read_conversations(cfg.data, report)
+    convs, report = read_conversations(cfg.data, report, prompts_ok=cfg.self_distill)
     # the validation set is drawn from all the data first, so that --max-conversations (which
     # cuts the training set, in a fixed shuffled order) never changes it
     train_c, val_c = split(convs, cfg.val_size, cfg.seed)
@@ -318,6 +329,11 @@ class _Run:
         self.bar = tqdm(total=self.total_steps, initial=self.state["step"], desc=f"train ℓ={cfg.exit_layer}",
                         dynamic_ncols=True, disable=not (cfg.progress and acc.is_main_process))
         self.last_val: dict = {}
+        if cfg.init not in ("warm", "random") and self.state["step"] == 0 and self.val_set:
+            # continuing a trained adapter: its validation before any step is the baseline to beat
+            v = evaluate(self.raw, self.bb, cfg, self.val_set, self.cache, self.device, self.autocast)
+            self.log.write({"step": 0, "epoch": 0, "initial": True, **v})
+            logger.info("validation of --init %s: agreement %.3f, by kind %s", cfg.init, v["val_agreement"], v["val_agreement_by_kind"])
         self.window = {"loss": 0.0, "agree": 0.0, "n": 0, "t": time.perf_counter()}
         self.t0 = time.perf_counter() - self.state["train_s"]
 
@@ -440,13 +456,19 @@ def _check(cfg: TrainConfig) -> None:
         raise KangarooError(f"--precision must be fp32 or bf16, got {cfg.precision}")
     if cfg.top_k < 1:
         raise KangarooError("--top-k must be >= 1")
-    if cfg.init not in ("warm", "random"):
-        raise KangarooError(f"--init must be warm or random, got {cfg.init}")
+    if cfg.init not in ("warm", "random") and not Path(cfg.init).expanduser().is_dir():
+        raise KangarooError(f"--init must be warm, random or an adapter folder, got {cfg.init}")
     if cfg.draft_vocab < 0:
         raise KangarooError(f"--draft-vocab must be >= 0 (0 = the whole LM head), got {cfg.draft_vocab}")
 
 
 def _new_adapter(cfg: TrainConfig, bb) -> Adapter:
+    if cfg.init not in ("warm", "random"):  # continue from a trained adapter (its draft vocabulary is re-chosen at export)
+        adapter, config = Adapter.load(cfg.init, bb, cfg.exit_layer)
+        if (config.kv_heads or None) != (cfg.kv_heads or None):
+            raise KangarooError(f"--init {cfg.init} has {config.kv_heads or 'the target'}'s kv heads, not --kv-heads {cfg.kv_heads}")
+        adapter.draft_vocab = None
+        return adapter.float().train()
     if cfg.init == "warm":
         return Adapter.from_backbone(bb, cfg.exit_layer, cfg.kv_heads)
     return Adapter.random(bb, cfg.exit_layer, seed=cfg.seed, kv_heads=cfg.kv_heads)
