@@ -18,7 +18,7 @@ from kangaroo.cli import main
 from kangaroo.config import KangarooConfig
 from kangaroo.errors import KangarooError
 LOOKUP = KangarooConfig().lookup_tokens  # the default prompt-lookup draft length
-ALL_METHODS = "ar-hf,ar-hf-static,ar-eager,ar,kangaroo,kangaroo-chain,kangaroo-fixed,lookup,early-exit,pld"
+ALL_METHODS = "ar-hf,ar-hf-static,ar-eager,ar,kangaroo,kangaroo-chain,kangaroo-tree,kangaroo+pld,kangaroo-full-vocab,kangaroo-fixed,lookup,early-exit,pld"
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a short poem about the sea.", "Now make it rhyme."]},
     {"question_id": 82, "category": "coding", "turns": ["Write a Python function that adds two numbers.", "Add type hints."]},
@@ -72,9 +72,12 @@ def test_every_output_is_written(bench_run):
                         "mean_draft_length", "identical_fraction", "new_tokens", "wall_time"):
                 assert key in m, (name, key)
         o = entry["overall"]
-        if name in ("kangaroo", "kangaroo-chain", "kangaroo-fixed", "early-exit"):  # a random adapter's drafts
-            # fall below η: --verify-low-confidence still sends one per round; lookup drafts up to 8
-            assert len(o["ctar"]) == (max(4, LOOKUP) if name == "kangaroo" else 4)
+        if name in ("kangaroo", "kangaroo-chain", "kangaroo-fixed", "early-exit", "kangaroo-tree", "kangaroo+pld",
+                    "kangaroo-full-vocab"):  # a random adapter's drafts fall below η: --verify-low-confidence
+            # still sends one per round; lookup drafts up to 8; a tree adds its 2 siblings (and the lookup branch)
+            expected = {"kangaroo": max(4, LOOKUP), "kangaroo-full-vocab": max(4, LOOKUP), "kangaroo-tree": 4 + 2,
+                        "kangaroo+pld": 4 + LOOKUP}.get(name, 4)
+            assert len(o["ctar"]) == expected, name
             assert 0.0 <= o["acceptance_rate"] <= 1.0 and o["mean_draft_length"] > 0
             assert set(o["accepted_from"]) <= {"adapter", "lookup"}
         elif name == "lookup":  # prompt lookup alone: LOOKUP proposed tokens at most, γ = 0
@@ -227,8 +230,10 @@ def test_benchmarks_markdown(bench_run, tmp_path):
     assert headings == ["# Benchmarks", "## Results on this machine", "### Speedup by category",
                         "### Mean accepted tokens by category", "### CTAR(w)", "### Where Kangaroo loses",
                         "### Where accepted tokens came from", "### Output identity", "### Plots",
-                        "## Next to the published numbers", "## Definitions",
+                        "## Where the gain comes from", "## Next to the published numbers", "## Definitions",
                         "## Reproduce"]
+    gains = lines[lines.index("## Where the gain comes from"):lines.index("## Next to the published numbers")]
+    assert len([line for line in gains if line.startswith("| ") and "`" in line]) == len(report.GAIN_PAIRS)
     assert "${" not in text  # the template is filled
     template = (Path(report.__file__).parent / report.TEMPLATE).read_text()
     assert "/work/" not in template and "NOTES.md" not in template  # its prose names no file outside the repo

@@ -32,7 +32,7 @@ from .errors import KangarooError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = "ar-hf,ar-eager,ar,kangaroo,kangaroo-chain,kangaroo-tree,kangaroo+pld,lookup,early-exit,pld"
+DEFAULT_METHODS = "ar-hf,ar-eager,ar,kangaroo,kangaroo-chain,kangaroo-tree,kangaroo+pld,kangaroo-full-vocab,lookup,early-exit,pld"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

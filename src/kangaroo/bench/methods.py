@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import MAX_DRAFT
+
 from ..errors import KangarooError
 
 
@@ -61,7 +63,11 @@ class Method:
         config = getattr(self, "config", None)
         if config is None or not self.reports_drafts:
             return 0
-        return max(config.max_steps, getattr(config, "lookup_tokens", 0))
+        lookup = getattr(config, "lookup_tokens", 0)
+        adapter_rows = config.max_steps + getattr(config, "tree_width", 1) - 1  # a tree's siblings are rows too
+        if getattr(config, "lookup_branch", False) and config.max_steps:
+            return min(MAX_DRAFT, lookup + adapter_rows)
+        return min(MAX_DRAFT, max(adapter_rows, lookup))
 
 
 METHODS: dict[str, type[Method]] = {}
@@ -179,6 +185,23 @@ class KangarooPlusLookup(_KangarooWith):
     name = "kangaroo+pld"
     description = "prompt lookup and the adapter's chain as two branches of one token tree, every round"
     overrides = {"lookup_branch": True}
+
+
+@register
+class KangarooFullVocab(_KangarooWith):
+    name = "kangaroo-full-vocab"
+    description = "Kangaroo as shipped, but the adapter drafts over the whole vocabulary (no reduced draft head)"
+
+    def _decoder(self):
+        from ..adapter import Adapter
+        from ..decoding import KangarooDecoder
+
+        self.config = self.km.config
+        source = self.km.adapter
+        full = Adapter(self.km.backbone, source.exit_layer, getattr(source, "kv_heads", None))
+        full.load_state_dict(source.state_dict())  # the same weights; draft_vocab is not saved state
+        full = full.to(device=self.km.backbone.device, dtype=self.km.backbone.dtype).eval()
+        return KangarooDecoder(self.km.engine, full, self.config)
 
 
 @register

@@ -281,6 +281,7 @@ def benchmarks_markdown(summary: dict, image_dir: str, script: str, sweep: dict 
         results=_results(summary, image_dir), model=c.get("model", "?"), cpu_count=mc["cpu_count"], engine=_engine(mc),
         questions=c["questions"], max_new_tokens=c["max_new_tokens"], published=_published_table(summary),
         training=training_line, headline=headline, sweep=_sweep_section(sweep), definitions=DEFINITIONS,
+        gains=gains_section(summary),
     )
 
 
@@ -314,6 +315,33 @@ def _results(summary: dict, image_dir: str) -> str:
         parts += ["", "### Step costs", "", "From `--costs` in the same run (milliseconds; medians).", "", table(summary["costs"])]
     parts += ["", "### Plots", ""] + [f"![{p}]({image_dir}/{p})" for p in summary.get("_plots", [])]
     return "\n".join(parts)
+
+
+#: (what is compared, method with it, method without it): the run's own attribution of the gain
+GAIN_PAIRS = (
+    ("prompt-lookup drafts (added to the paper's chain)", "kangaroo", "kangaroo-chain"),
+    ("the adapter's chain (added to lookup drafts)", "kangaroo", "lookup"),
+    ("token trees: siblings at the first draft position (against the chain)", "kangaroo-tree", "kangaroo-chain"),
+    ("token trees: the adapter's chain beside every lookup proposal (against choosing one)", "kangaroo+pld", "kangaroo"),
+    ("the reduced draft vocabulary (against drafting over the whole vocabulary)", "kangaroo", "kangaroo-full-vocab"),
+)
+
+
+def gains_section(summary: dict) -> str:
+    """Which part of the speed-up came from which piece, from pairs of methods in this run."""
+    ms = summary["methods"]
+    rows = ["| piece | with | without | speed-up with / without | mean accepted tokens with / without |",
+            "|---|---|---|---:|---:|"]
+    for what, a, b in GAIN_PAIRS:
+        if a in ms and b in ms:
+            oa, ob = ms[a]["overall"], ms[b]["overall"]
+            rows.append(f"| {what} | `{a}` | `{b}` | {_x(oa.get('speedup'))} / {_x(ob.get('speedup'))} | "
+                        f"{_f(oa.get('compression_rate'))} / {_f(ob.get('compression_rate'))} |")
+    if len(rows) == 2:
+        return ""
+    return "\n".join(["", "## Where the gain comes from", "",
+                      "Each row compares two methods of this run that differ in one piece (speed-ups against "
+                      f"`{summary.get('baseline')}`).", "", *rows, ""])
 
 
 def _published_table(summary: dict) -> str:
