@@ -217,6 +217,9 @@ DECODER_SETTINGS = {
     "bad adapter T=1": (SamplingConfig(1.0), KangarooConfig(exit_layer=1, max_steps=2, threshold=0.0), "bad"),
     # q lives on half the vocabulary (a draft vocabulary): p outside it must still come out exactly
     "draft vocabulary T=1": (SamplingConfig(1.0), KangarooConfig(exit_layer=1, max_steps=4, threshold=0.0), "good-subset"),
+    # prompt-lookup drafts while sampling: point-mass drafts, accepted with probability p(x)
+    "lookup drafts T=0.9 top-p=0.95": (SamplingConfig(0.9, top_p=0.95), KangarooConfig(
+        exit_layer=1, max_steps=2, threshold=0.3, lookup_tokens=4, lookup_ngram=1), "random"),
     # token trees (fused engine): three independent candidates at depth 1, the first one's chain below
     "tree width 3 T=1": (SamplingConfig(1.0), KangarooConfig(exit_layer=1, max_steps=3, threshold=0.0, tree_width=3), "good-tree"),
     "tree width 2 T=0.8 top-k=6": (
@@ -247,6 +250,7 @@ def _decoder_statistics(name: str, tokens_wanted: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     pits, drafted, accepted, full_rounds, seed = [], 0, 0, 0, 0
     later = [0]  # tree rounds that accepted a candidate other than the first
+    from_lookup = rejected_lookup = 0
 
     def watched(tokens, layout, q, p, generator=None):
         new, path = sample_accept_tree(tokens, layout, q, p, generator)
@@ -261,6 +265,8 @@ def _decoder_statistics(name: str, tokens_wanted: int) -> dict:
         result = decoder.generate(prompt, max_new, sampling=SamplingConfig(**{**sampling.to_dict(), "seed": seed}))
         seed += 1
         drafted, accepted = drafted + result.drafted, accepted + result.accepted
+        from_lookup += sum(s.accepted for s in result.steps if s.source == "lookup")
+        rejected_lookup += sum(s.drafted - s.accepted for s in result.steps if s.source == "lookup")
         full_rounds += sum(s.drafted > 0 and s.accepted in (s.drafted, config.max_steps) for s in result.steps)
         ids = torch.cat([prompt[0], torch.tensor(result.token_ids)])
         with torch.no_grad():
@@ -276,7 +282,8 @@ def _decoder_statistics(name: str, tokens_wanted: int) -> dict:
     counts = torch.bincount((u * 20).long().clamp(max=19), minlength=20)
     stat, df, p_value = chi2_test(counts, torch.full((20,), 1 / 20))
     return dict(tokens=len(u), chi2=stat, df=df, p_value=p_value, z=(score - mean) / var**0.5,
-                drafted=drafted, accepted=accepted, full_rounds=full_rounds, kind=kind, later_candidates=later[0])
+                drafted=drafted, accepted=accepted, full_rounds=full_rounds, kind=kind, later_candidates=later[0],
+                from_lookup=from_lookup, rejected_lookup=rejected_lookup, lookup=name.startswith("lookup"))
 
 
 @pytest.mark.parametrize("name", list(DECODER_SETTINGS))
@@ -292,6 +299,8 @@ def test_kangaroo_sampling_is_distributed_as_the_target(name):
     assert r["drafted"] - r["accepted"] > 50, r
     if r["kind"] in ("good", "good-tree"):
         assert r["full_rounds"] > 50, r
+    if r["lookup"]:  # lookup drafts were both accepted and rejected while sampling
+        assert r["from_lookup"] > 50 and r["rejected_lookup"] > 50, r
     if r["kind"] == "random-tree":  # (a good adapter's first candidate is rarely rejected)
         assert r["later_candidates"] > 50, r
 

@@ -27,7 +27,7 @@ class KangarooConfig:
     # then verifies at least one draft. Off, since the shipped adapter is no faster with it
     # (measurements: docs/TRAINING.md).
     verify_low_confidence: bool = False
-    # prompt lookup (greedy only): when the last n >= lookup_ngram committed tokens occurred earlier in
+    # prompt lookup (greedy, and sampling with point-mass drafts): when the last n >= lookup_ngram committed tokens occurred earlier in
     # the prompt or the answer, the tokens that followed them are the round's draft (free: no layer
     # runs to make it), up to lookup_tokens of them; 0 = adapter drafts only
     lookup_tokens: int = 6

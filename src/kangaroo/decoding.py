@@ -248,9 +248,9 @@ class KangarooDecoder:
             bb.run_layers(0, ℓ, bb.embed(ids), self.cache, pos + 1)
 
     def _lookup(self, input_ids: torch.Tensor, first: list[int], sampler: Sampler | None) -> NgramIndex | None:
-        """The n-gram index over prompt + first token, when lookup drafts are on (greedy only)."""
+        """The n-gram index over prompt + first token, when lookup drafts are on."""
         cfg = self.config
-        if not cfg.lookup_tokens or sampler is not None:
+        if not cfg.lookup_tokens:
             return None
         index = NgramIndex(max_ngram=max(3, cfg.lookup_ngram), min_ngram=cfg.lookup_ngram)
         index.reset(input_ids[0].tolist() + first)

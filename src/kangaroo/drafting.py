@@ -96,13 +96,15 @@ class Drafter:
             sampler: None = greedy drafts (argmax); else each draft is drawn from the processed draft
                 distribution ``q`` (same temperature/top-k/top-p as the target), and the second early
                 exit looks at ``max q``.
-            proposal: tokens found by prompt lookup (greedy only): when given, they are the draft
-                and the adapter does not run this round.
+            proposal: tokens found by prompt lookup: when given, they are the draft and the adapter
+                does not run this round (unless ``lookup_branch``, greedy only). When sampling, a
+                proposal is a draft from a point mass: each token is accepted with probability
+                ``p(x)``, and a rejection draws from ``p`` without ``x``, so the output stays exact.
         """
         cfg, ℓ = self.config, self.config.exit_layer
-        lookup = proposal[:budget] if proposal and sampler is None else None
-        if lookup and not (cfg.lookup_branch and cfg.max_steps and self.backbone.supports_trees):
-            return self._lookup_draft(y0, pos, target_cache, lookup)
+        lookup = proposal[:budget] if proposal else None
+        if lookup and (sampler is not None or not (cfg.lookup_branch and cfg.max_steps and self.backbone.supports_trees)):
+            return self._lookup_draft(y0, pos, target_cache, lookup, sampler is not None)
         if not lookup:
             return self._adapter_draft(y0, pos, target_cache, budget, eos_token_ids, sampler)
         # prompt lookup and the adapter as two branches of one tree: the lookup rows first (their
@@ -128,14 +130,19 @@ class Drafter:
             adapter_rows=[r + K for r in (ada.adapter_rows if ada.adapter_rows is not None else range(1, n))],
         )
 
-    def _lookup_draft(self, y0: int, pos: int, target_cache: KVCache, proposal: list[int]) -> Draft:
+    def _lookup_draft(self, y0: int, pos: int, target_cache: KVCache, proposal: list[int], sampling: bool = False) -> Draft:
         """A free draft: the shallow layers run once over ``y0`` and the proposal (row for row what
-        single steps compute, see kangaroo.engine), no adapter, no LM head."""
+        single steps compute, see kangaroo.engine), no adapter, no LM head. ``sampling``: the draft
+        distributions are point masses on the proposed tokens (``probs`` one-hot, ``[k, V]``)."""
         bb, ℓ = self.backbone, self.config.exit_layer
         ids = torch.tensor([[y0, *proposal]], device=bb.device)
         hidden = bb.run_layers(0, ℓ, bb.embed(ids), target_cache, pos)  # [1, k+1, D]
         tokens = torch.tensor(proposal, dtype=torch.long, device=bb.device)
-        return Draft(tokens=tokens, hidden=hidden, confidences=[], steps=0, source="lookup")
+        probs = None
+        if sampling:
+            probs = torch.zeros(len(proposal), self.vocab_size, device=bb.device)
+            probs[torch.arange(len(proposal), device=bb.device), tokens] = 1.0
+        return Draft(tokens=tokens, hidden=hidden, confidences=[], steps=0, source="lookup", probs=probs)
 
     def _adapter_draft(self, y0: int, pos: int, target_cache: KVCache, budget: int, eos_token_ids: set[int],
                        sampler: Sampler | None, h0: torch.Tensor | None = None, avoid: int | None = None,
