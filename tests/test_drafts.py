@@ -82,7 +82,7 @@ def test_lookup_drafts_are_lossless(arch):
     assert looked_up > 0
 
 
-def test_lookup_off_and_sampling_use_the_adapter_only():
+def test_lookup_off_uses_the_adapter_only_and_sampling_uses_lookup_too():
     model = tiny_model("llama", seed=2, damp_from=1)
     backbone = Backbone(model)
     adapter = passthrough_adapter(Adapter.random(backbone, 1, seed=0))
@@ -91,8 +91,12 @@ def test_lookup_off_and_sampling_use_the_adapter_only():
     assert {s.source for s in off.steps[1:]} == {"adapter"}
     from kangaroo.config import SamplingConfig
 
+    # sampling takes lookup proposals as point-mass drafts (exactness: tests/test_sampling.py)
     sampled = KangarooDecoder(backbone, adapter, KangarooConfig(exit_layer=1)).generate(ids, 30, sampling=SamplingConfig(0.8, seed=1))
-    assert {s.source for s in sampled.steps[1:]} == {"adapter"}
+    assert "lookup" in {s.source for s in sampled.steps[1:]}
+    plain = KangarooDecoder(backbone, adapter, KangarooConfig(exit_layer=1, lookup_tokens=0)).generate(
+        ids, 30, sampling=SamplingConfig(0.8, seed=1))
+    assert {s.source for s in plain.steps[1:] if s.drafted} == {"adapter"}
 
 
 # ---------------------------------------------------------------- draft vocabulary
