@@ -238,11 +238,10 @@ class KangarooDecoder:
         chain this is a crop; a tree's later branches may have overwritten the path's slots, so the
         deep layers copy it back from verification's stash and the shallow layers recompute it."""
         bb, ℓ, L = self.backbone, self.config.exit_layer, self.backbone.num_layers
-        resident = draft.tree is None or draft.tree.resident(path)
-        self.cache.commit(range(ℓ, L), pos, path, resident)
-        if resident:
-            self.cache.commit(range(ℓ), pos, path, True)
+        if draft.tree is None or draft.tree.resident(path):
+            self.cache.commit(range(L), pos, path, resident=True)
         else:
+            self.cache.commit(range(ℓ, L), pos, path, resident=False)
             self.cache.crop(pos + 1, range(ℓ))
             ids = draft.tokens[[r - 1 for r in path]][None]
             bb.run_layers(0, ℓ, bb.embed(ids), self.cache, pos + 1)

@@ -7,6 +7,7 @@ verification, and after verification is told how many positions survived (:meth:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -17,6 +18,8 @@ from .kv_cache import KVCache
 from .engine import Engine
 from .sampling import Sampler
 from .tree import TreeLayout
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +71,10 @@ class Drafter:
     """
 
     def __init__(self, backbone: Engine, adapter: Adapter, config: KangarooConfig) -> None:
+        if not backbone.supports_trees and (config.tree_width > 1 or config.lookup_branch):
+            # HF's modules attend in one call: this engine verifies chains only
+            logger.info("the eager engine verifies chains only: drafting without token trees")
+            config = replace(config, tree_width=1, lookup_branch=False)
         self.backbone, self.adapter, self.config = backbone, adapter, config
         self.cache = KVCache(num_layers=1)
         # exit-layer states the adapter has not seen yet, for positions [cache.length(), ...): the
@@ -103,7 +110,7 @@ class Drafter:
         """
         cfg, ℓ = self.config, self.config.exit_layer
         lookup = proposal[:budget] if proposal else None
-        if lookup and (sampler is not None or not (cfg.lookup_branch and cfg.max_steps and self.backbone.supports_trees)):
+        if lookup and (sampler is not None or not (cfg.lookup_branch and cfg.max_steps)):
             return self._lookup_draft(y0, pos, target_cache, lookup, sampler is not None)
         if not lookup:
             return self._adapter_draft(y0, pos, target_cache, budget, eos_token_ids, sampler)
@@ -168,7 +175,7 @@ class Drafter:
         qs: list[torch.Tensor] = []
         leaves: list[int] = []
         y, low_confidence, avoided, q0, leaf_probs = y0, False, 0, None, []
-        width = cfg.tree_width if bb.supports_trees else 1
+        width = cfg.tree_width
         for step in range(min(cfg.max_steps, budget, max_rows)):
             # shallow layers on the newest token, then the adapter (fed any states it has not seen)
             if step == 0 and h0 is not None:
@@ -222,35 +229,23 @@ class Drafter:
         leaves = leaves[: max_rows - len(tokens)]
         if sampler is None and low_confidence and not tokens:
             leaves = []  # the first token fell below η: its siblings are even less likely
-        if not leaves:
-            return Draft(
-                tokens=torch.tensor(tokens, dtype=torch.long, device=device),
-                hidden=torch.cat(hidden, dim=1),
-                confidences=confidences,
-                steps=steps,
-                probs=torch.stack(qs) if qs else None,
-                adapter_rows=adapter_rows if h0 is not None else None,
-            )
         # the leaves sit at depth 1 after the chain (depth-first): their shallow states overwrite
         # slot pos + 1 of the shallow layers, which verification's commit step puts right again
         for leaf in leaves:
             target_cache.crop(pos + 1, range(ℓ))
             ids = torch.tensor([[leaf]], device=device)
             hidden.append(bb.run_layers(0, ℓ, bb.embed(ids), target_cache, pos + 1))
-        n = len(tokens)
-        q_rows = None
-        if sampler is not None:
-            q_rows = torch.stack(qs + [q0] * len(leaves))
+        n, q_rows = len(tokens), qs + [q0] * len(leaves) if sampler is not None else []
         return Draft(
             tokens=torch.tensor(tokens + leaves, dtype=torch.long, device=device),
             hidden=torch.cat(hidden, dim=1),
             confidences=confidences,
             steps=steps,
-            probs=q_rows,
-            tree=TreeLayout.of(list(range(n)) + [0] * len(leaves)),
-            sources=["adapter"] * (n + len(leaves)),
-            adapter_rows=adapter_rows,
-            leaf_probs=leaf_probs[: len(leaves)] if sampler is None else None,
+            probs=torch.stack(q_rows) if q_rows else None,
+            tree=TreeLayout.of(list(range(n)) + [0] * len(leaves)) if leaves else None,
+            sources=["adapter"] * (n + len(leaves)) if leaves else None,
+            adapter_rows=adapter_rows if leaves or h0 is not None else None,
+            leaf_probs=leaf_probs[: len(leaves)] if leaves and sampler is None else None,
         )
 
     def _token(self, index: int) -> int:

@@ -204,7 +204,7 @@ def parse_record(record, where: str, default_source: str, report: DataReport, pr
     if any(a["role"] == b["role"] for a, b in zip(body, body[1:])):
         report.skip("roles do not alternate", where)
         return None
-    if body[-1]["role"] == "user" and record.get("source", "").startswith("task-"):
+    if record.get("prompt_only") is True and body[-1]["role"] == "user":
         if not prompts_ok:
             report.skip("prompt without a reply (needs --self-distill)", where)
             return None

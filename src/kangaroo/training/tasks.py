@@ -16,8 +16,8 @@ the training files' text into prompts of every kind users ask for, with no evalu
 * ``math`` (GSM8K train questions), ``code`` (GPTeacher code instructions), ``chat`` (first
   ShareGPT turns, GPTeacher role play, self-instruct seeds).
 
-Every record is ``{"id", "source": "task-<kind>", "conversations": [...]}`` ending with a user
-turn (a prompt, answered by the target at self-distillation; :mod:`kangaroo.training.data` accepts
+Every record is ``{"id", "source": "task-<kind>", "prompt_only": true, "conversations": [...]}``
+ending with a user turn (a prompt, answered by the target at self-distillation; :mod:`kangaroo.training.data` accepts
 such records only with ``--self-distill``). The choice is seeded, so the same files give the same
 prompts. Spec-Bench's questions and their source datasets' test splits are never read: the
 inputs are ``../shared/data/train`` (its README gives provenance and licences).
@@ -114,7 +114,7 @@ def build(train_dir: Path, per_kind: int, seed: int = 0) -> dict[str, list[dict]
     out: dict[str, list[dict]] = {}
 
     def emit(kind: str, items: list[list[dict]]) -> None:
-        out[kind] = [{"id": f"task-{kind}-{i}", "source": f"task-{kind}", "conversations": msgs}
+        out[kind] = [{"id": f"task-{kind}-{i}", "source": f"task-{kind}", "prompt_only": True, "conversations": msgs}
                      for i, msgs in enumerate(items[:per_kind])]
 
     def user(text: str) -> list[dict]:

@@ -468,7 +468,7 @@ def _new_adapter(cfg: TrainConfig, bb) -> Adapter:
         if (config.kv_heads or None) != (cfg.kv_heads or None):
             raise KangarooError(f"--init {cfg.init} has {config.kv_heads or 'the target'}'s kv heads, not --kv-heads {cfg.kv_heads}")
         adapter.draft_vocab = None
-        return adapter.float().train()
+        return adapter
     if cfg.init == "warm":
         return Adapter.from_backbone(bb, cfg.exit_layer, cfg.kv_heads)
     return Adapter.random(bb, cfg.exit_layer, seed=cfg.seed, kv_heads=cfg.kv_heads)
