@@ -22,6 +22,7 @@ from kangaroo.kv_cache import KVCache
 from kangaroo.model import Backbone
 
 CONFIGS = [(d, k) for d in (torch.float32, torch.bfloat16) for k in KERNELS if k != "packed" or packed_available("cpu")]
+ATTENTIONS = ("kernel", "sdpa")  # the decode-attention kernel (tests/test_attention.py proves it builds) and per-row SDPA
 
 
 # ---------------------------------------------------------------- products
@@ -78,11 +79,12 @@ def test_a_non_invariant_product_is_split_or_padded(monkeypatch):
 
 
 # ---------------------------------------------------------------- fused forward == HF modules
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_fused_layers_match_hf_modules(arch):
+def test_fused_layers_match_hf_modules(arch, attention):
     model = tiny_model(arch, seed=7)
     backbone = Backbone(model)
-    engine = FusedEngine(backbone, torch.float32, "stock")
+    engine = FusedEngine(backbone, torch.float32, "stock", attention)
     ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(0))  # past the 48-token windows
     with torch.no_grad():
         c1, c2 = KVCache(NUM_LAYERS), KVCache(NUM_LAYERS)
@@ -112,12 +114,13 @@ def test_fused_float32_greedy_equals_hf_greedy(arch):
 
 
 # ---------------------------------------------------------------- identity on every configuration
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("dtype,kernel", CONFIGS)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_kangaroo_equals_plain_greedy_on_the_same_engine(arch, dtype, kernel):
+def test_kangaroo_equals_plain_greedy_on_the_same_engine(arch, dtype, kernel, attention):
     rng = random.Random(f"engine-{arch}-{dtype}-{kernel}")
     models = {False: tiny_model(arch, seed=1), True: tiny_model(arch, seed=2, damp_from=1)}
-    engines = {f: FusedEngine(Backbone(m), dtype, kernel) for f, m in models.items()}
+    engines = {f: FusedEngine(Backbone(m), dtype, kernel, attention) for f, m in models.items()}
     accepted = all_accepted = rejected = 0
     for ℓ, η, γ, friendly in itertools.product((1, NUM_LAYERS - 1), (0.0, 0.5), (3, 8), (False, True)):
         engine = engines[friendly]
@@ -133,7 +136,7 @@ def test_kangaroo_equals_plain_greedy_on_the_same_engine(arch, dtype, kernel):
         if eos:
             expected = AutoregressiveDecoder(engine).generate(ids, max_new, eos).token_ids
         result = KangarooDecoder(engine, adapter, config).generate(ids, max_new, eos)
-        assert result.token_ids == expected, f"{arch} {dtype} {kernel} ℓ={ℓ} η={η} γ={γ} n={n} eos={eos}"
+        assert result.token_ids == expected, f"{arch} {dtype} {kernel} {attention} ℓ={ℓ} η={η} γ={γ} n={n} eos={eos}"
         accepted += result.accepted
         all_accepted += sum(s.drafted > 0 and s.accepted == s.drafted for s in result.steps[:-1])
         rejected += sum(s.accepted < s.drafted for s in result.steps)
@@ -157,7 +160,8 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     engine, info = calibration.build_engine(backbone, EngineConfig())
     assert info["source"] == "measured" and set(info["step_ms"]) == {
         f"{str(d).removeprefix('torch.')}/{k}" for d, k in calibration.candidates(EngineConfig())}
-    assert engine.describe() == f"fused/{info['kernel']}/{info['dtype']}"
+    assert engine.describe() == f"fused/{info['kernel']}/{info['dtype']}/{info['attention']}-attention"
+    assert info["attention_source"] == "measured" and set(info["attention_us"]) == {"kernel", "sdpa"}
     saved = json.loads((tmp_path / "engine" / "choices.json").read_text())
     (record,) = saved.values()
     assert record["choice"] == [f"torch.{info['dtype']}", info["kernel"]] and record["machine"]["threads"] >= 1
@@ -178,7 +182,10 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     (dict(device="tpu"), "unsupported device 'tpu'"),
     (dict(dtype="float16"), "float16 runs on CUDA only"),
     (dict(device="cuda", kernel="packed"), "the packed kernel is CPU only"),
-    (dict(engine="eager", kernel="packed"), "--kernel applies to the fused engine"),
+    (dict(engine="eager", kernel="packed"), "--kernel and --attention apply to the fused engine"),
+    (dict(engine="eager", attention="sdpa"), "--kernel and --attention apply to the fused engine"),
+    (dict(attention="flash"), "unknown attention 'flash': use one of auto, kernel, sdpa"),
+    (dict(device="cuda", attention="kernel"), "the decode-attention kernel is CPU only"),
 ])
 def test_bad_engine_settings_are_clear_errors(kwargs, message):
     with pytest.raises(KangarooError, match=message.replace("(", r"\(")):
@@ -226,16 +233,17 @@ class _TreeWatch:
         monkeypatch.setattr(decoding, "accept", watched)
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("dtype,kernel", CONFIGS[::2] + CONFIGS[1:2])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_token_trees_equal_plain_greedy_on_the_same_engine(arch, dtype, kernel, monkeypatch):
+def test_token_trees_equal_plain_greedy_on_the_same_engine(arch, dtype, kernel, attention, monkeypatch):
     """Adapter trees (top-k siblings at depth 1) and lookup + adapter trees (two deep branches),
     with paths accepted through later branches, give plain greedy decoding's tokens."""
     watch = _TreeWatch(monkeypatch)
     rng = random.Random(f"tree-{arch}-{dtype}-{kernel}")
     for friendly in (False, True):
         model = tiny_model(arch, seed=2, damp_from=1) if friendly else tiny_model(arch, seed=1)
-        engine = FusedEngine(Backbone(model), dtype, kernel)
+        engine = FusedEngine(Backbone(model), dtype, kernel, attention)
         for ℓ, width, branch in itertools.product((1, NUM_LAYERS - 1), (2, 4), (False, True)):
             adapter = Adapter.random(engine.backbone, ℓ, seed=rng.randrange(1000))
             config = KangarooConfig(exit_layer=ℓ, max_steps=rng.choice([3, 5]), threshold=rng.choice([0.0, 0.3]),
@@ -252,13 +260,14 @@ def test_token_trees_equal_plain_greedy_on_the_same_engine(arch, dtype, kernel, 
     assert watch.trees > 50 and watch.other_branch > 5 and watch.deep_other_branch > 0 and watch.moved > 5, vars(watch)
 
 
-def test_tree_cache_after_a_later_branch_wins_equals_plain_decoding(monkeypatch):
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_tree_cache_after_a_later_branch_wins_equals_plain_decoding(attention, monkeypatch):
     """After a round accepted through a branch that is not the first (so its keys and values were
     copied back from the stash, and its shallow states recomputed), every layer's cache equals the
     one plain one-token steps build (bit for bit) and a fresh float32 prefill (to rounding)."""
     watch = _TreeWatch(monkeypatch)
     model = tiny_model("qwen3", seed=2, damp_from=1)
-    engine = FusedEngine(Backbone(model), torch.float32, "stock")
+    engine = FusedEngine(Backbone(model), torch.float32, "stock", attention)
     adapter = Adapter.random(engine.backbone, 1, seed=5)
     config = KangarooConfig(exit_layer=1, max_steps=4, threshold=0.0, tree_width=3, tree_threshold=0.0,
                             lookup_branch=True, lookup_tokens=6, lookup_ngram=1)

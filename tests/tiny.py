@@ -36,8 +36,9 @@ _COMMON = dict(
 def tiny_config(arch: str, **overrides):
     if arch == "llama":
         return LlamaConfig(**{**_COMMON, **overrides})
-    if arch == "mistral":  # a short window so that long prompts exercise the sliding-window mask
-        return MistralConfig(**{**_COMMON, "sliding_window": 48, **overrides})
+    if arch == "mistral":  # a short window so that long prompts exercise the sliding-window mask; heads of
+        # 64 like SmolLM2's, so the decode-attention kernel's vector path runs here too (others: any-size path)
+        return MistralConfig(**{**_COMMON, "sliding_window": 48, "head_dim": 64, **overrides})
     if arch == "qwen2":  # mixed layer types: the last 2 layers slide over a 48-token window
         return Qwen2Config(**{**_COMMON, "use_sliding_window": True, "sliding_window": 48, "max_window_layers": 2, **overrides})
     if arch == "qwen3":

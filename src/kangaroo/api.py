@@ -100,6 +100,7 @@ class KangarooModel:
         verify_low_confidence: bool = KangarooConfig.verify_low_confidence,
         engine: str = EngineConfig.engine,
         kernel: str = EngineConfig.kernel,
+        attention: str = EngineConfig.attention,
         threads: int | None = EngineConfig.threads,
         lookup_tokens: int | None = None,
         lookup_ngram: int | None = None,
@@ -125,9 +126,11 @@ class KangarooModel:
                 ``torch.float32``/``bfloat16``/``float16`` or their names.
             engine: ``"fused"`` (lean steps), ``"eager"`` (HF's modules) or ``"auto"`` (fused).
             kernel: product kernel of the fused engine (``"stock"``, ``"packed"``, ``"auto"``).
+            attention: the fused engine's attention for steps of up to 16 rows (``"kernel"``, ``"sdpa"``,
+                ``"auto"``; see :mod:`kangaroo.attention`).
             threads: torch CPU threads (None = torch's choice).
         """
-        engine_config = EngineConfig(engine=engine, dtype=_dtype_name(dtype), kernel=kernel, device=device,
+        engine_config = EngineConfig(engine=engine, dtype=_dtype_name(dtype), kernel=kernel, attention=attention, device=device,
                                      threads=threads)
         engine_config.check_device()
         if threads is not None:

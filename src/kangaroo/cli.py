@@ -55,6 +55,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default=e.engine, help=f"fused (lean steps on measured kernels), eager (HF's own modules, the reference) or auto (= fused) (default {e.engine})")
     p.add_argument("--dtype", default=e.dtype, help=f"weight dtype of the steps: float32, bfloat16, float16 (CUDA) or auto = the fastest plain decoding here, measured once and cached (default {e.dtype})")
     p.add_argument("--kernel", default=e.kernel, help=f"fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU) or auto = measured (default {e.kernel})")
+    p.add_argument("--attention", default=e.attention, help=f"fused engine's attention for steps of up to 16 tokens: kernel (compiled here once, all rows in one call, same bits per row), sdpa (one call per row) or auto = measured (default {e.attention})")
     p.add_argument("--device", default=e.device, help=f"torch device: cpu or cuda[:N] (default {e.device})")
     p.add_argument("--threads", type=int, default=e.threads, help="torch CPU threads, >= 1 (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random adapter and of sampling (default 0)")
@@ -73,7 +74,7 @@ def load_from_args(args):
         args.model, adapter=args.adapter, exit_layer=args.exit_layer, max_steps=args.max_steps,
         threshold=args.threshold, dtype=args.dtype, device=args.device, seed=args.seed,
         verify_low_confidence=args.verify_low_confidence, engine=args.engine, kernel=args.kernel,
-        threads=args.threads, lookup_tokens=args.lookup_tokens, lookup_ngram=args.lookup_ngram,
+        attention=args.attention, threads=args.threads, lookup_tokens=args.lookup_tokens, lookup_ngram=args.lookup_ngram,
         tree_width=args.tree_width, tree_threshold=args.tree_threshold, lookup_branch=args.lookup_branch,
         tuned=not getattr(args, "no_tuned", False),
     )
@@ -159,7 +160,12 @@ def _stats_line(r: dict) -> str:
     e = r["engine"]
     how = {"measured": "measured now", "cache": "measured earlier, cached", "given": "as asked",
            "fallback": "the fused engine cannot run this model"}[e["source"]]
-    line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel ({how}"
+    line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel"
+    if "attention" in e:
+        line += f", {e['attention']} attention"
+        if e.get("attention_compiled"):
+            line += f" (compiled in {e['attention_build_s']:.0f} s)"
+    line += f" ({how}"
     line += f"; built in {e['build_s']:.1f} s)\n" if "build_s" in e else ")\n"
     line += (
         f"[kangaroo] {r['new_tokens']} tokens in {r['target_forwards']} target forwards "

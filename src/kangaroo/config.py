@@ -98,6 +98,7 @@ class SamplingConfig:
 ENGINES = ("auto", "fused", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNEL_CHOICES = ("auto", "stock", "packed")
+ATTENTIONS = ("auto", "kernel", "sdpa")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class EngineConfig:
     engine: str = "auto"  # fused (lean steps, chosen kernels) where the architecture allows; eager = HF's modules
     dtype: str = "auto"  # weight dtype of the products; auto = the fastest plain decoding step here
     kernel: str = "auto"  # stock (F.linear) or packed (oneDNN prepacked weights, CPU); auto = measured
+    attention: str = "auto"  # steps of <= 16 rows: kernel (kangaroo.attention, CPU) or sdpa (per row); auto = measured
     device: str = "cpu"  # torch device
     threads: int | None = None  # torch CPU threads (None = torch's choice)
 
@@ -115,7 +117,7 @@ class EngineConfig:
         from .errors import KangarooError
 
         for name, value, allowed in (("engine", self.engine, ENGINES), ("dtype", self.dtype, DTYPES),
-                                     ("kernel", self.kernel, KERNEL_CHOICES)):
+                                     ("kernel", self.kernel, KERNEL_CHOICES), ("attention", self.attention, ATTENTIONS)):
             if value not in allowed:
                 raise KangarooError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -127,8 +129,10 @@ class EngineConfig:
             raise KangarooError("float16 runs on CUDA only: on cpu use float32, bfloat16 or auto")
         if cuda and self.kernel == "packed":
             raise KangarooError("the packed kernel is CPU only: on cuda use --kernel stock or auto")
-        if self.engine == "eager" and self.kernel != "auto":
-            raise KangarooError("--kernel applies to the fused engine: drop it or use --engine fused")
+        if self.engine == "eager" and (self.kernel != "auto" or self.attention != "auto"):
+            raise KangarooError("--kernel and --attention apply to the fused engine: drop them or use --engine fused")
+        if cuda and self.attention == "kernel":
+            raise KangarooError("the decode-attention kernel is CPU only: on cuda use --attention sdpa or auto")
 
     def check_device(self) -> None:
         """Raise unless the device exists in this torch build (called when a model is loaded)."""

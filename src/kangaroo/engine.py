@@ -8,9 +8,13 @@ with about 15 ops per layer:
 
 * one product for Q, K and V together and one for the MLP's gate and up projections, on the kernel
   and weight dtype chosen for this machine (:mod:`kangaroo.kernels`, made row-invariant there);
-* ``F.rms_norm``, SDPA with grouped-query heads, one complex multiply for RoPE (the Q and K rows are
+* ``F.rms_norm``, one complex multiply for RoPE (the Q and K rows are
   permuted once so that each rotary pair sits side by side; attention scores are unchanged because
   queries and keys are permuted alike);
+* for steps of up to :data:`~kangaroo.kernels.MAX_ROWS` tokens (every decoding step and verification),
+  one call of the compiled decode-attention kernel per layer (:mod:`kangaroo.attention`), whose rows
+  do not depend on each other bit for bit; without it, one SDPA call per row (the one-token step's
+  call for that row). Prompts take one causal SDPA call;
 * RoPE tables computed once by HF's own rotary module, masks built once per call, keys and values
   written into the pre-allocated :class:`~kangaroo.kv_cache.KVCache` at their positions.
 
@@ -22,8 +26,9 @@ compile time at all.
 
 Every step of a given token computes its logits bit for bit the same way whether it runs alone
 (plain decoding) or among up to :data:`~kangaroo.kernels.MAX_ROWS` tokens (verification): the
-products are row-invariant by construction and the remaining ops work row by row. ``check_batch_invariance``
-proves it on the model at hand; the lossless tests prove it end to end.
+products are row-invariant by construction, attention is row-invariant by construction (kernel) or
+runs row by row (SDPA), and the remaining ops work row by row. :func:`kangaroo.attention.check`
+proves the kernel on the machine at hand; the lossless tests prove it end to end.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from . import attention as attn_kernel
 from .kernels import MAX_ROWS, Linear
 from .kv_cache import KVCache
 from .model import Backbone, attention_weights, norm_weights
@@ -108,15 +114,23 @@ class FusedEngine:
         backbone: the target (its HF weights are read, never copied from source code).
         dtype: weight dtype of the products (``torch.float32`` or ``torch.bfloat16``; float16 on CUDA).
         kernel: product kernel (:data:`kangaroo.kernels.KERNELS`).
+        attention: how steps of up to :data:`~kangaroo.kernels.MAX_ROWS` rows attend over the cache:
+            ``"kernel"`` (:mod:`kangaroo.attention`, all rows in one call, row-invariant by
+            construction; CPU, must be loaded) or ``"sdpa"`` (one SDPA call per row).
     """
 
     name = "fused"
 
     supports_trees = True  # per-row attention at each row's depth (kangaroo.tree)
 
-    def __init__(self, backbone: Backbone, dtype: torch.dtype, kernel: str) -> None:
+    def __init__(self, backbone: Backbone, dtype: torch.dtype, kernel: str, attention: str = "sdpa") -> None:
         self.backbone = backbone
         self.weight_dtype, self.kernel = dtype, kernel
+        if attention not in ("kernel", "sdpa"):
+            raise ValueError(f"attention must be 'kernel' or 'sdpa', got {attention!r}")
+        if attention == "kernel" and attn_kernel.load() is None:
+            raise ValueError(f"the decode-attention kernel is unavailable: {attn_kernel.status()['reason']}")
+        self.attention = attention
         self.act_dtype = torch.float32
         self.num_layers = backbone.num_layers
         self.config = backbone.config
@@ -153,7 +167,7 @@ class FusedEngine:
         return self.weight_dtype
 
     def describe(self) -> str:
-        return f"fused/{self.kernel}/{str(self.weight_dtype).removeprefix('torch.')}"
+        return f"fused/{self.kernel}/{str(self.weight_dtype).removeprefix('torch.')}/{self.attention}-attention"
 
     # ------------------------------------------------------------------ pieces
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -266,10 +280,19 @@ class FusedEngine:
         q, k = qk[:, :H].transpose(0, 1)[None], qk[:, H:].transpose(0, 1)[None]  # [1, H, T, d], [1, H_kv, T, d]
         v = v.transpose(0, 1)[None]
         gqa = H != Hkv
+        rows_kernel = self.attention == "kernel" and not batched and cache is not None and T <= MAX_ROWS
         if tree is not None:
-            return a.o(self._attend_tree(a, q, k, v, cache, layer_idx, tree, window, gqa))
+            return a.o(self._attend_tree(a, q, k, v, cache, layer_idx, tree, window, gqa,
+                                              qk[:, :H] if rows_kernel else None))
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)  # [1, H_kv, S, d]
+        if rows_kernel:
+            # every step of up to MAX_ROWS rows, one-token steps included: one call, each row's
+            # arithmetic independent of the others (kangaroo.attention)
+            ends = list(range(k.shape[2] - T + 1, k.shape[2] + 1))
+            begins = [0] * T if window is None else [max(0, e - window) for e in ends]
+            out = attn_kernel.decode_attention(qk[:, :H], k[0], v[0], begins, ends, a.scaling)  # [T, H, d]
+            return a.o(out.view(T, H * d))
         if 1 < T <= MAX_ROWS and not batched:
             # one query row at a time over exactly its own keys: the very call a one-token step
             # makes for that token (batching query rows changes SDPA's summation order)
@@ -289,20 +312,30 @@ class FusedEngine:
         return a.o(out[0].transpose(0, 1).reshape(T, H * d))
 
     def _attend_tree(self, a: _Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
-                     layer_idx: int, tree: TreeLayout, window: int | None, gqa: bool) -> torch.Tensor:
+                     layer_idx: int, tree: TreeLayout, window: int | None, gqa: bool,
+                     q_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Tree rows (``q`` ``[1, H, T, d]``, new ``k``/``v`` ``[1, H_kv, T, d]``): each segment is
         written at ``pos + depth`` of its first row, so in depth-first order the slots before a row
-        hold exactly its ancestors; each row then makes the one-token step's call. Returns ``[T, H d]``."""
+        hold exactly its ancestors; each row then computes what its one-token step computes (one
+        kernel call per segment given ``q_rows`` ``[T, H, d]``, else one SDPA call per row).
+        Returns ``[T, H d]``."""
         T, pos = q.shape[2], cache.length(layer_idx)
         cache.stash[layer_idx] = (k, v)
         rows = []
         for first, stop, depth in tree.segments:
             keys, values = cache.write(k[:, :, first:stop], v[:, :, first:stop], layer_idx, pos + depth)
+            if q_rows is not None:
+                ends = list(range(pos + depth + 1, pos + depth + 1 + stop - first))
+                begins = [0] * len(ends) if window is None else [max(0, e - window) for e in ends]
+                rows.append(attn_kernel.decode_attention(q_rows[first:stop], keys[0], values[0], begins, ends, a.scaling))
+                continue
             for i in range(first, stop):
                 end = pos + depth + (i - first) + 1
                 begin = 0 if window is None else max(0, end - window)
                 rows.append(F.scaled_dot_product_attention(q[:, :, i:i + 1], keys[:, :, begin:end], values[:, :, begin:end],
                                                            scale=a.scaling, enable_gqa=gqa))
+        if q_rows is not None:
+            return torch.cat(rows).view(T, -1)
         return torch.cat(rows, dim=2)[0].transpose(0, 1).reshape(T, -1)
 
     # ------------------------------------------------------------------ adapter
@@ -320,7 +353,9 @@ class FusedEngine:
         _, attn, (n1, n2) = fused
         x = hidden[0].to(self.act_dtype)
         T = x.shape[0]
-        out = self.attend(attn, _norm(x, n1), cache, 0, self.rope(pos, T), self.mask(T, pos, None), batched=True)
+        # drafts need no bit-exactness: one batched SDPA call unless the kernel (faster) is loaded
+        out = self.attend(attn, _norm(x, n1), cache, 0, self.rope(pos, T), self.mask(T, pos, None),
+                          batched=self.attention != "kernel")
         return _norm(x + out, n2)[None]
 
 

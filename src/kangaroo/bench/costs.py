@@ -10,7 +10,9 @@ eager engine (HF's own modules):
 * ``draft_step_ms``: one drafted token: layers ``[0, ℓ)`` + adapter + draft head (the adapter's
   draft vocabulary, if it has one) + top-1;
 * ``lm_head_ms``: the LM head on one row;
-* ``build_s``: building the engine (weight packing, row-invariance checks; no compilation).
+* ``build_s``: building the engine (weight packing, row-invariance checks, loading the attention kernel);
+* ``compile s`` (in the table): what the decode-attention kernel's first compile on this machine took
+  (:mod:`kangaroo.attention`; later runs load it from the cache).
 
 Each figure is the median of ``repeats`` timed calls after two untimed ones.
 """
@@ -100,6 +102,13 @@ def measure_run(km, repeats: int = 15) -> dict:
     ℓ = km.config.exit_layer
     chosen = {**measure(km.engine, km.adapter, ℓ, repeats=repeats), "engine": km.engine_info}
     entries = {"chosen": chosen}
+    if getattr(km.engine, "attention", None) == "kernel":  # the same engine attending row by row, for comparison
+        km.engine.attention = "sdpa"
+        try:
+            entries["chosen, per-row SDPA"] = {**measure(km.engine, km.adapter, ℓ, repeats=repeats),
+                                               "engine": {**km.engine_info, "attention": "sdpa"}}
+        finally:
+            km.engine.attention = "kernel"
     if km.engine is not km.backbone and km.backbone.dtype == torch.float32:
         eager = measure(km.backbone, km.adapter, ℓ, repeats=max(3, repeats // 3))
         entries["float32 eager"] = {**eager, "engine": {"engine": "eager", "dtype": "float32", "kernel": "hf", "build_s": 0.0}}
@@ -112,15 +121,17 @@ def measure_run(km, repeats: int = 15) -> dict:
 
 def table(costs: dict) -> str:
     """The Markdown table of ``costs.json`` (one row per engine)."""
-    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | draft step ms | draft ÷ forward | LM head ms | build s |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | draft step ms | draft ÷ forward | LM head ms | build s | compile s |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, e in costs.items():
         if not isinstance(e, dict) or "forward_ms" not in e:
             continue
         cfg = e["engine"]
         # row counts are ints when measured, strings once read back from JSON
         f, v = ({int(k): ms for k, ms in e[key].items()} for key in ("forward_ms", "verify_ms"))
-        rows.append(f"| {name}: {cfg['engine']} {cfg['dtype']}/{cfg['kernel']} | {' / '.join(f'{f[k]:.1f}' for k in ROWS)} | "
+        attention = f" + {cfg['attention']} attention" if "attention" in cfg else ""
+        compiled = cfg.get("attention_compile_s") or 0  # the kernel's first compile on this machine
+        rows.append(f"| {name}: {cfg['engine']} {cfg['dtype']}/{cfg['kernel']}{attention} | {' / '.join(f'{f[k]:.1f}' for k in ROWS)} | "
                     f"{e['forward_ratio_8_to_1']:.2f} | {v[1]:.1f} / {v[8]:.1f} | {e['draft_step_ms']:.2f} | "
-                    f"{e['draft_to_forward']:.2f} | {e['lm_head_ms']:.2f} | {cfg.get('build_s', 0):.1f} |")
+                    f"{e['draft_to_forward']:.2f} | {e['lm_head_ms']:.2f} | {cfg.get('build_s', 0):.1f} | {compiled:.0f} |")
     return "\n".join(rows)

@@ -427,7 +427,8 @@ def write_benchmarks(summary: dict, run_dir: Path, md_path: Path, image_dir: Pat
 def _engine(machine: dict) -> str:
     """``fused bfloat16/packed``: the engine, weight dtype and kernel a run used."""
     e = machine.get("engine") or {}
-    return f"{e.get('engine', '?')} {e.get('dtype', '?')}/{e.get('kernel', '?')}"
+    label = f"{e.get('engine', '?')} {e.get('dtype', '?')}/{e.get('kernel', '?')}"
+    return label + (f" + {e['attention']} attention" if "attention" in e else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,215 @@
+"""Decode attention: a few query rows over the KV cache, with the same bits for a row whether it is
+verified among others or decoded alone.
+
+Kangaroo is lossless only if verification computes each drafted token's logits exactly as a one-token
+step would. Torch's SDPA does not promise that across query counts (its CPU kernel blocks and sums
+queries and keys differently for other shapes), so until now the engine attended verification rows
+one by one, each with the very call a one-token step makes. That keeps the bits but costs one SDPA
+call per row and layer: at 1,000 cached tokens an 8-token verification spent 14 of its 30 ms there.
+
+``decode_attention`` (``csrc/decode_attention.cpp``) attends all rows of a step in one call, and
+computes each row with arithmetic that depends on nothing but that row's query, its key range and the
+cache: keys are cut at fixed absolute positions (every 128), a (kv head, chunk) work item takes every
+row that has keys in the chunk while they are in cache, scores are reduced in one fixed tree, the
+exponentials and value sums run in key order with padded (never peeled) vector tails, and the chunks
+are combined in position order. So plain decoding and verification run the same kernel and agree bit
+for bit, and ``check`` proves it on this machine before the kernel is used.
+
+The kernel is C++ compiled at first use for the machine at hand (``-march=native``, ~20 s on 2 cores,
+then cached under ``$KANGAROO_CACHE/ext`` per CPU, compiler flags, torch version and source). It is
+CPU and float32 only (the engine's cache is float32). Where it cannot be built, or fails its check,
+or measures slower than per-row SDPA for the model's shapes, the engine keeps per-row SDPA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+CHOICES = ("auto", "kernel", "sdpa")
+
+_state: dict = {}  # "module" (or None), "build_s", "reason"
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return "".join(lines)
+
+
+def _name() -> str:
+    digest = hashlib.sha1("\n".join([SOURCE.read_text(), " ".join(CFLAGS), _cpu_id(), torch.__version__,
+                                     sys.version]).encode()).hexdigest()[:12]
+    return f"kangaroo_decode_attention_{digest}"
+
+
+def _ensure_ninja() -> None:
+    """torch builds with ninja; the ``ninja`` wheel puts it beside this Python, which is not on PATH
+    unless the environment is activated."""
+    if shutil.which("ninja") is None:
+        scripts = sysconfig.get_path("scripts")
+        if scripts and (Path(scripts) / "ninja").exists():
+            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+
+
+def load():
+    """The compiled kernel module, building it on first use; None (with the reason in
+    :func:`status`) where it cannot be had."""
+    if "module" in _state:
+        return _state["module"]
+    from torch.utils import cpp_extension
+
+    from .fetch import cache_dir
+
+    name = _name()
+    build = cache_dir() / "ext" / name
+    fresh = not any(build.glob("*.so"))
+    start = time.perf_counter()
+    module, reason = None, None
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        _ensure_ninja()
+        if fresh:
+            logger.info("compiling the decode-attention kernel for this machine (once, ~20 s)")
+        module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                                    build_directory=str(build), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: no kernel, per-row SDPA
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    elapsed = round(time.perf_counter() - start, 2)
+    record = build / "compile.json"
+    if fresh and module is not None:
+        try:
+            record.write_text(json.dumps({"compile_s": elapsed, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+        except OSError:
+            pass
+    try:
+        compile_s = json.loads(record.read_text())["compile_s"]
+    except (OSError, ValueError, KeyError):
+        compile_s = elapsed if fresh else None
+    _state.update(module=module, build_s=elapsed, compiled=fresh and module is not None, compile_s=compile_s, reason=reason)
+    if module is None:
+        logger.warning("decode-attention kernel unavailable (%s): attending verification rows one by one", reason)
+    return module
+
+
+def status() -> dict:
+    """``available``, ``build_s`` (compile or load seconds in this process), ``compiled`` (this
+    process compiled it), ``compile_s`` (what its first compile on this machine took) and ``reason``
+    (why it is unavailable)."""
+    return {"available": _state.get("module") is not None, "build_s": _state.get("build_s"),
+            "compiled": _state.get("compiled", False), "compile_s": _state.get("compile_s"),
+            "reason": _state.get("reason")}
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, begins: list[int], ends: list[int],
+                     scale: float) -> torch.Tensor:
+    """Rows ``q`` ``[T, H, D]`` (head dimension contiguous) over ``keys``/``values`` ``[H_kv, S, D]``;
+    row ``t`` attends keys ``begins[t] .. ends[t] - 1``. Returns ``[T, H, D]`` float32."""
+    return _state["module"].decode_attention(q, keys, values, begins, ends, scale)
+
+
+def sdpa_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, begins: list[int], ends: list[int],
+              scale: float) -> torch.Tensor:
+    """The reference: the same rows, each by its own SDPA call (what a one-token step computes)."""
+    gqa = q.shape[1] != keys.shape[0]
+    rows = [F.scaled_dot_product_attention(q[t][None, :, None], keys[None, :, b:e], values[None, :, b:e],
+                                           scale=scale, enable_gqa=gqa)[0, :, 0]
+            for t, (b, e) in enumerate(zip(begins, ends))]
+    return torch.stack(rows)
+
+
+def check(heads: int, kv_heads: int, head_dim: int, seed: int = 0) -> str | None:
+    """Prove the kernel on this machine for these shapes: every row of a multi-row call equals its
+    one-row call bit for bit (chunk borders, windows and 1..16 rows included) and matches SDPA to
+    float32 rounding. Returns None, or what failed."""
+    gen = torch.Generator().manual_seed(seed)
+    cap = 700
+    keys = torch.randn(kv_heads, cap, head_dim, generator=gen)
+    values = torch.randn(kv_heads, cap, head_dim, generator=gen)
+    scale = head_dim ** -0.5
+    for pos, T, window in ((0, 3, None), (120, 16, None), (250, 8, None), (383, 5, 100), (600, 16, None), (640, 1, 37)):
+        q = torch.randn(T, heads, head_dim, generator=gen) * 2
+        ends = [pos + t + 1 for t in range(T)]
+        begins = [0 if window is None else max(0, e - window) for e in ends]
+        rows = decode_attention(q, keys, values, begins, ends, scale)
+        for t in range(T):
+            alone = decode_attention(q[t:t + 1].clone(), keys, values, begins[t:t + 1], ends[t:t + 1], scale)
+            if not torch.equal(alone[0], rows[t]):
+                return f"row {t} of {T} at position {pos} differs from its one-row call"
+        ref = sdpa_rows(q, keys, values, begins, ends, scale)
+        if not torch.allclose(rows, ref, atol=1e-5, rtol=1e-4):
+            return f"differs from SDPA by {(rows - ref).abs().max().item():.2e} at position {pos}"
+    return None
+
+
+def choose(choice: str, heads: int, kv_heads: int, head_dim: int, device: torch.device) -> tuple[str, dict]:
+    """Resolve ``choice`` (:data:`CHOICES`) for a model's attention shapes: ``("kernel" | "sdpa", info)``.
+
+    ``auto`` takes the kernel where it builds, passes :func:`check` and measures faster than per-row
+    SDPA on a one-token step plus an 8-row verification at 512 cached tokens; ``kernel`` insists
+    (a one-line error where it cannot be had); ``sdpa`` never builds it."""
+    from .errors import KangarooError
+
+    if choice not in CHOICES:
+        raise KangarooError(f"unknown attention {choice!r}: use one of {', '.join(CHOICES)}")
+    if choice == "sdpa":
+        return "sdpa", {"attention": "sdpa", "attention_source": "given"}
+    if device.type != "cpu":
+        if choice == "kernel":
+            raise KangarooError(f"the decode-attention kernel is CPU only: on {device.type} use --attention sdpa or auto")
+        return "sdpa", {"attention": "sdpa", "attention_source": "device"}
+    module = load()
+    problem = status()["reason"] if module is None else check(heads, kv_heads, head_dim)
+    if problem is not None:
+        if choice == "kernel":
+            raise KangarooError(f"the decode-attention kernel cannot be used here ({problem}): use --attention sdpa")
+        if module is not None:
+            logger.warning("decode-attention kernel failed its check (%s): attending rows one by one", problem)
+        return "sdpa", {"attention": "sdpa", "attention_source": "unavailable", "attention_reason": problem}
+    info = {"attention_build_s": status()["build_s"], "attention_compiled": status()["compiled"],
+            "attention_compile_s": status()["compile_s"]}
+    if choice == "kernel":
+        return "kernel", {**info, "attention": "kernel", "attention_source": "given"}
+    timings = _time_both(heads, kv_heads, head_dim)
+    pick = "kernel" if timings["kernel"] <= timings["sdpa"] else "sdpa"
+    return pick, {**info, "attention": pick, "attention_source": "measured", "attention_us": timings}
+
+
+def _time_both(heads: int, kv_heads: int, head_dim: int, context: int = 512, repeats: int = 30) -> dict:
+    """Microseconds of a one-token step + an 8-row verification's attention, per implementation."""
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(kv_heads, context + 8, head_dim, generator=gen)
+    values = torch.randn(kv_heads, context + 8, head_dim, generator=gen)
+    q = torch.randn(8, heads, head_dim, generator=gen)
+    scale = head_dim ** -0.5
+    out = {}
+    for name, fn in (("kernel", decode_attention), ("sdpa", sdpa_rows)):
+        def once():
+            fn(q[:1], keys, values, [0], [context + 1], scale)
+            fn(q, keys, values, [0] * 8, [context + t + 1 for t in range(8)], scale)
+        once()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - t)
+        times.sort()
+        out[name] = round(times[len(times) // 2] * 1e6, 1)
+    return out

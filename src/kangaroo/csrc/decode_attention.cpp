@@ -1,0 +1,283 @@
+// Decode attention for the step engine: a few query rows over a KV cache, each row computed with
+// exactly the same arithmetic whatever the other rows are (see kangaroo/attention.py for why).
+//
+// out[t, h] = softmax(scale * q[t, h] . K[g, j]) . V[g, j]  over keys j in [begin[t], end[t]),
+// g = h / (H / H_kv). Keys are cut into chunks at fixed absolute positions (multiples of CHUNK);
+// each (row, kv head, chunk) is one work item that computes, for its query heads, the chunk's
+// max, exp-sum and weighted value sum in a fixed order; the chunks are then combined in position
+// order. Nothing depends on the number of rows, the thread count or which thread ran an item, so
+// a verification row gives the bits its one-token step gives.
+//
+// Built at first use by torch.utils.cpp_extension with -O3 -march=native (per machine) and
+// -ffp-contract=off (a fused multiply-add in one copy of a loop and not in another would break
+// the invariance); every element goes through the same vector code (tails are padded, not peeled).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 128;  // keys per work item; a fixed constant: chunk borders are part of the arithmetic
+constexpr int64_t MAX_G = 16, MAX_GD = 16 * 256;  // query heads per kv head, and times the head dimension
+constexpr int W = 16;           // floats per vector
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+inline vf splat(float x) { return vf{} + x; }
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof(vf)); return v; }
+
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
+
+// Sum of a vector's lanes in a fixed pairwise order.
+inline float hsum(vf a) {
+    float t[W];
+    store(t, a);
+    for (int w = W / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; ++i) t[i] = t[i] + t[i + w];
+    return t[0];
+}
+
+inline float hmax(vf a) {
+    float t[W];
+    store(t, a);
+    float m = t[0];
+    for (int i = 1; i < W; ++i) m = t[i] > m ? t[i] : m;
+    return m;
+}
+
+// exp(x) lane by lane (Cephes' single-precision polynomial, ~1 ulp); -inf and very negative
+// inputs give 0. Each lane's result depends on that lane's input only.
+inline vf vexp(vf x) {
+    const vf lo = splat(-87.3f), hi = splat(88.3f);
+    vi under = x < lo;
+    x = x < lo ? lo : x;
+    x = x > hi ? hi : x;
+    vf fx = x * splat(1.44269504088896341f) + splat(0.5f);
+    vi n = __builtin_convertvector(fx, vi);
+    vf fn = __builtin_convertvector(n, vf);
+    n = fn > fx ? n - 1 : n;  // floor
+    fn = __builtin_convertvector(n, vf);
+    x = x - fn * splat(0.693359375f);
+    x = x - fn * splat(-2.12194440e-4f);
+    vf z = x * x;
+    vf y = splat(1.9875691500E-4f);
+    y = y * x + splat(1.3981999507E-3f);
+    y = y * x + splat(8.3334519073E-3f);
+    y = y * x + splat(4.1665795894E-2f);
+    y = y * x + splat(1.6666665459E-1f);
+    y = y * x + splat(5.0000001201E-1f);
+    y = y * z + x + splat(1.0f);
+    vi bits = (n + 127) << 23;
+    vf scale;
+    std::memcpy(&scale, &bits, sizeof(vf));
+    y = y * scale;
+    return under ? splat(0.0f) : y;
+}
+
+// Sixteen dot products at once: lane i of the result is the sum of the lanes of a[i], added in
+// the same pairwise tree for every i (lane e with e + 8, then + 4, + 2, + 1).
+inline vf reduce16(vf a[W]) {
+    vf b[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i)
+        b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+             + __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; ++i)
+        c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+             + __builtin_shufflevector(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; ++i)
+        d[i] = __builtin_shufflevector(c[2 * i], c[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+             + __builtin_shufflevector(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+         + __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// One work item: query heads [0, G) (of one row and kv head) against keys [j0, j1) of that kv head.
+// Writes per head: m (max score), l (sum of exp), o[D] (exp-weighted value sum).
+template <int D>
+void chunk_item(const float* q, int64_t G, const float* k, const float* v, int64_t kv_stride,
+                int64_t j0, int64_t j1, float scale, float* m_out, float* l_out, float* o_out) {
+    constexpr int C = D / W;
+    static const float zeros[D] = {};
+    const int64_t n = j1 - j0, npad = (n + W - 1) / W * W;
+    float s[MAX_G][CHUNK];
+    vf qv[MAX_G][C];
+    for (int64_t hh = 0; hh < G; ++hh)
+        for (int c = 0; c < C; ++c) qv[hh][c] = load(q + hh * D + c * W);
+    // 1. scores, sixteen keys at a time (keys past the range read zeros and are set to -inf)
+    const vf lane = vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int64_t j = 0; j < npad; j += W) {
+        const float* kr[W];
+        for (int i = 0; i < W; ++i) kr[i] = j + i < n ? k + (j0 + j + i) * kv_stride : zeros;
+        for (int64_t hh = 0; hh < G; ++hh) {
+            vf acc[W];
+            for (int i = 0; i < W; ++i) {
+                acc[i] = qv[hh][0] * load(kr[i]);
+                for (int c = 1; c < C; ++c) acc[i] = acc[i] + qv[hh][c] * load(kr[i] + c * W);
+            }
+            vf r = reduce16(acc) * splat(scale);
+            r = lane < splat((float)(n - j)) ? r : splat(-std::numeric_limits<float>::infinity());
+            store(s[hh] + j, r);
+        }
+    }
+    // 2. per head: max, then exp and their sum, sixteen keys at a time (padding adds exact zeros)
+    for (int64_t hh = 0; hh < G; ++hh) {
+        vf mv = splat(-std::numeric_limits<float>::infinity());
+        for (int64_t j = 0; j < npad; j += W) { vf x = load(s[hh] + j); mv = x > mv ? x : mv; }
+        const float m = hmax(mv);
+        vf lv = splat(0.0f);
+        for (int64_t j = 0; j < npad; j += W) {
+            vf p = vexp(load(s[hh] + j) - splat(m));
+            store(s[hh] + j, p);
+            lv = lv + p;
+        }
+        m_out[hh] = m;
+        l_out[hh] = hsum(lv);
+    }
+    // 3. values weighted by the exps; lanes over the head dimension, four running sums (key j
+    // goes to sum (j - j0) % 4; keys past the range weigh 0 and read zeros), added at the end
+    const int64_t n4 = (n + 3) / 4 * 4;
+    for (int64_t hh = 0; hh < G; ++hh) {
+        for (int64_t j = n; j < n4; ++j) s[hh][j] = 0.0f;
+        vf o0[C], o1[C], o2[C], o3[C];
+        for (int c = 0; c < C; ++c) o0[c] = o1[c] = o2[c] = o3[c] = splat(0.0f);
+        for (int64_t j = 0; j < n4; j += 4) {
+            const float* v0 = j < n ? v + (j0 + j) * kv_stride : zeros;
+            const float* v1 = j + 1 < n ? v + (j0 + j + 1) * kv_stride : zeros;
+            const float* v2 = j + 2 < n ? v + (j0 + j + 2) * kv_stride : zeros;
+            const float* v3 = j + 3 < n ? v + (j0 + j + 3) * kv_stride : zeros;
+            const vf p0 = splat(s[hh][j]), p1 = splat(s[hh][j + 1]), p2 = splat(s[hh][j + 2]), p3 = splat(s[hh][j + 3]);
+            for (int c = 0; c < C; ++c) {
+                o0[c] = o0[c] + p0 * load(v0 + c * W);
+                o1[c] = o1[c] + p1 * load(v1 + c * W);
+                o2[c] = o2[c] + p2 * load(v2 + c * W);
+                o3[c] = o3[c] + p3 * load(v3 + c * W);
+            }
+        }
+        for (int c = 0; c < C; ++c) store(o_out + hh * D + c * W, (o0[c] + o1[c]) + (o2[c] + o3[c]));
+    }
+}
+
+// The same for any head dimension (tiny test models): plain loops, still one fixed order.
+void chunk_item_any(const float* q, int64_t G, int64_t D, const float* k, const float* v, int64_t kv_stride,
+                    int64_t j0, int64_t j1, float scale, float* m_out, float* l_out, float* o_out) {
+    const int64_t n = j1 - j0;
+    float s[CHUNK];
+    for (int64_t hh = 0; hh < G; ++hh) {
+        const float* qh = q + hh * D;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+            const float* kj = k + (j0 + j) * kv_stride;
+            float acc = 0.0f;
+            for (int64_t e = 0; e < D; ++e) acc = acc + qh[e] * kj[e];
+            s[j] = acc * scale;
+            m = s[j] > m ? s[j] : m;
+        }
+        float l = 0.0f;
+        for (int64_t j = 0; j < n; ++j) { s[j] = std::exp(s[j] - m); l = l + s[j]; }
+        float* o = o_out + hh * D;
+        for (int64_t e = 0; e < D; ++e) o[e] = 0.0f;
+        for (int64_t j = 0; j < n; ++j) {
+            const float* vj = v + (j0 + j) * kv_stride;
+            for (int64_t e = 0; e < D; ++e) o[e] = o[e] + s[j] * vj[e];
+        }
+        m_out[hh] = m;
+        l_out[hh] = l;
+    }
+}
+
+}  // namespace
+
+// q [T, H, D] (rows and heads may be strided, D contiguous), k/v [H_kv, S, D] (D contiguous),
+// begin/end: each row's key range. Returns [T, H, D] float32.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                               std::vector<int64_t> begin, std::vector<int64_t> end, double scale_) {
+    TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
+                "decode_attention: float32 only");
+    TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU only");
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "decode_attention: q [T, H, D], k/v [H_kv, S, D]");
+    const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0);
+    TORCH_CHECK(H % Hkv == 0 && k.size(2) == D && v.size(2) == D && v.size(0) == Hkv, "decode_attention: shapes");
+    TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && q.stride(1) == D
+                && k.stride(1) == D && v.stride(1) == D && k.stride(0) == v.stride(0),
+                "decode_attention: the head dimension must be contiguous");
+    TORCH_CHECK((int64_t)begin.size() == T && (int64_t)end.size() == T, "decode_attention: one key range per row");
+    int64_t nchunks = 0;
+    for (int64_t t = 0; t < T; ++t) {
+        TORCH_CHECK(0 <= begin[t] && begin[t] < end[t] && end[t] <= k.size(1), "decode_attention: bad key range");
+        nchunks = std::max(nchunks, (end[t] - 1) / CHUNK + 1);
+    }
+    const int64_t G = H / Hkv;
+    TORCH_CHECK(G <= MAX_G && G * D <= MAX_GD, "decode_attention: too many query heads per kv head");
+    const float scale = static_cast<float>(scale_);
+    auto opts = q.options();
+    auto m = torch::empty({T, H, nchunks}, opts), l = torch::empty({T, H, nchunks}, opts);
+    auto o = torch::empty({T, H, nchunks, D}, opts);
+    auto out = torch::empty({T, H, D}, opts);
+    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    float *mp = m.data_ptr<float>(), *lp = l.data_ptr<float>(), *op = o.data_ptr<float>(), *outp = out.data_ptr<float>();
+    const int64_t qs0 = q.stride(0), ks0 = k.stride(0);
+    // work items (kv head g, chunk c): every row with keys in the chunk, one after the other while
+    // the chunk's keys and values are in cache; a row's arithmetic does not depend on the others
+    int64_t c_first = nchunks;
+    for (int64_t t = 0; t < T; ++t) c_first = std::min(c_first, begin[t] / CHUNK);
+    const int64_t n_items = Hkv * (nchunks - c_first);
+    at::parallel_for(0, n_items, 1, [&](int64_t a, int64_t b) {
+        float mb[MAX_G], lb[MAX_G], ob[MAX_GD];
+        for (int64_t i = a; i < b; ++i) {
+            const int64_t g = i % Hkv, c = c_first + i / Hkv, h0 = g * G;
+            const float *kg = kp + g * ks0, *vg = vp + g * ks0;
+            for (int64_t t = 0; t < T; ++t) {
+                const int64_t j0 = std::max(begin[t], c * CHUNK), j1 = std::min(end[t], (c + 1) * CHUNK);
+                if (j0 >= j1) continue;
+                const float* qh = qp + t * qs0 + h0 * D;
+                if (D == 64)
+                    chunk_item<64>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                else if (D == 128)
+                    chunk_item<128>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                else if (D == 256)
+                    chunk_item<256>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                else
+                    chunk_item_any(qh, G, D, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                for (int64_t hh = 0; hh < G; ++hh) {
+                    const int64_t th = t * H + h0 + hh;
+                    mp[th * nchunks + c] = mb[hh];
+                    lp[th * nchunks + c] = lb[hh];
+                    std::memcpy(op + (th * nchunks + c) * D, ob + hh * D, D * sizeof(float));
+                }
+            }
+        }
+    });
+    // combine each (row, head)'s chunks in position order
+    at::parallel_for(0, T * H, 16, [&](int64_t a, int64_t b) {
+        for (int64_t th = a; th < b; ++th) {
+            const int64_t t = th / H;
+            const int64_t c0 = begin[t] / CHUNK, c1 = (end[t] - 1) / CHUNK + 1;
+            const float* mr = mp + th * nchunks;
+            float M = -std::numeric_limits<float>::infinity();
+            for (int64_t c = c0; c < c1; ++c) M = mr[c] > M ? mr[c] : M;
+            float L = 0.0f;
+            float* res = outp + th * D;
+            for (int64_t e = 0; e < D; ++e) res[e] = 0.0f;
+            for (int64_t c = c0; c < c1; ++c) {
+                const float w = std::exp(mr[c] - M);
+                L = L + lp[th * nchunks + c] * w;
+                const float* oc = op + (th * nchunks + c) * D;
+                for (int64_t e = 0; e < D; ++e) res[e] = res[e] + oc[e] * w;
+            }
+            const float inv = 1.0f / L;
+            for (int64_t e = 0; e < D; ++e) res[e] = res[e] * inv;
+        }
+    });
+    return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+    mod.def("decode_attention", &decode_attention, "decode attention with row-invariant arithmetic");
+}
