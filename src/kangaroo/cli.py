@@ -163,8 +163,8 @@ def _stats_line(r: dict) -> str:
     line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel"
     if "attention" in e:
         line += f", {e['attention']} attention"
-        if e.get("attention_compiled"):
-            line += f" (compiled in {e['attention_build_s']:.0f} s)"
+        if e.get("attention_compile_s") is not None:  # the kernel is compiled once per machine, then loaded
+            line += f" (kernel compiled {'now' if e.get('attention_compiled') else 'once'} in {e['attention_compile_s']:.0f} s)"
     line += f" ({how}"
     line += f"; built in {e['build_s']:.1f} s)\n" if "build_s" in e else ")\n"
     line += (

@@ -137,7 +137,7 @@ class AutoregressiveEager(_OurDecoder):
 @register
 class Kangaroo(_OurDecoder):
     name = "kangaroo"
-    description = "Kangaroo as shipped: prompt-lookup drafts where the text repeats, else the adapter's chain (double early exit)"
+    description = "Kangaroo as shipped and tuned: prompt-lookup drafts where the text repeats, else the adapter's drafts (double early exit; chain or tree as `kangaroo tune` chose)"
     reports_drafts = True
 
     def _decoder(self):
@@ -169,8 +169,8 @@ class _KangarooWith(_OurDecoder):
 @register
 class KangarooChain(_KangarooWith):
     name = "kangaroo-chain"
-    description = "the paper's Kangaroo: the adapter's chain only (no lookup drafts)"
-    overrides = {"lookup_tokens": 0}
+    description = "the paper's Kangaroo: the adapter's chain only (no lookup drafts, no tree)"
+    overrides = {"lookup_tokens": 0, "tree_width": 1}
 
 
 @register

@@ -319,7 +319,8 @@ def _results(summary: dict, image_dir: str) -> str:
 
 #: (what is compared, method with it, method without it): the run's own attribution of the gain
 GAIN_PAIRS = (
-    ("prompt-lookup drafts (added to the paper's chain)", "kangaroo", "kangaroo-chain"),
+    # "without" = the adapter-only method drafting in kangaroo's shape (gains_section picks it)
+    ("prompt-lookup drafts (added to the adapter's drafts)", "kangaroo", "kangaroo-chain|kangaroo-tree"),
     ("the adapter's chain (added to lookup drafts)", "kangaroo", "lookup"),
     ("token trees: siblings at the first draft position (against the chain)", "kangaroo-tree", "kangaroo-chain"),
     ("token trees: the adapter's chain beside every lookup proposal (against choosing one)", "kangaroo+pld", "kangaroo"),
@@ -332,7 +333,12 @@ def gains_section(summary: dict) -> str:
     ms = summary["methods"]
     rows = ["| piece | with | without | speed-up with / without | mean accepted tokens with / without |",
             "|---|---|---|---:|---:|"]
+    settings = summary.get("config", {}).get("methods", {})
     for what, a, b in GAIN_PAIRS:
+        if "|" in b:  # the alternative with the same tree width as `a` (a chain when none matches)
+            options = [o for o in b.split("|") if o in ms]
+            width = settings.get(a, {}).get("tree_width")
+            b = next((o for o in options if settings.get(o, {}).get("tree_width") == width), options[0] if options else b)
         if a in ms and b in ms:
             oa, ob = ms[a]["overall"], ms[b]["overall"]
             rows.append(f"| {what} | `{a}` | `{b}` | {_x(oa.get('speedup'))} / {_x(ob.get('speedup'))} | "

@@ -264,6 +264,18 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
             for (int64_t c = c0; c < c1; ++c) M = mr[c] > M ? mr[c] : M;
             float L = 0.0f;
             float* res = outp + th * D;
+            if (D % W == 0) {
+                for (int64_t e = 0; e < D; e += W) store(res + e, splat(0.0f));
+                for (int64_t c = c0; c < c1; ++c) {
+                    const float w = std::exp(mr[c] - M);
+                    L = L + lp[th * nchunks + c] * w;
+                    const float* oc = op + (th * nchunks + c) * D;
+                    for (int64_t e = 0; e < D; e += W) store(res + e, load(res + e) + load(oc + e) * splat(w));
+                }
+                const vf inv = splat(1.0f / L);
+                for (int64_t e = 0; e < D; e += W) store(res + e, load(res + e) * inv);
+                continue;
+            }
             for (int64_t e = 0; e < D; ++e) res[e] = 0.0f;
             for (int64_t c = c0; c < c1; ++c) {
                 const float w = std::exp(mr[c] - M);
