@@ -4,6 +4,8 @@ the other rows, it computes attention (against SDPA), and the engine falls back 
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -101,3 +103,16 @@ def test_a_failed_build_is_one_warning_line(monkeypatch, caplog, tmp_path):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and warnings[0].startswith("decode-attention kernel unavailable (")
     assert "\n" not in warnings[0] and not attention.status()["available"]
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
+    """An interrupted compile leaves torch's lock file, on which every later build would wait forever."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    attention._clear_stale_lock(tmp_path)
+    assert lock.exists()  # a compile may be running right now
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING):
+        attention._clear_stale_lock(tmp_path)
+    assert not lock.exists() and "stale build lock" in caplog.text

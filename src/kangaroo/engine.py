@@ -107,6 +107,13 @@ def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm[0], norm[1])
 
 
+def _native_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
+    """The compiled RMSNorm (:func:`kangaroo.attention.rms_norm`) for ``[T, D]`` rows, F.rms_norm otherwise."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        return _norm(x, norm)
+    return attn_kernel.rms_norm(x, norm[0], norm[1])
+
+
 class FusedEngine:
     """The target as fused steps, with the :class:`~kangaroo.model.Backbone` interface the decoders use.
 
@@ -174,8 +181,13 @@ class FusedEngine:
         """``[1, T]`` ids -> ``[1, T, D]`` float32 embeddings."""
         return F.embedding(input_ids, self.embed_weight).to(self.act_dtype)
 
+    @property
+    def norm(self):
+        """RMSNorm of ``[T, D]`` rows: compiled with the attention kernel (the same module), else F.rms_norm."""
+        return _native_norm if self.attention == "kernel" else _norm
+
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _norm(hidden.to(self.act_dtype), self.final_norm_w)
+        return self.norm(hidden.to(self.act_dtype)[0], self.final_norm_w)[None]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head alone, ``[1, T, D] -> [1, T, V]``."""
@@ -245,17 +257,17 @@ class FusedEngine:
         if tree is not None and (tree.rows != T or T > MAX_ROWS):
             raise ValueError(f"a tree of {tree.rows} rows over {T} states (at most {MAX_ROWS} rows)")
         depths = None if tree is None or tree.is_chain else torch.tensor(tree.depths, device=self.device)
-        ropes, masks = {}, {}
+        ropes, masks, norm = {}, {}, self.norm
         for i in range(start, end):
             layer = self.layers[i]
             if layer.layer_type not in ropes:
                 ropes[layer.layer_type] = self.rope(pos, T, layer.layer_type, depths)
             if layer.window not in masks:  # only prompts longer than MAX_ROWS attend in one masked call
                 masks[layer.window] = self.mask(T, pos, layer.window) if T > MAX_ROWS else None
-            h = _norm(x, layer.input_norm)
+            h = norm(x, layer.input_norm)
             x = x + self.attend(layer.attention, h, cache, i, ropes[layer.layer_type], masks[layer.window], layer.window,
                                 tree=tree)
-            h = _norm(x, layer.post_norm)
+            h = norm(x, layer.post_norm)
             gu = layer.gate_up(h)  # [T, 2I]
             inner = gu.shape[-1] // 2
             x = x + layer.down(F.silu(gu[:, :inner]) * gu[:, inner:])
@@ -352,11 +364,11 @@ class FusedEngine:
             fused = self._adapters[id(adapter)] = (adapter, attn, norms)
         _, attn, (n1, n2) = fused
         x = hidden[0].to(self.act_dtype)
-        T = x.shape[0]
+        T, norm = x.shape[0], self.norm
         # drafts need no bit-exactness: one batched SDPA call unless the kernel (faster) is loaded
-        out = self.attend(attn, _norm(x, n1), cache, 0, self.rope(pos, T), self.mask(T, pos, None),
+        out = self.attend(attn, norm(x, n1), cache, 0, self.rope(pos, T), self.mask(T, pos, None),
                           batched=self.attention != "kernel")
-        return _norm(x + out, n2)[None]
+        return norm(x + out, n2)[None]
 
 
 def tuple_float(norm: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:

@@ -290,6 +290,40 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     return out;
 }
 
+// RMSNorm over the last dimension of x [T, D] (rows contiguous): x / sqrt(mean(x^2) + eps) * w.
+// Each row is summed in one fixed order, so a row's result does not depend on the other rows; one
+// call costs ~1 us where F.rms_norm costs ~8 us on a decoding step's few rows.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "rms_norm: float32 only");
+    TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rms_norm: CPU only");
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && x.size(1) == w.size(0) && x.stride(1) == 1 && w.stride(0) == 1,
+                "rms_norm: x [T, D] with contiguous rows, w [D]");
+    const int64_t T = x.size(0), D = x.size(1), xs = x.stride(0);
+    auto out = torch::empty({T, D}, x.options());
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    const float e = static_cast<float>(eps), inv_d = 1.0f / static_cast<float>(D);
+    at::parallel_for(0, T, 64, [&](int64_t a, int64_t b) {
+        for (int64_t t = a; t < b; ++t) {
+            const float* xr = xp + t * xs;
+            float* orow = op + t * D;
+            if (D % W == 0) {
+                vf acc = splat(0.0f);
+                for (int64_t i = 0; i < D; i += W) { const vf v = load(xr + i); acc = acc + v * v; }
+                const vf r = splat(1.0f / std::sqrt(hsum(acc) * inv_d + e));
+                for (int64_t i = 0; i < D; i += W) store(orow + i, load(xr + i) * r * load(wp + i));
+            } else {
+                float ss = 0.0f;
+                for (int64_t i = 0; i < D; ++i) ss = ss + xr[i] * xr[i];
+                const float r = 1.0f / std::sqrt(ss * inv_d + e);
+                for (int64_t i = 0; i < D; ++i) orow[i] = xr[i] * r * wp[i];
+            }
+        }
+    });
+    return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("decode_attention", &decode_attention, "decode attention with row-invariant arithmetic");
+    mod.def("rms_norm", &rms_norm, "row-wise RMSNorm in a fixed summation order");
 }
