@@ -163,10 +163,8 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
                                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     if engine is None:
         engine = FusedEngine(backbone, *choice)
-    cfg = backbone.config
-    heads = cfg.num_attention_heads
-    attention, attention_info = attn_kernel.choose(config.attention, heads, getattr(cfg, "num_key_value_heads", None) or heads,
-                                                   getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, engine.device)
+    a = engine.layers[0].attention  # the model's attention shapes, as the engine read them
+    attention, attention_info = attn_kernel.choose(config.attention, a.heads, a.kv_heads, a.head_dim, engine.device)
     engine.attention = attention  # loaded and checked by choose()
     info = {"engine": "fused", "dtype": str(choice[0]).removeprefix("torch."), "kernel": choice[1], "source": source,
             "step_ms": timings, **attention_info, "build_s": round(time.perf_counter() - start, 2)}

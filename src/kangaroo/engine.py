@@ -8,7 +8,8 @@ with about 15 ops per layer:
 
 * one product for Q, K and V together and one for the MLP's gate and up projections, on the kernel
   and weight dtype chosen for this machine (:mod:`kangaroo.kernels`, made row-invariant there);
-* ``F.rms_norm``, one complex multiply for RoPE (the Q and K rows are
+* RMSNorm (compiled with the attention kernel where it is loaded, else ``F.rms_norm``), one complex
+  multiply for RoPE (the Q and K rows are
   permuted once so that each rotary pair sits side by side; attention scores are unchanged because
   queries and keys are permuted alike);
 * for steps of up to :data:`~kangaroo.kernels.MAX_ROWS` tokens (every decoding step and verification),
