@@ -45,7 +45,7 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CHOICES = ("auto", "kernel", "sdpa")
 
-_state: dict = {}  # "module" (or None), "build_s", "reason"
+_state: dict = {}  # "module" (or None), "build_s", "compiled", "compile_s", "reason": see status()
 
 
 def _cpu_id() -> str:
