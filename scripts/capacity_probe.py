@@ -47,13 +47,9 @@ def new_adapter(cfg, bb):
 
 
 T._new_adapter = new_adapter
-from kangaroo.training.config import TrainConfig  # noqa: E402
+from probe_common import continuation_config  # noqa: E402
 
-cfg = TrainConfig(model="smollm2-135m-instruct", data=["runs/task-prompts"], out=f"runs/probe-{variant}", seed=0,
-                  val_size=240, self_distill=True, distill_cache="runs/task-distill", distill_max_new_tokens=160,
-                  distill_max_prompt_tokens=1024, distill_batch=32, precision="bf16", threads=2, exit_layer=2,
-                  init="src/kangaroo/adapters/smollm2-135m-instruct", max_steps=150, seq_len=1200, batch_tokens=4096,
-                  lr=1e-3, warmup_steps=10, val_every=150, save_every=150, progress=False, draft_vocab=0)
+cfg = continuation_config(f"runs/probe-{variant}")
 torch.set_num_threads(2)
 try:
     print(T.train(cfg))

@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 import kangaroo.training.trainer as T
-from kangaroo.training.config import TrainConfig
+from probe_common import continuation_config
 
 variant = sys.argv[1]
 if variant not in ("soft", "sharp"):
@@ -54,10 +54,6 @@ orig = T.draft_loss
 if variant == "sharp":
     T.draft_loss = sharp_draft_loss
 
-cfg = TrainConfig(model="smollm2-135m-instruct", data=["runs/task-prompts"], out=f"runs/loss-{variant}", seed=0,
-                  val_size=240, self_distill=True, distill_cache="runs/task-distill", distill_max_new_tokens=160,
-                  distill_max_prompt_tokens=1024, distill_batch=32, precision="bf16", threads=2, exit_layer=2,
-                  init="src/kangaroo/adapters/smollm2-135m-instruct", max_steps=150, seq_len=1200, batch_tokens=4096,
-                  lr=1e-3, warmup_steps=10, val_every=150, save_every=150, progress=False, draft_vocab=0)
+cfg = continuation_config(f"runs/loss-{variant}")
 torch.set_num_threads(2)
 print(T.train(cfg))
