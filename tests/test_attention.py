@@ -74,6 +74,8 @@ def test_choose_measures_insists_or_skips(kernel):
     assert pick in ("kernel", "sdpa") and info["attention_source"] == "measured"
     assert pick == ("kernel" if info["attention_us"]["kernel"] <= info["attention_us"]["sdpa"] else "sdpa")
     assert attention.choose("kernel", 9, 3, 64, torch.device("cpu"))[0] == "kernel"
+    again = attention.choose("auto", 9, 3, 64, torch.device("cpu"), cached={"attention": "sdpa", "attention_us": {}})
+    assert again[0] == "sdpa" and again[1]["attention_source"] == "cache"
     assert attention.choose("sdpa", 9, 3, 64, torch.device("cpu")) == ("sdpa", {"attention": "sdpa", "attention_source": "given"})
     with pytest.raises(KangarooError, match="unknown attention 'flash'"):
         attention.choose("flash", 9, 3, 64, torch.device("cpu"))

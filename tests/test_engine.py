@@ -163,10 +163,13 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     assert engine.describe() == f"fused/{info['kernel']}/{info['dtype']}/{info['attention']}-attention"
     assert info["attention_source"] == "measured" and set(info["attention_us"]) == {"kernel", "sdpa"}
     saved = json.loads((tmp_path / "engine" / "choices.json").read_text())
-    (record,) = saved.values()
+    (record,) = [r for r in saved.values() if "choice" in r]  # beside it: the attention choice's record
+    assert [r["attention"] for r in saved.values() if "attention" in r] == [info["attention"]]
     assert record["choice"] == [f"torch.{info['dtype']}", info["kernel"]] and record["machine"]["threads"] >= 1
     again, info2 = calibration.build_engine(backbone, EngineConfig())
     assert info2["source"] == "cache" and (again.weight_dtype, again.kernel) == (engine.weight_dtype, engine.kernel)
+    # the attention choice too: every later process runs the same engine, so tuned settings keep applying
+    assert info2["attention_source"] == "cache" and again.attention == engine.attention
     _, given = calibration.build_engine(backbone, EngineConfig(dtype="float32", kernel="stock"))
     assert given["source"] == "given" and given["dtype"] == "float32"
     eager, e = calibration.build_engine(backbone, EngineConfig(engine="eager"))

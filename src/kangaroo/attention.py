@@ -191,12 +191,15 @@ def check(heads: int, kv_heads: int, head_dim: int, seed: int = 0) -> str | None
     return None
 
 
-def choose(choice: str, heads: int, kv_heads: int, head_dim: int, device: torch.device) -> tuple[str, dict]:
+def choose(choice: str, heads: int, kv_heads: int, head_dim: int, device: torch.device,
+           cached: dict | None = None) -> tuple[str, dict]:
     """Resolve ``choice`` (:data:`CHOICES`) for a model's attention shapes: ``("kernel" | "sdpa", info)``.
 
     ``auto`` takes the kernel where it builds, passes :func:`check` and measures faster than per-row
-    SDPA on a one-token step plus an 8-row verification at 512 cached tokens; ``kernel`` insists
-    (a one-line error where it cannot be had); ``sdpa`` never builds it."""
+    SDPA on a one-token step plus an 8-row verification at 512 cached tokens; an earlier
+    measurement (``cached``: ``{"attention", "attention_us"}``) is reused, so that every process on a
+    machine runs the same engine (settings tuned for it stay valid). ``kernel`` insists (a one-line
+    error where it cannot be had); ``sdpa`` never builds it."""
     from .errors import KangarooError
 
     if choice not in CHOICES:
@@ -219,6 +222,9 @@ def choose(choice: str, heads: int, kv_heads: int, head_dim: int, device: torch.
             "attention_compile_s": status()["compile_s"]}
     if choice == "kernel":
         return "kernel", {**info, "attention": "kernel", "attention_source": "given"}
+    if cached and cached.get("attention") in ("kernel", "sdpa"):
+        return cached["attention"], {**info, "attention": cached["attention"], "attention_source": "cache",
+                                     "attention_us": cached.get("attention_us")}
     timings = _time_both(heads, kv_heads, head_dim)
     pick = "kernel" if timings["kernel"] <= timings["sdpa"] else "sdpa"
     return pick, {**info, "attention": pick, "attention_source": "measured", "attention_us": timings}

@@ -164,7 +164,12 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
     if engine is None:
         engine = FusedEngine(backbone, *choice)
     a = engine.layers[0].attention  # the model's attention shapes, as the engine read them
-    attention, attention_info = attn_kernel.choose(config.attention, a.heads, a.kv_heads, a.head_dim, engine.device)
+    key = _key(backbone, config) + f"|attention {a.heads}x{a.kv_heads}x{a.head_dim}"
+    attention, attention_info = attn_kernel.choose(config.attention, a.heads, a.kv_heads, a.head_dim, engine.device,
+                                                   cached=_read_cache().get(key))
+    if attention_info["attention_source"] == "measured":  # cached like the dtype and kernel: one engine per machine
+        _write_cache(key, {"attention": attention, "attention_us": attention_info["attention_us"], "machine": machine(),
+                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     engine.attention = attention  # loaded and checked by choose()
     info = {"engine": "fused", "dtype": str(choice[0]).removeprefix("torch."), "kernel": choice[1], "source": source,
             "step_ms": timings, **attention_info, "build_s": round(time.perf_counter() - start, 2)}
