@@ -152,7 +152,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def sdpa_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, begins: list[int], ends: list[int],
               scale: float) -> torch.Tensor:
-    """The reference: the same rows, each by its own SDPA call (what a one-token step computes)."""
+    """The same rows, each by its own SDPA call over exactly its keys: the engine's attention without
+    the kernel (a one-token step makes the very call each verified row makes), and the kernel's reference."""
     gqa = q.shape[1] != keys.shape[0]
     rows = [F.scaled_dot_product_attention(q[t][None, :, None], keys[None, :, b:e], values[None, :, b:e],
                                            scale=scale, enable_gqa=gqa)[0, :, 0]

@@ -109,10 +109,15 @@ def _norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
 
 
 def _native_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
-    """The compiled RMSNorm (:func:`kangaroo.attention.rms_norm`) for ``[T, D]`` rows, F.rms_norm otherwise."""
-    if x.dim() != 2 or x.stride(-1) != 1:
-        return _norm(x, norm)
+    """The compiled RMSNorm (:func:`kangaroo.attention.rms_norm`) of ``[T, D]`` rows."""
     return attn_kernel.rms_norm(x, norm[0], norm[1])
+
+
+def _key_ranges(start: int, T: int, window: int | None) -> tuple[list[int], list[int]]:
+    """``(begins, ends)``: the keys of rows at positions ``start .. start+T-1``: each its prefix up
+    to itself, cut to the last ``window`` keys for a sliding-window layer."""
+    ends = list(range(start + 1, start + T + 1))
+    return ([0] * T if window is None else [max(0, e - window) for e in ends]), ends
 
 
 class FusedEngine:
@@ -279,8 +284,8 @@ class FusedEngine:
                tree: TreeLayout | None = None) -> torch.Tensor:
         """Attention block over normed states ``h`` ``[T, D]``; returns the o-projection ``[T, D]``.
 
-        Up to :data:`~kangaroo.kernels.MAX_ROWS` rows are attended one by one unless ``batched``
-        (prompts, and the adapter, whose drafts need no bit-exactness, take one masked call).
+        Steps of up to :data:`~kangaroo.kernels.MAX_ROWS` rows attend row-invariantly unless ``batched``
+        (prompts, and the adapter with SDPA, whose drafts need no bit-exactness, take one masked call).
         A ``tree``'s segments are written at their depth and each row attends over its own keys.
         """
         T, H, Hkv, d = h.shape[0], a.heads, a.kv_heads, a.head_dim
@@ -290,66 +295,36 @@ class FusedEngine:
         if a.q_norm is not None:  # Qwen3: RMSNorm per head before RoPE
             qk = torch.cat([_norm(qk[:, :H], a.q_norm), _norm(qk[:, H:], a.k_norm)], dim=1)
         qk = torch.view_as_real(torch.view_as_complex(qk.reshape(T, H + Hkv, d // 2, 2)) * rope).view(T, H + Hkv, d)
-        q, k = qk[:, :H].transpose(0, 1)[None], qk[:, H:].transpose(0, 1)[None]  # [1, H, T, d], [1, H_kv, T, d]
-        v = v.transpose(0, 1)[None]
-        gqa = H != Hkv
-        rows_kernel = self.attention == "kernel" and not batched and cache is not None and T <= MAX_ROWS
+        q_rows, k, v = qk[:, :H], qk[:, H:].transpose(0, 1)[None], v.transpose(0, 1)[None]  # [T, H, d], [1, H_kv, T, d] x2
+        rows = attn_kernel.decode_attention if self.attention == "kernel" else attn_kernel.sdpa_rows
         if tree is not None:
-            return a.o(self._attend_tree(a, q, k, v, cache, layer_idx, tree, window, gqa,
-                                              qk[:, :H] if rows_kernel else None))
+            return a.o(self._attend_tree(a, q_rows, k, v, cache, layer_idx, tree, window, rows))
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)  # [1, H_kv, S, d]
-        if rows_kernel:
-            # every step of up to MAX_ROWS rows, one-token steps included: one call, each row's
-            # arithmetic independent of the others (kangaroo.attention)
-            ends = list(range(k.shape[2] - T + 1, k.shape[2] + 1))
-            begins = [0] * T if window is None else [max(0, e - window) for e in ends]
-            out = attn_kernel.decode_attention(qk[:, :H], k[0], v[0], begins, ends, a.scaling)  # [T, H, d]
-            return a.o(out.view(T, H * d))
-        if 1 < T <= MAX_ROWS and not batched:
-            # one query row at a time over exactly its own keys: the very call a one-token step
-            # makes for that token (batching query rows changes SDPA's summation order)
-            S0 = k.shape[2] - T
-            rows = []
-            for i in range(T):
-                end = S0 + i + 1
-                begin = 0 if window is None else max(0, end - window)
-                rows.append(F.scaled_dot_product_attention(q[:, :, i:i + 1], k[:, :, begin:end], v[:, :, begin:end],
-                                                           scale=a.scaling, enable_gqa=gqa))
-            out = torch.cat(rows, dim=2)
-        else:
-            if T == 1 and window is not None and k.shape[2] > window:
-                k, v = k[:, :, -window:], v[:, :, -window:]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if T > 1 else None, scale=a.scaling,
-                                                 is_causal=mask is None and T > 1, enable_gqa=gqa)
+            if T <= MAX_ROWS and not batched:
+                # every step of up to MAX_ROWS rows, one-token steps included: each row over exactly
+                # its own keys, with the bits it gets alone (the kernel by construction; SDPA one
+                # call per row, the very call a one-token step makes)
+                out = rows(q_rows, k[0], v[0], *_key_ranges(k.shape[2] - T, T, window), a.scaling)  # [T, H, d]
+                return a.o(out.view(T, H * d))
+        out = F.scaled_dot_product_attention(q_rows.transpose(0, 1)[None], k, v, attn_mask=mask if T > 1 else None,
+                                             scale=a.scaling, is_causal=mask is None and T > 1, enable_gqa=H != Hkv)
         return a.o(out[0].transpose(0, 1).reshape(T, H * d))
 
-    def _attend_tree(self, a: _Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
-                     layer_idx: int, tree: TreeLayout, window: int | None, gqa: bool,
-                     q_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Tree rows (``q`` ``[1, H, T, d]``, new ``k``/``v`` ``[1, H_kv, T, d]``): each segment is
+    def _attend_tree(self, a: _Attention, q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                     layer_idx: int, tree: TreeLayout, window: int | None, rows) -> torch.Tensor:
+        """Tree rows (``q_rows`` ``[T, H, d]``, new ``k``/``v`` ``[1, H_kv, T, d]``): each segment is
         written at ``pos + depth`` of its first row, so in depth-first order the slots before a row
-        hold exactly its ancestors; each row then computes what its one-token step computes (one
-        kernel call per segment given ``q_rows`` ``[T, H, d]``, else one SDPA call per row).
-        Returns ``[T, H d]``."""
-        T, pos = q.shape[2], cache.length(layer_idx)
+        hold exactly its ancestors; the segment's rows then attend as a step's rows do (``rows``:
+        the decode-attention kernel or per-row SDPA). Returns ``[T, H d]``."""
+        T, pos = q_rows.shape[0], cache.length(layer_idx)
         cache.stash[layer_idx] = (k, v)
-        rows = []
+        out = []
         for first, stop, depth in tree.segments:
             keys, values = cache.write(k[:, :, first:stop], v[:, :, first:stop], layer_idx, pos + depth)
-            if q_rows is not None:
-                ends = list(range(pos + depth + 1, pos + depth + 1 + stop - first))
-                begins = [0] * len(ends) if window is None else [max(0, e - window) for e in ends]
-                rows.append(attn_kernel.decode_attention(q_rows[first:stop], keys[0], values[0], begins, ends, a.scaling))
-                continue
-            for i in range(first, stop):
-                end = pos + depth + (i - first) + 1
-                begin = 0 if window is None else max(0, end - window)
-                rows.append(F.scaled_dot_product_attention(q[:, :, i:i + 1], keys[:, :, begin:end], values[:, :, begin:end],
-                                                           scale=a.scaling, enable_gqa=gqa))
-        if q_rows is not None:
-            return torch.cat(rows).view(T, -1)
-        return torch.cat(rows, dim=2)[0].transpose(0, 1).reshape(T, -1)
+            out.append(rows(q_rows[first:stop], keys[0], values[0], *_key_ranges(pos + depth, stop - first, window),
+                            a.scaling))
+        return torch.cat(out).view(T, -1)
 
     # ------------------------------------------------------------------ adapter
     def adapter_forward(self, adapter, hidden: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
