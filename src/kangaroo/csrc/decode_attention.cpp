@@ -8,9 +8,10 @@
 // order. Nothing depends on the number of rows, the thread count or which thread ran an item, so
 // a verification row gives the bits its one-token step gives.
 //
-// Built at first use by torch.utils.cpp_extension with -O3 -march=native (per machine) and
-// -ffp-contract=off (a fused multiply-add in one copy of a loop and not in another would break
-// the invariance); every element goes through the same vector code (tails are padded, not peeled).
+// Built at first use by torch.utils.cpp_extension with -O3 -march=native (per machine). Every row
+// goes through the same vector code (tails are padded, not peeled), so wherever the compiler fuses
+// a multiply and an add it does so for every row alike; on AVX-512 machines the reduction and exp
+// are written with intrinsics (cheap in-lane shuffles, vscalefps), elsewhere with generic vectors.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -19,7 +20,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <algorithm>
 #include <vector>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -52,6 +58,49 @@ inline float hmax(vf a) {
     return m;
 }
 
+#ifdef __AVX512F__
+inline __m512 m(vf a) { __m512 r; std::memcpy(&r, &a, sizeof(r)); return r; }
+inline vf u(__m512 a) { vf r; std::memcpy(&r, &a, sizeof(r)); return r; }
+
+// exp(x) lane by lane: x = n ln2 + r with n = round(x log2 e), e^r by a degree-6 polynomial
+// (Cephes' coefficients, ~1 ulp), times 2^n by vscalefps; inputs below -87.3 (and -inf) give 0.
+// Each lane's result depends on that lane's input only.
+inline vf vexp(vf xv) {
+    __m512 x = m(xv);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return u(_mm512_maskz_mov_ps(~under, _mm512_scalef_ps(y, n)));
+}
+
+// Sixteen dot products at once: lane i of the result is the sum of the lanes of a[i], added in the
+// same tree for every i: within each 128-bit quarter lanes (0+2)+(1+3), then quarters (0+2)+(1+3).
+// In-lane unpacks do most of the moving (cross-lane permutes are slow on some cores).
+inline vf reduce16(vf a[W]) {
+    __m512 t[8], v[4], w[2];
+    for (int i = 0; i < 8; ++i) {
+        const __m512 x = m(a[2 * i]), y = m(a[2 * i + 1]);
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    }
+    for (int i = 0; i < 4; ++i) {
+        const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+        v[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; ++i)
+        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    return u(_mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD)));
+}
+#else
 // exp(x) lane by lane (Cephes' single-precision polynomial, ~1 ulp); -inf and very negative
 // inputs give 0. Each lane's result depends on that lane's input only.
 inline vf vexp(vf x) {
@@ -98,6 +147,36 @@ inline vf reduce16(vf a[W]) {
          + __builtin_shufflevector(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+#endif
+
+// Exp-weighted value sums for NH heads: o[h] = sum_j p[h][j] v[j], keys in order, one running
+// sum per head and vector; each value row is loaded once for all NH heads.
+template <int D, int NH>
+inline void pv_pass(const float (*p)[CHUNK], const float* v, int64_t kv_stride, int64_t j0, int64_t n, float* o_out) {
+    constexpr int C = D / W;
+    vf o[NH][C];
+#pragma GCC unroll 16
+    for (int hh = 0; hh < NH; ++hh)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) o[hh][c] = splat(0.0f);
+    for (int64_t j = 0; j < n; ++j) {
+        const float* vr = v + (j0 + j) * kv_stride;
+        vf vv[C];
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) vv[c] = load(vr + c * W);
+#pragma GCC unroll 16
+        for (int hh = 0; hh < NH; ++hh) {
+            const vf ph = splat(p[hh][j]);
+#pragma GCC unroll 16
+            for (int c = 0; c < C; ++c) o[hh][c] = o[hh][c] + ph * vv[c];
+        }
+    }
+#pragma GCC unroll 16
+    for (int hh = 0; hh < NH; ++hh)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) store(o_out + hh * D + c * W, o[hh][c]);
+}
+
 // One work item: query heads [0, G) (of one row and kv head) against keys [j0, j1) of that kv head.
 // Writes per head: m (max score), l (sum of exp), o[D] (exp-weighted value sum).
 template <int D>
@@ -140,27 +219,17 @@ void chunk_item(const float* q, int64_t G, const float* k, const float* v, int64
         m_out[hh] = m;
         l_out[hh] = hsum(lv);
     }
-    // 3. values weighted by the exps; lanes over the head dimension, four running sums (key j
-    // goes to sum (j - j0) % 4; keys past the range weigh 0 and read zeros), added at the end
-    const int64_t n4 = (n + 3) / 4 * 4;
-    for (int64_t hh = 0; hh < G; ++hh) {
-        for (int64_t j = n; j < n4; ++j) s[hh][j] = 0.0f;
-        vf o0[C], o1[C], o2[C], o3[C];
-        for (int c = 0; c < C; ++c) o0[c] = o1[c] = o2[c] = o3[c] = splat(0.0f);
-        for (int64_t j = 0; j < n4; j += 4) {
-            const float* v0 = j < n ? v + (j0 + j) * kv_stride : zeros;
-            const float* v1 = j + 1 < n ? v + (j0 + j + 1) * kv_stride : zeros;
-            const float* v2 = j + 2 < n ? v + (j0 + j + 2) * kv_stride : zeros;
-            const float* v3 = j + 3 < n ? v + (j0 + j + 3) * kv_stride : zeros;
-            const vf p0 = splat(s[hh][j]), p1 = splat(s[hh][j + 1]), p2 = splat(s[hh][j + 2]), p3 = splat(s[hh][j + 3]);
-            for (int c = 0; c < C; ++c) {
-                o0[c] = o0[c] + p0 * load(v0 + c * W);
-                o1[c] = o1[c] + p1 * load(v1 + c * W);
-                o2[c] = o2[c] + p2 * load(v2 + c * W);
-                o3[c] = o3[c] + p3 * load(v3 + c * W);
-            }
+    // 3. values weighted by the exps: lanes over the head dimension, one running sum per head and
+    // vector, keys in order; a value row is loaded once for up to 16 / (D / 16) heads
+    constexpr int HB = C >= 16 ? 1 : 16 / C;
+    for (int64_t h0 = 0; h0 < G; h0 += HB) {
+        const int64_t nh = G - h0 < HB ? G - h0 : HB;
+        switch (nh) {
+            case 1: pv_pass<D, 1>(s + h0, v, kv_stride, j0, n, o_out + h0 * D); break;
+            case 2: pv_pass<D, 2>(s + h0, v, kv_stride, j0, n, o_out + h0 * D); break;
+            case 3: pv_pass<D, 3>(s + h0, v, kv_stride, j0, n, o_out + h0 * D); break;
+            default: pv_pass<D, (HB >= 4 ? 4 : HB)>(s + h0, v, kv_stride, j0, n, o_out + h0 * D); break;
         }
-        for (int c = 0; c < C; ++c) store(o_out + hh * D + c * W, (o0[c] + o1[c]) + (o2[c] + o3[c]));
     }
 }
 
@@ -228,9 +297,29 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     int64_t c_first = nchunks;
     for (int64_t t = 0; t < T; ++t) c_first = std::min(c_first, begin[t] / CHUNK);
     const int64_t n_items = Hkv * (nchunks - c_first);
-    at::parallel_for(0, n_items, 1, [&](int64_t a, int64_t b) {
+    // Spread the items over the threads by their work (keys summed over rows), largest first onto
+    // the least loaded thread: a step's last chunk often holds a few keys, and contiguous ranges of
+    // items would leave one thread most of the work. Which thread runs an item changes no bits.
+    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+    std::vector<int64_t> cost(n_items, 0), order(n_items);
+    for (int64_t i = 0; i < n_items; ++i) {
+        const int64_t c = c_first + i / Hkv;
+        for (int64_t t = 0; t < T; ++t)
+            cost[i] += std::max<int64_t>(0, std::min(end[t], (c + 1) * CHUNK) - std::max(begin[t], c * CHUNK));
+        order[i] = i;
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+    std::vector<std::vector<int64_t>> plan(nthreads);
+    std::vector<int64_t> busy(nthreads, 0);
+    for (int64_t i : order) {
+        const int64_t th = std::min_element(busy.begin(), busy.end()) - busy.begin();
+        plan[th].push_back(i);
+        busy[th] += cost[i] + 16;
+    }
+    at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
         float mb[MAX_G], lb[MAX_G], ob[MAX_GD];
-        for (int64_t i = a; i < b; ++i) {
+        for (int64_t th = a; th < b; ++th)
+        for (int64_t i : plan[th]) {
             const int64_t g = i % Hkv, c = c_first + i / Hkv, h0 = g * G;
             const float *kg = kp + g * ks0, *vg = vp + g * ks0;
             for (int64_t t = 0; t < T; ++t) {
