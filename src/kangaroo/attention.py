@@ -14,6 +14,9 @@ row that has keys in the chunk while they are in cache, scores are reduced in on
 exponentials and value sums run in key order with padded (never peeled) vector tails, and the chunks
 are combined in position order. So plain decoding and verification run the same kernel and agree bit
 for bit, and ``check`` proves it on this machine before the kernel is used.
+Work items are spread over the threads by their work, not in contiguous ranges (a step's last chunk
+often holds a few keys). Prompts go through the same kernel in blocks of rows (faster than SDPA's
+causal kernel here: 11 against 19 ms a layer at 1,487 tokens).
 
 The same compiled module provides the engine's RMSNorm over ``[T, D]`` rows (:func:`rms_norm`): one
 fixed summation order per row, and ~1 µs a call where ``F.rms_norm`` takes ~8 µs on a step's few rows.
