@@ -15,7 +15,8 @@ with about 15 ops per layer:
 * for steps of up to :data:`~kangaroo.kernels.MAX_ROWS` tokens (every decoding step and verification),
   one call of the compiled decode-attention kernel per layer (:mod:`kangaroo.attention`), whose rows
   do not depend on each other bit for bit; without it, one SDPA call per row (the one-token step's
-  call for that row). Prompts take one causal SDPA call;
+  call for that row). Prompts go through the kernel too, in blocks of ``PROMPT_BLOCK`` rows (else
+  one causal SDPA call);
 * RoPE tables computed once by HF's own rotary module, masks built once per call, keys and values
   written into the pre-allocated :class:`~kangaroo.kv_cache.KVCache` at their positions.
 
@@ -46,7 +47,8 @@ from .kv_cache import KVCache
 from .model import Backbone, attention_weights, norm_weights
 from .tree import TreeLayout
 
-#: prompt rows per decode-attention kernel call (its partial sums for 64 rows stay in cache; 32-128 measured alike)
+#: rows per decode-attention call: a prompt goes in blocks, so that the kernel's per-chunk partial
+#: sums stay in cache (32, 64 and 128 measured alike); decoding steps have at most MAX_ROWS
 PROMPT_BLOCK = 64
 
 logger = logging.getLogger(__name__)
@@ -116,11 +118,18 @@ def _native_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Ten
     return attn_kernel.rms_norm(x, norm[0], norm[1])
 
 
-def _key_ranges(start: int, T: int, window: int | None) -> tuple[list[int], list[int]]:
-    """``(begins, ends)``: the keys of rows at positions ``start .. start+T-1``: each its prefix up
-    to itself, cut to the last ``window`` keys for a sliding-window layer."""
+def _attend_rows(rows, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, window: int | None,
+                 scale: float) -> torch.Tensor:
+    """Rows ``q`` ``[T, H, d]`` at positions ``start .. start+T-1``, each over its prefix up to itself
+    (the last ``window`` keys for a sliding-window layer) in ``keys``/``values`` ``[H_kv, S, d]``,
+    by ``rows`` (the decode-attention kernel or per-row SDPA), at most PROMPT_BLOCK rows a call.
+    Returns ``[T, H, d]``."""
+    T = q.shape[0]
     ends = list(range(start + 1, start + T + 1))
-    return ([0] * T if window is None else [max(0, e - window) for e in ends]), ends
+    begins = [0] * T if window is None else [max(0, e - window) for e in ends]
+    parts = [rows(q[b:b + PROMPT_BLOCK], keys, values, begins[b:b + PROMPT_BLOCK], ends[b:b + PROMPT_BLOCK], scale)
+             for b in range(0, T, PROMPT_BLOCK)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class FusedEngine:
@@ -288,7 +297,8 @@ class FusedEngine:
         """Attention block over normed states ``h`` ``[T, D]``; returns the o-projection ``[T, D]``.
 
         Steps of up to :data:`~kangaroo.kernels.MAX_ROWS` rows attend row-invariantly unless ``batched``
-        (prompts, and the adapter with SDPA, whose drafts need no bit-exactness, take one masked call).
+        (the adapter with SDPA, whose drafts need no bit-exactness); prompts go through the kernel in
+        blocks where it is loaded, else take one causal SDPA call.
         A ``tree``'s segments are written at their depth and each row attends over its own keys.
         """
         T, H, Hkv, d = h.shape[0], a.heads, a.kv_heads, a.head_dim
@@ -304,21 +314,13 @@ class FusedEngine:
             return a.o(self._attend_tree(a, q_rows, k, v, cache, layer_idx, tree, window, rows))
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)  # [1, H_kv, S, d]
-            if T <= MAX_ROWS and not batched:
+            if not batched and (T <= MAX_ROWS or self.attention == "kernel"):
                 # every step of up to MAX_ROWS rows, one-token steps included: each row over exactly
                 # its own keys, with the bits it gets alone (the kernel by construction; SDPA one
-                # call per row, the very call a one-token step makes)
-                out = rows(q_rows, k[0], v[0], *_key_ranges(k.shape[2] - T, T, window), a.scaling)  # [T, H, d]
-                return a.o(out.view(T, H * d))
-            if self.attention == "kernel" and not batched:
-                # prompts: the kernel in blocks of PROMPT_BLOCK rows beats SDPA's causal kernel
-                # (1,487 tokens: 11 vs 19 ms a layer), and small blocks keep its per-chunk partial
-                # sums in cache
-                begins, ends = _key_ranges(k.shape[2] - T, T, window)
-                out = torch.cat([attn_kernel.decode_attention(q_rows[b:b + PROMPT_BLOCK], k[0], v[0], begins[b:b + PROMPT_BLOCK],
-                                                              ends[b:b + PROMPT_BLOCK], a.scaling)
-                                 for b in range(0, T, PROMPT_BLOCK)])
-                return a.o(out.view(T, H * d))
+                # call per row, the very call a one-token step makes). Prompts too where the kernel
+                # is loaded: in blocks of PROMPT_BLOCK rows it beats SDPA's causal kernel (1,487
+                # tokens: 11 vs 19 ms a layer)
+                return a.o(_attend_rows(rows, q_rows, k[0], v[0], k.shape[2] - T, window, a.scaling).view(T, H * d))
         out = F.scaled_dot_product_attention(q_rows.transpose(0, 1)[None], k, v, attn_mask=mask if T > 1 else None,
                                              scale=a.scaling, is_causal=mask is None and T > 1, enable_gqa=H != Hkv)
         return a.o(out[0].transpose(0, 1).reshape(T, H * d))
@@ -334,8 +336,7 @@ class FusedEngine:
         out = []
         for first, stop, depth in tree.segments:
             keys, values = cache.write(k[:, :, first:stop], v[:, :, first:stop], layer_idx, pos + depth)
-            out.append(rows(q_rows[first:stop], keys[0], values[0], *_key_ranges(pos + depth, stop - first, window),
-                            a.scaling))
+            out.append(_attend_rows(rows, q_rows[first:stop], keys[0], values[0], pos + depth, window, a.scaling))
         return torch.cat(out).view(T, -1)
 
     # ------------------------------------------------------------------ adapter

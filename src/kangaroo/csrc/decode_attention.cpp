@@ -3,9 +3,9 @@
 //
 // out[t, h] = softmax(scale * q[t, h] . K[g, j]) . V[g, j]  over keys j in [begin[t], end[t]),
 // g = h / (H / H_kv). Keys are cut into chunks at fixed absolute positions (multiples of CHUNK);
-// each (row, kv head, chunk) is one work item that computes, for its query heads, the chunk's
-// max, exp-sum and weighted value sum in a fixed order; the chunks are then combined in position
-// order. Nothing depends on the number of rows, the thread count or which thread ran an item, so
+// each (kv head, chunk) is one work item that computes, for every row with keys in the chunk and
+// its query heads, the chunk's max, exp-sum and weighted value sum in a fixed order; the chunks
+// are then combined in position order. Nothing depends on the number of rows, the thread count or which thread ran an item, so
 // a verification row gives the bits its one-token step gives.
 //
 // Built at first use by torch.utils.cpp_extension with -O3 -march=native (per machine). Every row
@@ -314,12 +314,12 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     for (int64_t i : order) {
         const int64_t th = std::min_element(busy.begin(), busy.end()) - busy.begin();
         plan[th].push_back(i);
-        busy[th] += cost[i] + 16;
+        busy[th] += cost[i] + 16;  // + a fixed cost per item, in keys
     }
     at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
         float mb[MAX_G], lb[MAX_G], ob[MAX_GD];
-        for (int64_t th = a; th < b; ++th)
-        for (int64_t i : plan[th]) {
+        for (int64_t worker = a; worker < b; ++worker)
+        for (int64_t i : plan[worker]) {
             const int64_t g = i % Hkv, c = c_first + i / Hkv, h0 = g * G;
             const float *kg = kp + g * ks0, *vg = vp + g * ks0;
             for (int64_t t = 0; t < T; ++t) {
