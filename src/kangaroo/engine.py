@@ -319,7 +319,7 @@ class FusedEngine:
                 # its own keys, with the bits it gets alone (the kernel by construction; SDPA one
                 # call per row, the very call a one-token step makes). Prompts too where the kernel
                 # is loaded: in blocks of PROMPT_BLOCK rows it beats SDPA's causal kernel (1,487
-                # tokens: 11 vs 19 ms a layer)
+                # tokens: 12 vs 19-20 ms a layer)
                 return a.o(_attend_rows(rows, q_rows, k[0], v[0], k.shape[2] - T, window, a.scaling).view(T, H * d))
         out = F.scaled_dot_product_attention(q_rows.transpose(0, 1)[None], k, v, attn_mask=mask if T > 1 else None,
                                              scale=a.scaling, is_causal=mask is None and T > 1, enable_gqa=H != Hkv)
