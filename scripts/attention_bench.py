@@ -11,7 +11,6 @@ head. Run it on a quiet machine; docs/ENGINE.md §4 records its figures.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch.nn import functional as F
@@ -20,14 +19,7 @@ from kangaroo import attention
 
 
 def quartile_s(fn, repeats: int = 30) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 4]
+    return attention.time_call(fn, repeats, quantile=0.25)
 
 
 def main() -> None:

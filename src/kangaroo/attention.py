@@ -246,12 +246,17 @@ def _time_both(heads: int, kv_heads: int, head_dim: int, context: int = 512, rep
         def once():
             fn(q[:1], keys, values, [0], [context + 1], scale)
             fn(q, keys, values, [0] * 8, [context + t + 1 for t in range(8)], scale)
-        once()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - t)
-        times.sort()
-        out[name] = round(times[len(times) // 2] * 1e6, 1)
+        out[name] = round(time_call(once, repeats) * 1e6, 1)
     return out
+
+
+def time_call(fn, repeats: int, quantile: float = 0.5) -> float:
+    """Seconds of one call of ``fn``: the ``quantile`` of ``repeats`` timed calls after an untimed one."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[int(len(times) * quantile)]
