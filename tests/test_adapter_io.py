@@ -103,3 +103,31 @@ def test_full_multi_head_adapter(arch, tmp_path):
         assert torch.equal(a, b), name
     with pytest.raises(KangarooError, match="divide"):
         Adapter(bb, 2, kv_heads=3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_mlp_adapter(arch, tmp_path):
+    """An adapter with a residual MLP (--adapter-mlp): add_mlp starts as the adapter it extends, the
+    size survives save/load, and weights that do not match the config's MLP are refused."""
+    bb = Backbone(tiny_model(arch, seed=4))
+    plain = Adapter.random(bb, 2, seed=1)
+    wider = plain.add_mlp(bb, 24)
+    assert wider.mlp_hidden == 24 and wider.num_parameters() == plain.num_parameters() + 64 + 3 * 64 * 24
+    h = torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(wider(h, bb, None, 0), plain(h, bb, None, 0), rtol=0, atol=0)
+        wider.down.weight.normal_(std=0.1)
+        assert not torch.allclose(wider(h, bb, None, 0), plain(h, bb, None, 0))
+    config = AdapterConfig(base_model="tiny", exit_layer=2, fingerprint=bb.fingerprint(), mlp_hidden=24)
+    wider.save(tmp_path / "mlp", config)
+    loaded, cfg = Adapter.load(tmp_path / "mlp", bb)
+    assert cfg.mlp_hidden == 24 and loaded.mlp_hidden == 24
+    for (name, a), (_, b) in zip(wider.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    plain.save(tmp_path / "lies", config)  # the config says MLP, the weights have none
+    with pytest.raises(KangarooError, match="do not fit"):
+        Adapter.load(tmp_path / "lies", bb)
+    raw = json.loads((tmp_path / "mlp" / "adapter_config.json").read_text())
+    (tmp_path / "mlp" / "adapter_config.json").write_text(json.dumps({**raw, "mlp_hidden": -3}))
+    with pytest.raises(KangarooError, match="corrupt adapter config.*mlp_hidden"):
+        Adapter.load(tmp_path / "mlp", bb)

@@ -96,11 +96,12 @@ def test_fused_layers_match_hf_modules(arch, attention):
             a = backbone.logits(backbone.run_layers(0, NUM_LAYERS, backbone.embed(new), c1, pos))
             b = engine.logits(engine.run_layers(0, NUM_LAYERS, engine.embed(new), c2, pos))
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        adapter = Adapter.random(backbone, 2, seed=3)
         h = torch.randn(1, 6, model.config.hidden_size)
-        a = backbone.adapter_forward(adapter, h, KVCache(1), 0)
-        b = engine.adapter_forward(adapter, h, KVCache(1), 0)
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        for mlp in (0, 24):  # the paper's adapter, and one with a residual MLP
+            adapter = Adapter.random(backbone, 2, seed=3, mlp_hidden=mlp)
+            a = backbone.adapter_forward(adapter, h, KVCache(1), 0)
+            b = engine.adapter_forward(adapter, h, KVCache(1), 0)
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -124,7 +125,8 @@ def test_kangaroo_equals_plain_greedy_on_the_same_engine(arch, dtype, kernel, at
     accepted = all_accepted = rejected = 0
     for ℓ, η, γ, friendly in itertools.product((1, NUM_LAYERS - 1), (0.0, 0.5), (3, 8), (False, True)):
         engine = engines[friendly]
-        adapter = Adapter.random(engine.backbone, ℓ, seed=rng.randrange(1000))
+        # half the cases draft with an MLP adapter (--adapter-mlp), random in the unfriendly ones
+        adapter = Adapter.random(engine.backbone, ℓ, seed=rng.randrange(1000), mlp_hidden=16 if η else 0)
         if friendly:
             passthrough_adapter(adapter)
         config = KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=η, verify_low_confidence=γ == 8)

@@ -32,7 +32,8 @@ def test_kangaroo_equals_hf_greedy_sweep(arch):
     for ℓ, η, γ, friendly in itertools.product(EXIT_LAYERS, THRESHOLDS, MAX_STEPS, (False, True)):
         model = models[friendly]
         backbone = Backbone(model)
-        adapter = Adapter.random(backbone, ℓ, seed=rng.randrange(1000))
+        # a third of the cases draft with an MLP adapter (--adapter-mlp)
+        adapter = Adapter.random(backbone, ℓ, seed=rng.randrange(1000), mlp_hidden=16 if γ == 3 else 0)
         if friendly:
             passthrough_adapter(adapter)
         verify = (ℓ + γ) % 2 == 0  # both treatments of the token that fell below η, across the sweep

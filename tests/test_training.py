@@ -233,6 +233,21 @@ def test_hand_written_gradient_equals_autograd(tiny_dir, data_file, tokenizer):
         for ref, p in zip(ref_grads, adapter.parameters()):
             torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-7)
 
+    # --hard-weight w: the gradient of the target (1 - w) p̃ + w onehot(top-1); the reported loss stays the soft CE
+    w = 0.5
+    adapter.zero_grad()
+    a = adapter(h, bb, None, 0)[mask]
+    logq = F.log_softmax(bb.lm_head(a).float(), dim=-1)
+    hard_ref = -((1 - w) * (p_norm * logq.gather(-1, tid.long())).sum() + w * logq.gather(-1, tid[:, :1].long()).sum())
+    (hard_ref / a.shape[0]).backward()
+    hard_grads = [p.grad.clone() for p in adapter.parameters()]
+    assert not all(torch.allclose(a_, b_) for a_, b_ in zip(hard_grads, ref_grads))
+    adapter.zero_grad()
+    got = draft_loss(adapter, bb, h, mask, tid, tp, 7, nullcontext, backward=True, hard_weight=w)
+    assert got["loss"] == pytest.approx(ref_loss.item(), rel=1e-5)
+    for ref, p in zip(hard_grads, adapter.parameters()):
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-7)
+
 
 def test_trained_adapter_accepts_more_than_random(tiny_dir, data_file, tmp_path):
     from kangaroo.adapter import Adapter
@@ -425,3 +440,43 @@ def test_task_prompts_cover_every_kind_and_train_with_self_distillation(tiny_dir
     first = json.loads((more / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and first["initial"] and "val_agreement_by_kind" in first
     assert _train(["--model", str(tiny_dir), "--data", str(out), "--out", str(more), "--init", str(tmp_path / "nope")]) == 2
+
+
+def test_fixed_validation_cached_answers_only_and_an_mlp_continuation(tiny_dir, tmp_path):
+    """--val-data validates on its own files; --distill-cached-only trains on answered prompts and
+    generates nothing (the rest are counted); --adapter-mlp on a continued adapter starts exactly
+    where that adapter was (zero output projection) and is exported with its MLP."""
+    from kangaroo.adapter import Adapter
+    from kangaroo.loading import load_model
+    from kangaroo.model import Backbone
+
+    chats = _chats(60, seed=5)
+    data, val, fresh = tmp_path / "data.jsonl", tmp_path / "val.jsonl", tmp_path / "fresh.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats[:50]))
+    val.write_text("".join(json.dumps(c) + "\n" for c in chats[50:]))
+    fresh.write_text("".join(json.dumps(c) + "\n" for c in _chats(4, seed=9)))
+    answers = tmp_path / "answers"
+    distill = ["--self-distill", "--distill-cache", str(answers), "--distill-max-new-tokens", "8"]
+    base = tmp_path / "base"
+    assert _train(["--model", str(tiny_dir), "--data", str(data), "--val-data", str(val), "--out", str(base),
+                   "--max-steps", "4", "--val-every", "4", *distill, *FAST]) == 0
+    info = json.loads((base / "train_config.json").read_text())["data"]
+    assert info["val_conversations"] == 10 and info["train_conversations"] == 50  # nothing split off --data
+    cache = next(answers.glob("*.jsonl"))
+    lines = cache.read_text().count("\n")
+
+    runs = {}
+    for name, extra in (("same", []), ("mlp", ["--adapter-mlp", "24"])):
+        runs[name] = tmp_path / name
+        assert _train(["--model", str(tiny_dir), "--data", str(data), str(fresh), "--val-data", str(val), "--out", str(runs[name]),
+                       "--max-steps", "2", "--val-every", "2", "--distill-cached-only", *distill, *FAST[:-6],
+                       "--init", str(base), *FAST[-4:], *extra]) == 0
+    assert cache.read_text().count("\n") == lines  # nothing generated
+    info = json.loads((runs["mlp"] / "train_config.json").read_text())["data"]
+    assert info["self_distill"]["train"]["no answer"] == 4 and info["train_conversations"] == 50
+    first = [json.loads(f.read_text().splitlines()[0]) for f in (runs["same"] / "metrics.jsonl", runs["mlp"] / "metrics.jsonl")]
+    assert first[0]["initial"] and first[0]["val_loss"] == pytest.approx(first[1]["val_loss"], rel=1e-6)
+    model, _ = load_model(str(tiny_dir))
+    adapter, config = Adapter.load(runs["mlp"], Backbone(model))
+    assert config.mlp_hidden == 24 and adapter.mlp_hidden == 24 and float(adapter.down.weight.detach().abs().sum()) > 0
+    assert _train(["--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "bad"), "--adapter-mlp", "-1"]) == 2

@@ -73,9 +73,11 @@ def damp_deep_layers(model, start: int, factor: float = 0.05):
 
 
 def passthrough_adapter(adapter):
-    """Zero the adapter's attention output: A(h) = norm(h), a good drafter for damped models."""
+    """Zero the adapter's attention (and MLP) output: A(h) = norm(h), a good drafter for damped models."""
     with torch.no_grad():
         adapter.self_attn.o_proj.weight.zero_()
+        if getattr(adapter, "mlp_hidden", 0):
+            adapter.down.weight.zero_()
     return adapter
 
 

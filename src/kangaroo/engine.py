@@ -167,7 +167,7 @@ class FusedEngine:
             self.lm_head = Linear(head.weight, head.bias, dtype, kernel)
             self.embed_weight = backbone.embed_tokens.weight.detach()
         self._rope: dict[str, torch.Tensor] = {}  # layer type -> complex [n, d/2] (cos + i sin)
-        self._adapters: dict[int, tuple] = {}  # id(adapter) -> (adapter, its fused attention, norms)
+        self._adapters: dict[int, tuple] = {}  # id(adapter) -> (adapter, its fused attention, norms, MLP or None)
         self._heads: dict[int, tuple] = {}  # id(adapter) -> (adapter, draft-vocabulary head)
 
     def _build_layer(self, w: dict) -> _Layer:
@@ -341,8 +341,8 @@ class FusedEngine:
 
     # ------------------------------------------------------------------ adapter
     def adapter_forward(self, adapter, hidden: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
-        """The Kangaroo adapter (RMSNorm -> attention -> residual -> RMSNorm) over exit-layer
-        states ``[1, T, D]`` at ``pos..``, on this engine's kernels. Returns ``[1, T, D]``."""
+        """The Kangaroo adapter (RMSNorm -> attention -> residual [-> MLP -> residual] -> RMSNorm)
+        over exit-layer states ``[1, T, D]`` at ``pos..``, on this engine's kernels. Returns ``[1, T, D]``."""
         if getattr(adapter, "stateless", False):  # EarlyExitHead: the model's final norm
             return self.final_norm(hidden)
         fused = self._adapters.get(id(adapter))
@@ -350,15 +350,26 @@ class FusedEngine:
             with torch.no_grad():
                 attn = _Attention.build(attention_weights(adapter.self_attn), self.weight_dtype, self.kernel)
                 norms = tuple_float(norm_weights(adapter.input_norm)), tuple_float(norm_weights(adapter.post_norm))
-            fused = self._adapters[id(adapter)] = (adapter, attn, norms)
-        _, attn, (n1, n2) = fused
+                mlp = None
+                if getattr(adapter, "mlp_hidden", 0):  # (norm, [gate; up], down), as a target layer's MLP
+                    mlp = (tuple_float(norm_weights(adapter.mlp_norm)),
+                           Linear(adapter.gate_up.weight.detach(), None, self.weight_dtype, self.kernel),
+                           Linear(adapter.down.weight.detach(), None, self.weight_dtype, self.kernel))
+            fused = self._adapters[id(adapter)] = (adapter, attn, norms, mlp)
+        _, attn, (n1, n2), mlp = fused
         x = hidden[0].to(self.act_dtype)
         T, norm = x.shape[0], self.norm
         # drafts need no bit-exactness: one batched SDPA call unless the kernel (faster) is loaded
         kernel = self.attention == "kernel"
         out = self.attend(attn, norm(x, n1), cache, 0, self.rope(pos, T), None if kernel else self.mask(T, pos, None),
                           batched=not kernel)
-        return norm(x + out, n2)[None]
+        x = x + out
+        if mlp is not None:
+            n3, gate_up, down = mlp
+            gu = gate_up(norm(x, n3))  # [T, 2I]
+            inner = gu.shape[-1] // 2
+            x = x + down(F.silu(gu[:, :inner]) * gu[:, inner:])
+        return norm(x, n2)[None]
 
 
 def tuple_float(norm: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:

@@ -193,14 +193,13 @@ class KangarooFullVocab(_KangarooWith):
     description = "Kangaroo as shipped, but the adapter drafts over the whole vocabulary (no reduced draft head)"
 
     def _decoder(self):
-        from ..adapter import Adapter
+        import copy
+
         from ..decoding import KangarooDecoder
 
         self.config = self.km.config
-        source = self.km.adapter
-        full = Adapter(self.km.backbone, source.exit_layer, getattr(source, "kv_heads", None))
-        full.load_state_dict(source.state_dict())  # the same weights; draft_vocab is not saved state
-        full = full.to(device=self.km.backbone.device, dtype=self.km.backbone.dtype).eval()
+        full = copy.deepcopy(self.km.adapter)  # the same weights (and layout), without the draft vocabulary
+        full.draft_vocab = None
         return KangarooDecoder(self.km.engine, full, self.config)
 
 

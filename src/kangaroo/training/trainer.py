@@ -93,12 +93,15 @@ def compute_features(bb, exit_layer: int, ids: torch.Tensor, mask: torch.Tensor,
     return h, torch.cat(ids_out), torch.cat(p_out)
 
 
-def draft_loss(adapter, bb, h, mask, topk_ids, topk_p, chunk: int, autocast, backward: bool) -> dict:
+def draft_loss(adapter, bb, h, mask, topk_ids, topk_p, chunk: int, autocast, backward: bool,
+               hard_weight: float = 0.0) -> dict:
     """Soft CE of the adapter's draft against top-k targets; backward through the adapter if asked.
 
     With draft logits ``z = W a`` (``[n, V]``, the shared LM head), ``log q = z - logsumexp(z)`` and
     renormalised targets ``p̃`` over the top-k ids, the loss is ``−Σ p̃ log q = lse(z) − Σ p̃ z`` and
-    its gradient is ``∂/∂z = softmax(z) − p̃`` (scattered), so ``∂/∂a = (softmax(z) − p̃) W``. Both
+    its gradient is ``∂/∂z = softmax(z) − p̃`` (scattered), so ``∂/∂a = (softmax(z) − p̃) W``. With
+    ``hard_weight`` w > 0 the gradient is that of the target ``(1 − w) p̃ + w onehot(argmax p)``
+    (the reported loss stays the soft CE, so runs compare). Both
     are computed here by hand, chunk by chunk: one ``[chunk, V]`` float buffer and no autograd graph
     over the vocabulary, so memory stays bounded by ``chunk`` (docs/TRAINING.md has the timing
     against autograd). The adapter's own backward then runs once. Returns sums over positions: ``loss``, ``agree`` (top-1
@@ -123,7 +126,9 @@ def draft_loss(adapter, bb, h, mask, topk_ids, topk_p, chunk: int, autocast, bac
             sums["accept"] += float(torch.minimum(p, (z_top - lse).exp()).sum())
             if backward:
                 g = z.sub_(lse).exp_()  # softmax(z), in place  [n, V]
-                g.scatter_add_(-1, idx, -p_norm)
+                g.scatter_add_(-1, idx, -p_norm if hard_weight == 0 else -(1 - hard_weight) * p_norm)
+                if hard_weight:
+                    g.scatter_add_(-1, idx[:, :1], torch.full_like(p_norm[:, :1], -hard_weight))  # ids sorted by p
                 grad[c : c + chunk] = (g.to(weight.dtype) @ weight).float() / N
     if backward and N:
         a.backward(grad.to(a.dtype))
@@ -196,9 +201,13 @@ def prepare_data(cfg: TrainConfig, model, bb, tokenizer, main_first) -> tuple[li
     """Read, split (seeded), cut training to ``max_conversations``, optionally self-distill, tokenise."""
     report = DataReport()
     convs, report = read_conversations(cfg.data, report, prompts_ok=cfg.self_distill)
-    # the validation set is drawn from all the data first, so that --max-conversations (which
-    # cuts the training set, in a fixed shuffled order) never changes it
-    train_c, val_c = split(convs, cfg.val_size, cfg.seed)
+    if cfg.val_data:  # a fixed validation set; the training data is shuffled the same way as a split's
+        val_c, report = read_conversations(cfg.val_data, report, prompts_ok=cfg.self_distill)
+        train_c, _ = split(convs, 0, cfg.seed)
+    else:
+        # the validation set is drawn from all the data first, so that --max-conversations (which
+        # cuts the training set, in a fixed shuffled order) never changes it
+        train_c, val_c = split(convs, cfg.val_size, cfg.seed)
     if cfg.max_conversations:
         train_c = train_c[: cfg.max_conversations]
     info: dict = {"read": report.to_dict()}
@@ -213,7 +222,8 @@ def prepare_data(cfg: TrainConfig, model, bb, tokenizer, main_first) -> tuple[li
                           str(bb.dtype).removeprefix("torch."))
         with main_first():  # the main process generates; the others then find the cache filled
             kw = dict(max_new_tokens=cfg.distill_max_new_tokens, max_prompt_tokens=cfg.distill_max_prompt_tokens,
-                      batch_size=cfg.distill_batch, eos_token_ids=_eos_ids(model, tokenizer), progress=cfg.progress)
+                      batch_size=cfg.distill_batch, eos_token_ids=_eos_ids(model, tokenizer), progress=cfg.progress,
+                      generate=not cfg.distill_cached_only)
             val_c, val_counts = self_distill(val_c, bb, tokenizer, path, **kw)
             train_c, train_counts = self_distill(train_c, bb, tokenizer, path, **kw)
         info["self_distill"] = {"cache": str(path), "train": train_counts, "val": val_counts,
@@ -357,7 +367,8 @@ class _Run:
             exs = [self.train_set[i] for i in batches[bi]]
             h, mask, tid, tp = batch_features(self.bb, cfg, exs, batches[bi], self.cache, self.device, self.autocast)
             self.optimizer.zero_grad(set_to_none=True)
-            s = draft_loss(self.adapter, self.bb, h, mask, tid, tp, cfg.chunk, self.autocast, backward=True)
+            s = draft_loss(self.adapter, self.bb, h, mask, tid, tp, cfg.chunk, self.autocast, backward=True,
+                           hard_weight=cfg.hard_weight)
             self.accelerator.clip_grad_norm_(self.adapter.parameters(), cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
@@ -428,7 +439,7 @@ class _Run:
             draft_vocab = self._draft_vocab()
             config = AdapterConfig(
                 base_model=model_identity(cfg.model), exit_layer=cfg.exit_layer, fingerprint=self.bb.fingerprint(),
-                kv_heads=cfg.kv_heads, draft_vocab=draft_vocab,
+                kv_heads=cfg.kv_heads, mlp_hidden=raw.mlp_hidden, draft_vocab=draft_vocab,
                 training={"config": asdict(cfg), "data": self.data_info, "final_metrics": final,
                           "adapter_parameters": raw.num_parameters(),
                           "model_parameters": sum(p.numel() for p in self.model.parameters())},
@@ -467,8 +478,13 @@ def _new_adapter(cfg: TrainConfig, bb) -> Adapter:
         adapter, config = Adapter.load(cfg.init, bb, cfg.exit_layer)
         if (config.kv_heads or None) != (cfg.kv_heads or None):
             raise KangarooError(f"--init {cfg.init} has {config.kv_heads or 'the target'}'s kv heads, not --kv-heads {cfg.kv_heads}")
+        if cfg.adapter_mlp and config.mlp_hidden not in (0, cfg.adapter_mlp):
+            raise KangarooError(f"--init {cfg.init} has an MLP of {config.mlp_hidden} units, not --adapter-mlp {cfg.adapter_mlp}")
         adapter.draft_vocab = None
-        return adapter
-    if cfg.init == "warm":
-        return Adapter.from_backbone(bb, cfg.exit_layer, cfg.kv_heads)
-    return Adapter.random(bb, cfg.exit_layer, seed=cfg.seed, kv_heads=cfg.kv_heads)
+    elif cfg.init == "warm":
+        adapter = Adapter.from_backbone(bb, cfg.exit_layer, cfg.kv_heads)
+    else:
+        adapter = Adapter.random(bb, cfg.exit_layer, seed=cfg.seed, kv_heads=cfg.kv_heads)
+    if cfg.adapter_mlp and not adapter.mlp_hidden:  # starts as the adapter without it (zero output projection)
+        adapter = adapter.add_mlp(bb, cfg.adapter_mlp, seed=cfg.seed)
+    return adapter
