@@ -1,4 +1,4 @@
-"""The continuation both issue-12 probes train (scripts/capacity_probe.py, scripts/loss_probe.py):
+"""The continuation both issue-12 probes train (scripts/adapter_variants.py):
 150 steps from the shipped adapter on the stage-2 data (runs/task-prompts + runs/task-distill,
 written by runs/task-train.sh), same seed and schedule, validation at the end."""
 from kangaroo.training.config import TrainConfig
