@@ -1,4 +1,4 @@
-"""usage: python scripts/prepare_gpu_data.py OUT_DIR [PER_KIND] [SHARDS]
+"""usage: python scripts/prepare_gpu_data.py OUT_DIR [PER_KIND] [SHARDS]    (also the CPU recipe's data: scripts/train_cpu_30min.sh)
 
 Prompts for the GPU adapter run (scripts/gpu_adapter.sh, issue 12), built here, where the training
 files are: ``PER_KIND`` task-diverse prompts of every kind (kangaroo.training.tasks, seed 0, default
