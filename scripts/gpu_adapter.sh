@@ -3,10 +3,17 @@
 # the shipped adapter's continuation and the adapter variants side by side, and bring back their
 # metrics, weights and the answer cache. docs/TRAINING.md records a run of it.
 #
-# Prepared here, run there (the device tool sends the repository, carrying .gpu/):
-#   python scripts/prepare_gpu_data.py .gpu/b/data 1500 4      # prompts + the stage-2 validation set
-#   (cd .gpu/b && tar cJf data.tar.xz data && rm -r data)        # and the GGUF in two parts, .gpu/a and .gpu/b
-#   bash scripts/gpu_adapter.sh                                   # on the device; results in $OUT
+# Prepared here (.gpu/ is in .git/info/exclude), run there (the device tool sends the repository;
+# one call carries at most 64 MiB, so the 98 MB GGUF goes in two calls):
+#   python scripts/prepare_gpu_data.py .gpu/b/data 2000 4        # prompts + the stage-2 validation set
+#   (cd .gpu/b && tar cJf data.tar.xz data && rm -r data)
+#   mkdir -p .gpu/a && split -b 60000000 ~/.cache/kangaroo/gguf/SmolLM2-135M-Instruct.Q4_1.gguf .gpu/gguf.part.
+#   mv .gpu/gguf.part.aa .gpu/a/ && mv .gpu/gguf.part.ab .gpu/b/
+#   sha256sum ~/.cache/kangaroo/gguf/SmolLM2-135M-Instruct.Q4_1.gguf | cut -c1-64 > .gpu/b/gguf.sha256
+#   xz -c runs/task-distill/*.jsonl > .gpu/b/stage2-distill.jsonl.xz   # stage 2's answers (validation included)
+#   pip download --no-deps gguf==0.19.0 -d .gpu/b
+# call 1, carry .gpu/a:  cp .gpu/a/gguf.part.aa /root/gguf.part.aa
+# call 2, carry .gpu/b, at once (the machine stays warm 30 s):  bash scripts/gpu_adapter.sh   (results in $OUT)
 #
 # Environment (defaults are the GPU run's): PY, WORK, OUT, PART_A (the GGUF's first part),
 # DATA_LIMIT (prompts per shard, 0 = all), DISTILL_S and TRAIN_S (time limits of the two phases),
