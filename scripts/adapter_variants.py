@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import kangaroo.training.trainer as T
-from kangaroo.adapter import Adapter
+from kangaroo.adapter import Adapter, repeat_kv_heads
 from probe_common import continuation_config
 
 VARIANTS = ("base", "sharp", "mlp", "two-attn", "mha")
@@ -62,11 +62,7 @@ def new_adapter(cfg, bb):
     if variant == "mha":  # start from the target layout (continued or fresh), then widen it
         a = orig_new_adapter(replace(cfg, kv_heads=None), bb)
         wide = Adapter(bb, a.exit_layer, heads).to(device=bb.device)
-        state, theirs = a.state_dict(), bb.config.num_key_value_heads
-        for name in [k for k in state if k.startswith(("self_attn.k_proj.", "self_attn.v_proj."))]:
-            w = state[name]
-            state[name] = w.reshape(theirs, -1, *w.shape[1:]).repeat_interleave(heads // theirs, 0).flatten(0, 1)
-        wide.load_state_dict(state)
+        wide.load_state_dict(repeat_kv_heads(a.state_dict(), bb.config.num_key_value_heads, heads))
         a = wide
     else:
         a = orig_new_adapter(cfg, bb)

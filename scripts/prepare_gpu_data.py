@@ -12,6 +12,7 @@ time limit cuts every kind alike.
 import json
 import random
 import sys
+import tempfile
 from pathlib import Path
 
 from kangaroo.training.data import read_conversations, split
@@ -24,20 +25,15 @@ train_dir = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tr
 
 # the stage-2 validation prompts (built by `python -m kangaroo.training.tasks --per-kind 220`, as
 # runs/task-train.sh did), held out exactly as that run did
-stage2 = build(train_dir, 220, 0)
-tmp = out / "stage2"
-tmp.mkdir(parents=True, exist_ok=True)
-for kind, records in stage2.items():
-    (tmp / f"{kind}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-convs, _ = read_conversations([str(tmp)], prompts_ok=True)
+with tempfile.TemporaryDirectory() as tmp:
+    for kind, records in build(train_dir, 220, 0).items():
+        (Path(tmp) / f"{kind}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    convs, _ = read_conversations([tmp], prompts_ok=True)
 _, val = split(convs, 240, 0)
 val_records = [{"id": f"val-{i}", "source": c.source, "prompt_only": True, "conversations": c.messages}
                for i, c in enumerate(val)]
-(out / "val").mkdir(exist_ok=True)
+(out / "val").mkdir(parents=True, exist_ok=True)
 (out / "val" / "task-val.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in val_records))
-for f in tmp.iterdir():
-    f.unlink()
-tmp.rmdir()
 
 # snippets of every validation text: a training prompt containing one is dropped
 # (100 characters from inside every message of 140 or more; shorter messages must match whole)

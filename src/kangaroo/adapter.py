@@ -130,29 +130,20 @@ class Adapter(nn.Module):
         return adapter.to(device=backbone.device, dtype=backbone.dtype).eval()
 
     @classmethod
-    def from_backbone(cls, backbone: Backbone, exit_layer: int, kv_heads: int | None = None,
-                      mlp_hidden: int = 0) -> "Adapter":
+    def from_backbone(cls, backbone: Backbone, exit_layer: int, kv_heads: int | None = None) -> "Adapter":
         """Warm start for training: attention and input norm copied from target layer ``exit_layer``,
         output norm from the target's final norm, so the adapter starts as a one-layer shortcut
         through the target rather than from noise. With more ``kv_heads`` than the target has, each
-        key/value head is repeated for its query group (the same function as the grouped layout).
-        An MLP starts with a zero output projection (:meth:`add_mlp`)."""
+        key/value head is repeated for its query group (the same function as the grouped layout)."""
         adapter = cls(backbone, exit_layer, kv_heads)
         source = backbone.layers[min(exit_layer, backbone.num_layers - 1)]
-        state = dict(source.self_attn.state_dict())
         theirs = backbone.config.num_key_value_heads
-        if kv_heads is not None and kv_heads != theirs:
-            if kv_heads % theirs:
-                raise KangarooError(f"warm start needs kv_heads to be a multiple of the target's {theirs}")
-            for name in [k for k in state if k.startswith(("k_proj.", "v_proj."))]:
-                w = state[name]
-                state[name] = w.reshape(theirs, -1, *w.shape[1:]).repeat_interleave(kv_heads // theirs, 0).flatten(0, 1)
+        state = repeat_kv_heads(dict(source.self_attn.state_dict()), theirs, kv_heads or theirs)
         with torch.no_grad():
             adapter.self_attn.load_state_dict(state)
             adapter.input_norm.load_state_dict(source.input_layernorm.state_dict())
             adapter.post_norm.load_state_dict(backbone.norm.state_dict())
-        adapter = adapter.to(device=backbone.device, dtype=backbone.dtype)
-        return adapter.add_mlp(backbone, mlp_hidden) if mlp_hidden else adapter
+        return adapter.to(device=backbone.device, dtype=backbone.dtype)
 
     def add_mlp(self, backbone: Backbone, mlp_hidden: int, seed: int = 0) -> "Adapter":
         """The same adapter with a residual MLP of ``mlp_hidden`` inner units whose output projection
@@ -256,6 +247,21 @@ def check_draft_vocab(vocab: torch.Tensor, vocab_size: int, where: str) -> torch
             or (vocab.numel() > 1 and not bool((vocab[1:] > vocab[:-1]).all()))):
         raise KangarooError(f"corrupt draft vocabulary in {where}: expected sorted distinct ids below {vocab_size}")
     return vocab
+
+
+def repeat_kv_heads(state: dict, kv_heads: int, wanted: int) -> dict:
+    """An attention state dict with ``kv_heads`` key/value heads widened to ``wanted``: each head is
+    repeated for the query group it served, so the attention computes the same function. Keys
+    ending in ``k_proj.*`` / ``v_proj.*`` are widened, the rest kept."""
+    if wanted == kv_heads:
+        return state
+    if wanted % kv_heads:
+        raise KangarooError(f"widening key/value heads needs a multiple of {kv_heads}, got {wanted}")
+    out = dict(state)
+    for name in [k for k in state if k.split(".")[-2] in ("k_proj", "v_proj")]:
+        w = state[name]
+        out[name] = w.reshape(kv_heads, -1, *w.shape[1:]).repeat_interleave(wanted // kv_heads, 0).flatten(0, 1)
+    return out
 
 
 def check_exit_layer(exit_layer: int, num_layers: int) -> None:

@@ -118,6 +118,14 @@ def _native_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Ten
     return attn_kernel.rms_norm(x, norm[0], norm[1])
 
 
+def _mlp(h: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
+    """SiLU-gated MLP of normed rows ``h`` ``[T, D]`` with ``gate_up`` ``[2 I, D]`` (gate rows first):
+    ``down(silu(gate) * up)``, ``[T, D]`` (a target layer's and the adapter's)."""
+    gu = gate_up(h)  # [T, 2I]
+    inner = gu.shape[-1] // 2
+    return down(F.silu(gu[:, :inner]) * gu[:, inner:])
+
+
 def _attend_rows(rows, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, window: int | None,
                  scale: float) -> torch.Tensor:
     """Rows ``q`` ``[T, H, d]`` at positions ``start .. start+T-1``, each over its prefix up to itself
@@ -285,10 +293,7 @@ class FusedEngine:
             h = norm(x, layer.input_norm)
             x = x + self.attend(layer.attention, h, cache, i, ropes[layer.layer_type], masks[layer.window], layer.window,
                                 tree=tree)
-            h = norm(x, layer.post_norm)
-            gu = layer.gate_up(h)  # [T, 2I]
-            inner = gu.shape[-1] // 2
-            x = x + layer.down(F.silu(gu[:, :inner]) * gu[:, inner:])
+            x = x + _mlp(norm(x, layer.post_norm), layer.gate_up, layer.down)
         return x[None]
 
     def attend(self, a: _Attention, h: torch.Tensor, cache: KVCache | None, layer_idx: int, rope: torch.Tensor,
@@ -366,9 +371,7 @@ class FusedEngine:
         x = x + out
         if mlp is not None:
             n3, gate_up, down = mlp
-            gu = gate_up(norm(x, n3))  # [T, 2I]
-            inner = gu.shape[-1] // 2
-            x = x + down(F.silu(gu[:, :inner]) * gu[:, inner:])
+            x = x + _mlp(norm(x, n3), gate_up, down)
         return norm(x, n2)[None]
 
 

@@ -125,10 +125,12 @@ def draft_loss(adapter, bb, h, mask, topk_ids, topk_p, chunk: int, autocast, bac
             sums["agree"] += float((z.argmax(-1) == idx[:, 0]).sum())
             sums["accept"] += float(torch.minimum(p, (z_top - lse).exp()).sum())
             if backward:
-                g = z.sub_(lse).exp_()  # softmax(z), in place  [n, V]
-                g.scatter_add_(-1, idx, -p_norm if hard_weight == 0 else -(1 - hard_weight) * p_norm)
+                target = p_norm
                 if hard_weight:
-                    g.scatter_add_(-1, idx[:, :1], torch.full_like(p_norm[:, :1], -hard_weight))  # ids sorted by p
+                    target = p_norm * (1 - hard_weight)
+                    target[:, 0] += hard_weight  # the top-k ids are sorted by p: column 0 is argmax p
+                g = z.sub_(lse).exp_()  # softmax(z), in place  [n, V]
+                g.scatter_add_(-1, idx, -target)
                 grad[c : c + chunk] = (g.to(weight.dtype) @ weight).float() / N
     if backward and N:
         a.backward(grad.to(a.dtype))
