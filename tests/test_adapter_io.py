@@ -118,6 +118,12 @@ def test_mlp_adapter(arch, tmp_path):
         torch.testing.assert_close(wider(h, bb, None, 0), plain(h, bb, None, 0), rtol=0, atol=0)
         wider.down.weight.normal_(std=0.1)
         assert not torch.allclose(wider(h, bb, None, 0), plain(h, bb, None, 0))
+        widest = wider.add_mlp(bb, 40, seed=3)  # widening keeps the trained units and adds silent ones
+        assert widest.mlp_hidden == 40 and widest.num_parameters() == wider.num_parameters() + 3 * 64 * 16
+        torch.testing.assert_close(widest(h, bb, None, 0), wider(h, bb, None, 0), rtol=1e-6, atol=1e-6)
+        assert torch.equal(widest.down.weight[:, :24], wider.down.weight) and not widest.down.weight[:, 24:].any()
+    with pytest.raises(ValueError, match="widens"):
+        widest.add_mlp(bb, 40)
     config = AdapterConfig(base_model="tiny", exit_layer=2, fingerprint=bb.fingerprint(), mlp_hidden=24)
     wider.save(tmp_path / "mlp", config)
     loaded, cfg = Adapter.load(tmp_path / "mlp", bb)

@@ -479,4 +479,13 @@ def test_fixed_validation_cached_answers_only_and_an_mlp_continuation(tiny_dir, 
     model, _ = load_model(str(tiny_dir))
     adapter, config = Adapter.load(runs["mlp"], Backbone(model))
     assert config.mlp_hidden == 24 and adapter.mlp_hidden == 24 and float(adapter.down.weight.detach().abs().sum()) > 0
+    # a wider --adapter-mlp widens a continued MLP (the new units silent at first); a narrower one is refused
+    cont = ["--model", str(tiny_dir), "--data", str(data), "--val-data", str(val), "--max-steps", "1", "--val-every", "1",
+            "--distill-cached-only", *distill, *FAST[:-6], "--init", str(runs["mlp"]), *FAST[-4:]]
+    assert _train([*cont, "--out", str(tmp_path / "wide"), "--adapter-mlp", "40"]) == 0
+    mlp_first = json.loads((runs["mlp"] / "metrics.jsonl").read_text().splitlines()[-1])
+    wide_first = json.loads((tmp_path / "wide" / "metrics.jsonl").read_text().splitlines()[0])
+    assert wide_first["initial"] and wide_first["val_loss"] == pytest.approx(mlp_first["val_loss"], rel=1e-5)
+    assert Adapter.load(tmp_path / "wide", Backbone(model))[1].mlp_hidden == 40
+    assert _train([*cont, "--out", str(tmp_path / "narrow"), "--adapter-mlp", "8"]) == 2
     assert _train(["--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "bad"), "--adapter-mlp", "-1"]) == 2

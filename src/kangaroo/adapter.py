@@ -146,16 +146,27 @@ class Adapter(nn.Module):
         return adapter.to(device=backbone.device, dtype=backbone.dtype)
 
     def add_mlp(self, backbone: Backbone, mlp_hidden: int, seed: int = 0) -> "Adapter":
-        """The same adapter with a residual MLP of ``mlp_hidden`` inner units whose output projection
-        is zero, so it computes exactly what it did (training continues a trained adapter this way).
-        The gate/up rows start small and random (seeded)."""
+        """The same adapter with a residual MLP of ``mlp_hidden`` inner units whose new units have a
+        zero output projection, so it computes exactly what it did (training continues a trained
+        adapter this way). Without an MLP, one is added; with a narrower one, it is widened: its
+        units keep their weights and the new ones are appended. New gate/up rows start small and
+        random (seeded)."""
+        old = self.mlp_hidden
+        if mlp_hidden <= old:
+            raise ValueError(f"add_mlp widens: the adapter has {old} MLP units, asked for {mlp_hidden}")
         wider = type(self)(backbone, self.exit_layer, self.kv_heads, mlp_hidden)
         state = self.state_dict()
         gen = torch.Generator().manual_seed(seed)
         std = getattr(backbone.config, "initializer_range", 0.02)
-        state["gate_up.weight"] = torch.randn(wider.gate_up.weight.shape, generator=gen) * std
-        state["down.weight"] = torch.zeros(wider.down.weight.shape)
-        state["mlp_norm.weight"] = wider.mlp_norm.weight.detach().clone()
+        fresh = torch.randn(wider.gate_up.weight.shape, generator=gen) * std  # [2 I', D]: gate rows, then up rows
+        down = torch.zeros(wider.down.weight.shape)  # [D, I']
+        if old:  # the trained units stay where the SiLU gate pairs them: gate i with up i, down column i
+            gate, up = state["gate_up.weight"].float().split(old)
+            fresh[:old], fresh[mlp_hidden:mlp_hidden + old] = gate, up
+            down[:, :old] = state["down.weight"].float()
+        else:
+            state["mlp_norm.weight"] = wider.mlp_norm.weight.detach().clone()
+        state["gate_up.weight"], state["down.weight"] = fresh, down
         wider.load_state_dict(state)
         wider.draft_vocab = self.draft_vocab
         return wider.to(device=self.input_norm.weight.device, dtype=self.input_norm.weight.dtype)

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="key/value heads of the adapter's attention (default: the target's; its query-head count = full multi-head)")
     g.add_argument("--adapter-mlp", type=int, default=d.adapter_mlp, metavar="I",
                    help="add a residual SiLU-gated MLP of I inner units after the adapter's attention (0 = the paper's adapter, the default; "
-                        "2 x hidden size agreed best, docs/TRAINING.md); with --init DIR of an adapter without one, it starts at zero")
+                        "2 x hidden size agreed best, docs/TRAINING.md); with --init DIR of an adapter without one (or with a narrower one), the new units start at zero")
     g.add_argument("--draft-vocab", type=int, default=d.draft_vocab, help=f"the adapter drafts over this many of the most frequent target tokens of the training data; 0 = the whole LM head (default {d.draft_vocab})")
     g.add_argument("--seed", type=int, default=d.seed, help="data order, split and init seed (default 0)")
     g = p.add_argument_group("bookkeeping")

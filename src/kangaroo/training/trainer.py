@@ -480,13 +480,14 @@ def _new_adapter(cfg: TrainConfig, bb) -> Adapter:
         adapter, config = Adapter.load(cfg.init, bb, cfg.exit_layer)
         if (config.kv_heads or None) != (cfg.kv_heads or None):
             raise KangarooError(f"--init {cfg.init} has {config.kv_heads or 'the target'}'s kv heads, not --kv-heads {cfg.kv_heads}")
-        if cfg.adapter_mlp and config.mlp_hidden not in (0, cfg.adapter_mlp):
-            raise KangarooError(f"--init {cfg.init} has an MLP of {config.mlp_hidden} units, not --adapter-mlp {cfg.adapter_mlp}")
+        if cfg.adapter_mlp and config.mlp_hidden > cfg.adapter_mlp:
+            raise KangarooError(f"--init {cfg.init} has an MLP of {config.mlp_hidden} units, more than --adapter-mlp "
+                                f"{cfg.adapter_mlp} (an MLP can be added or widened, not narrowed)")
         adapter.draft_vocab = None
     elif cfg.init == "warm":
         adapter = Adapter.from_backbone(bb, cfg.exit_layer, cfg.kv_heads)
     else:
         adapter = Adapter.random(bb, cfg.exit_layer, seed=cfg.seed, kv_heads=cfg.kv_heads)
-    if cfg.adapter_mlp and not adapter.mlp_hidden:  # starts as the adapter without it (zero output projection)
+    if cfg.adapter_mlp > adapter.mlp_hidden:  # starts as the adapter it extends (new units: zero output projection)
         adapter = adapter.add_mlp(bb, cfg.adapter_mlp, seed=cfg.seed)
     return adapter
