@@ -37,12 +37,18 @@ def test_replay_predicts_the_real_rounds(tiny_model_dir, tmp_path, monkeypatch):
         for s in settings:
             config = replace(km.config, **s)
             result = KangarooDecoder(km.engine, km.adapter, config).generate(ids, 40, km.eos_token_ids)
-            tokens, rounds, ms = tune.replay(positions, config, {
-                "forward_ms": {"1": 1.0, "16": 2.0}, "verify_ms": {"1": 1.0, "16": 2.0}, "draft_step_ms": 0.1,
-                "lm_head_ms": 0.1, "exit_layer": 2, "num_layers": 4})
+            costs = {"forward_ms": {"1": 1.0, "16": 2.0}, "verify_ms": {"1": 1.0, "16": 2.0}, "draft_step_ms": 0.1,
+                     "lm_head_ms": 0.1, "exit_layer": 2, "num_layers": 4}
+            tokens, rounds, ms = tune.replay(positions, config, costs)
             assert tokens == result.new_tokens - 1  # the prefill's token is not a round
             assert rounds == result.rounds - 1, (prompt, s)
             assert ms > 0
+            # a tree's further branches are priced (costs["tree_extra_ms"]); a chain's rounds are not
+            _, _, priced = tune.replay(positions, config, {**costs, "tree_extra_ms": {"1": 0.5, "2": 1.0}})
+            branched = config.tree_width > 1 or config.lookup_branch
+            assert priced > ms if branched and s["tree_threshold"] == 0.0 else priced >= ms
+            if not branched:
+                assert priced == ms
             checked.add(tuple(sorted(s.items())))
             accepted += result.accepted
     assert len(checked) == len(settings) and accepted > 0

@@ -131,6 +131,7 @@ def replay(positions: list[Position], config, costs: dict) -> tuple[int, int, fl
         if config.lookup_tokens:
             proposal = pos.lookup.get(config.lookup_ngram, [])[: config.lookup_tokens]
         rows, m, cost = 0, 0, 0.0
+        branches, resident = 1, True  # tree branches verified, whether the accepted path is the last written
         if proposal:  # one shallow pass over y0 + proposal
             rows, m, cost = len(proposal), agree(proposal, pos.truth), shallow_ms(len(proposal) + 1)
         if not proposal or (config.lookup_branch and config.max_steps):
@@ -155,7 +156,17 @@ def replay(positions: list[Position], config, costs: dict) -> tuple[int, int, fl
                 leaves = []
             cost += len(leaves) * shallow_ms(1)
             rows += len(drafts) + len(leaves)
-            m = max(m, agree(drafts, pos.truth), int(bool(pos.truth) and pos.truth[0] in leaves))
+            branches += len(leaves) + int(bool(proposal and drafts))
+            on_chain, on_leaf = agree(drafts, pos.truth), int(bool(pos.truth) and pos.truth[0] in leaves)
+            if max(on_chain, on_leaf) > m:
+                m, resident = max(on_chain, on_leaf), on_leaf > on_chain or not leaves
+            elif m and drafts:
+                resident = False  # the proposal's rows, overwritten by the adapter's branch
+        if branches > 1:
+            # each further branch is its own cache segment (costs["tree_extra_ms"]); an accepted path that
+            # a later branch overwrote is copied back and its shallow layers recomputed
+            cost += _interp(costs.get("tree_extra_ms") or {"1": 0.0}, branches - 1)
+            cost += 0.0 if resident or not m else shallow_ms(m)
         ms += cost + _interp(costs["verify_ms"], rows + 1)
         rounds += 1
         advance = min(m + 1, end - p)

@@ -10,6 +10,10 @@ eager engine (HF's own modules):
 * ``draft_step_ms``: one drafted token: layers ``[0, ℓ)`` + adapter + draft head (the adapter's
   draft vocabulary, if it has one) + top-1;
 * ``lm_head_ms``: the LM head on one row;
+* ``tree_extra_ms[n]``: what verifying a token tree with ``n`` more branches costs beyond a chain of
+  as many rows (a 3-token chain plus ``n`` siblings at depth 1; engines with trees only): each branch
+  is written to the cache and attended as its own segment, and :mod:`kangaroo.tune` prices trees
+  with it;
 * ``build_s``: building the engine (weight packing, row-invariance checks, loading the attention kernel);
 * ``compile s`` (in the table): what the decode-attention kernel's first compile on this machine took
   (:mod:`kangaroo.attention`; later runs load it from the cache).
@@ -24,6 +28,7 @@ import time
 import torch
 
 from ..kv_cache import KVCache
+from ..tree import TreeLayout
 
 ROWS = (1, 2, 4, 8, 16)
 
@@ -70,6 +75,18 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
             engine.logits(engine.run_layers(exit_layer, L, h_new[:, :k], cache, context))
         return run
 
+    def verify_tree(parents):
+        layout = TreeLayout.of(parents)
+
+        def run():
+            cache.crop(context)
+            engine.logits(engine.run_layers(exit_layer, L, h_new[:, :len(parents) + 1], cache, context, layout))
+        return run
+
+    def tree_extra(n):  # a 3-token chain and n siblings of its first token, over the chain of as many rows
+        parents = [0, 1, 2] + [0] * n
+        return _median_ms(verify_tree(parents), repeats, best) - _median_ms(verify(len(parents) + 1), repeats, best)
+
     a_cache = KVCache(1, context + 8)
     engine.adapter_forward(adapter, h_prompt, a_cache, 0)
     token = new[:, :1]
@@ -83,6 +100,7 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
         torch.softmax(head(out).float()[0, -1], dim=-1).max(dim=-1)
 
     x = torch.randn(1, 1, engine.config.hidden_size, device=device)
+    trees = {"tree_extra_ms": {n: round(max(tree_extra(n), 0.0), 3) for n in (1, 2)}} if engine.supports_trees else {}
     return {
         "context": context,
         "exit_layer": exit_layer,
@@ -91,6 +109,7 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
         "draft_step_ms": round(_median_ms(draft_step, repeats, best), 3),
         "draft_vocab": None if vocab is None else int(vocab.numel()),
         "lm_head_ms": round(_median_ms(lambda: engine.project(x), repeats, best), 3),
+        **trees,
     }
 
 
@@ -122,8 +141,8 @@ def measure_run(km, repeats: int = 15) -> dict:
 
 def table(costs: dict) -> str:
     """The Markdown table of ``costs.json`` (one row per engine)."""
-    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | draft step ms | draft ÷ forward | LM head ms | build s | compile s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | tree +1 / +2 branches ms | draft step ms | draft ÷ forward | LM head ms | build s | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in costs.items():
         if not isinstance(e, dict) or "forward_ms" not in e:
             continue
@@ -132,7 +151,9 @@ def table(costs: dict) -> str:
         f, v = ({int(k): ms for k, ms in e[key].items()} for key in ("forward_ms", "verify_ms"))
         attention = f" + {cfg['attention']} attention" if "attention" in cfg else ""
         compiled = cfg.get("attention_compile_s") or 0  # the kernel's first compile on this machine
+        tree = {int(k): ms for k, ms in e.get("tree_extra_ms", {}).items()}
+        tree = f"{tree[1]:.2f} / {tree[2]:.2f}" if tree else "–"
         rows.append(f"| {name}: {cfg['engine']} {cfg['dtype']}/{cfg['kernel']}{attention} | {' / '.join(f'{f[k]:.1f}' for k in ROWS)} | "
-                    f"{e['forward_ratio_8_to_1']:.2f} | {v[1]:.1f} / {v[8]:.1f} | {e['draft_step_ms']:.2f} | "
+                    f"{e['forward_ratio_8_to_1']:.2f} | {v[1]:.1f} / {v[8]:.1f} | {tree} | {e['draft_step_ms']:.2f} | "
                     f"{e['draft_to_forward']:.2f} | {e['lm_head_ms']:.2f} | {cfg.get('build_s', 0):.1f} | {compiled:.0f} |")
     return "\n".join(rows)
