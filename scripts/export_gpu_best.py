@@ -22,7 +22,7 @@ from kangaroo.draft_vocab import choose, count_tokens
 from kangaroo.loading import load_model
 from kangaroo.model import Backbone
 from kangaroo.training.data import read_conversations
-from kangaroo.training.distill import _key, load_cache, prompt_messages
+from kangaroo.training.distill import answer_key, load_cache, prompt_messages
 
 run, answers, data, out, note = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
 train = json.loads((run / "train_config.json").read_text())
@@ -43,7 +43,7 @@ with tempfile.TemporaryDirectory() as tmp:
     texts = Path(tmp) / "answers.jsonl"
     with texts.open("w", encoding="utf-8") as f:
         for c in convs:
-            row = cache.get(_key(prompt_messages(c)))
+            row = cache.get(answer_key(prompt_messages(c)))
             if row and row["response"]:
                 f.write(json.dumps({"conversations": [{"role": "assistant", "content": row["response"]}]}) + "\n")
     counts, turns = count_tokens(tokenizer, [str(texts)])

@@ -18,7 +18,6 @@ first set's English → German/French/Spanish prompts: the training files hold E
 Spec-Bench's translations go from German into English. They come first in every shard.
 """
 import argparse
-import hashlib
 import json
 import lzma
 import random
@@ -27,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from kangaroo.training.data import read_conversations, split
+from kangaroo.training.distill import answer_key
 from kangaroo.training.tasks import LANGUAGES, build
 
 TO_ENGLISH = ("Translate {lang} to English: {s}", "Translate the following {lang} text into English.\n\n{s}",
@@ -92,7 +92,7 @@ if args.to_english:
     for r in records:
         if r["source"] != "task-translate":
             continue
-        key = hashlib.sha256(json.dumps(r["conversations"], sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
+        key = answer_key(r["conversations"])  # a prompt-only record: its messages are the prompt
         row, prompt = answers.get(key), r["conversations"][-1]["content"]
         lang = next((lang for lang in LANGUAGES if lang in prompt), None)
         if row is None or lang is None or not row.get("finished", True):

@@ -38,7 +38,8 @@ def prompt_messages(conv: Conversation) -> list[dict]:
     return head + [first_user]
 
 
-def _key(messages: list[dict]) -> str:
+def answer_key(messages: list[dict]) -> str:
+    """The answer cache's key of a prompt (its messages, as :func:`prompt_messages` gives them)."""
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:24]
 
 
@@ -95,7 +96,7 @@ def self_distill(
     keyed, queued = [], set()
     for conv in convs:
         msgs = prompt_messages(conv)
-        key = _key(msgs)
+        key = answer_key(msgs)
         keyed.append((conv, msgs, key))
         if key in cached or key in queued:
             continue
