@@ -91,8 +91,10 @@ def test_lookup_off_uses_the_adapter_only_and_sampling_uses_lookup_too():
     assert {s.source for s in off.steps[1:]} == {"adapter"}
     from kangaroo.config import SamplingConfig
 
-    # sampling takes lookup proposals as point-mass drafts (exactness: tests/test_sampling.py)
-    sampled = KangarooDecoder(backbone, adapter, KangarooConfig(exit_layer=1)).generate(ids, 30, sampling=SamplingConfig(0.8, seed=1))
+    # sampling takes lookup proposals as point-mass drafts (exactness: tests/test_sampling.py); 1-gram
+    # matches, so that a sampled continuation meets some whatever the default settings and the seed
+    sampled = KangarooDecoder(backbone, adapter, KangarooConfig(exit_layer=1, lookup_ngram=1)).generate(
+        ids, 30, sampling=SamplingConfig(0.8, seed=1))
     assert "lookup" in {s.source for s in sampled.steps[1:]}
     plain = KangarooDecoder(backbone, adapter, KangarooConfig(exit_layer=1, lookup_tokens=0)).generate(
         ids, 30, sampling=SamplingConfig(0.8, seed=1))
