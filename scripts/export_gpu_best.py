@@ -4,10 +4,10 @@ usage: python scripts/export_gpu_best.py RUN_DIR ANSWERS DATA_DIR OUT_DIR NOTE
 
 ``RUN_DIR`` is a run brought back by scripts/gpu_adapter.sh that its time limit stopped before
 ``kangaroo train`` exported it: ``best-adapter.pt`` (the best checkpoint's adapter state),
-``train_config.json`` and ``metrics.jsonl``. The adapter gets the draft vocabulary the trainer would
-have chosen at export (kangaroo.draft_vocab: the 8,192 most frequent tokens of the training answers,
-here the answers in the self-distillation cache ``ANSWERS`` to the prompts under ``DATA_DIR``'s
-shards) and a config recording that run's settings, data and best validation row; NOTE is its recipe.
+``train_config.json`` and ``metrics.jsonl``. The adapter gets a config recording that run's
+settings, data and best validation row (NOTE is its recipe), then the draft vocabulary the trainer
+would have chosen at export, by ``python -m kangaroo.draft_vocab`` over the answers in the
+self-distillation cache ``ANSWERS`` to the prompts under ``DATA_DIR``'s shards.
 """
 
 import json
@@ -18,13 +18,18 @@ from pathlib import Path
 import torch
 
 from kangaroo.adapter import Adapter, AdapterConfig
-from kangaroo.draft_vocab import choose, count_tokens
+from kangaroo.draft_vocab import main as draft_vocab
 from kangaroo.loading import load_model
 from kangaroo.model import Backbone
 from kangaroo.training.data import read_conversations
 from kangaroo.training.distill import answer_key, load_cache, prompt_messages
 
+if len(sys.argv) != 6:
+    sys.exit(__doc__.split("\n\n")[1])
 run, answers, data, out, note = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
+for needed in (run / "best-adapter.pt", run / "train_config.json", run / "metrics.jsonl", answers):
+    if not needed.is_file():
+        sys.exit(f"export_gpu_best: error: {needed} not found")
 train = json.loads((run / "train_config.json").read_text())
 rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
 vals = [r for r in rows if "val_agreement" in r]
@@ -33,34 +38,29 @@ state = torch.load(run / "best-adapter.pt", map_location="cpu", weights_only=Fal
 
 model, tokenizer = load_model(train["config"]["model"])
 bb = Backbone(model)
-adapter = Adapter(bb, train["config"]["exit_layer"], train["config"]["kv_heads"], state["down.weight"].shape[1]
-                  if "down.weight" in state else 0)
+adapter = Adapter(bb, train["config"]["exit_layer"], train["config"]["kv_heads"],
+                  state["down.weight"].shape[1] if "down.weight" in state else 0)
 adapter.load_state_dict(state)
-
-cache = load_cache(answers)
-convs, _ = read_conversations(sorted(str(d) for d in data.glob("shard-*")), prompts_ok=True)
-with tempfile.TemporaryDirectory() as tmp:
-    texts = Path(tmp) / "answers.jsonl"
-    with texts.open("w", encoding="utf-8") as f:
-        for c in convs:
-            row = cache.get(answer_key(prompt_messages(c)))
-            if row and row["response"]:
-                f.write(json.dumps({"conversations": [{"role": "assistant", "content": row["response"]}]}) + "\n")
-    counts, turns = count_tokens(tokenizer, [str(texts)])
-eos = model.generation_config.eos_token_id
-special = list(tokenizer.all_special_ids) + ([eos] if isinstance(eos, int) else list(eos or []))
-adapter.draft_vocab = choose(counts, 8192, bb.config.vocab_size, special)
-covered = sum(counts[int(t)] for t in adapter.draft_vocab) / sum(counts.values())
 final = {k: best[k] for k in ("val_loss", "val_agreement", "val_accept", "val_tokens", "val_agreement_by_kind")}
 final.update(best_step=best["step"], steps=max(r["step"] for r in rows), train_s=max(r.get("elapsed_s", 0) for r in rows))
 config = AdapterConfig(
     base_model=train["config"]["model"], exit_layer=adapter.exit_layer, fingerprint=bb.fingerprint(),
     kv_heads=train["config"]["kv_heads"], mlp_hidden=adapter.mlp_hidden,
-    draft_vocab={"size": int(adapter.draft_vocab.numel()), "token_coverage": round(covered, 4),
-                 "source": f"training targets (self-distilled): {turns} answers"},
     training={"config": train["config"], "data": train["data"], "final_metrics": final,
               "adapter_parameters": adapter.num_parameters(),
               "model_parameters": sum(p.numel() for p in model.parameters()), "recipe": note})
 adapter.float().save(out, config)
-print(f"{out}: best step {best['step']}, val agreement {best['val_agreement']:.4f}, "
-      f"draft vocabulary covers {covered:.1%} of {turns} answers' tokens")
+
+# the training answers, as conversations whose assistant turns kangaroo.draft_vocab counts
+cache = load_cache(answers)
+convs, _ = read_conversations(sorted(str(d) for d in data.glob("shard-*")), prompts_ok=True)
+with tempfile.TemporaryDirectory() as tmp:
+    texts = Path(tmp) / "self-distilled-answers.jsonl"
+    with texts.open("w", encoding="utf-8") as f:
+        for c in convs:
+            row = cache.get(answer_key(prompt_messages(c)))
+            if row and row["response"]:
+                f.write(json.dumps({"conversations": [{"role": "assistant", "content": row["response"]}]}) + "\n")
+    code = draft_vocab(["--adapter", str(out), "--model", train["config"]["model"], "--data", str(texts)])
+print(f"{out}: best step {best['step']}, val agreement {best['val_agreement']:.4f}")
+sys.exit(code)

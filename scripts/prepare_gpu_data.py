@@ -39,6 +39,8 @@ ap.add_argument("shards", type=int, nargs="?", default=4)
 ap.add_argument("--more", type=int, default=0)
 ap.add_argument("--to-english", type=Path)
 args = ap.parse_args()
+if args.to_english and not args.to_english.is_file():
+    ap.error(f"--to-english: answer cache {args.to_english} not found")
 out, per_kind, shards = args.out, args.per_kind, args.shards
 train_dir = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "train"
 
