@@ -97,7 +97,7 @@ def test_a_failed_build_is_one_warning_line(monkeypatch, caplog, tmp_path):
     """A compiler error (here: a source that does not compile) leaves per-row SDPA, with the reason."""
     bad = tmp_path / "broken.cpp"
     bad.write_text("this is not C++\n")
-    monkeypatch.setattr(attention, "SOURCE", bad)
+    monkeypatch.setattr(attention, "SOURCES", (bad,))
     monkeypatch.setattr(attention, "_state", {})
     monkeypatch.setenv("KANGAROO_CACHE", str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING):

@@ -17,11 +17,11 @@ from kangaroo.config import EngineConfig, KangarooConfig
 from kangaroo.decoding import AutoregressiveDecoder, KangarooDecoder
 from kangaroo.engine import FusedEngine
 from kangaroo.errors import KangarooError
-from kangaroo.kernels import KERNELS, MAX_ROWS, Linear, packed_available, row_invariant
+from kangaroo.kernels import KERNELS, MAX_ROWS, Linear, kernel_available, row_invariant
 from kangaroo.kv_cache import KVCache
 from kangaroo.model import Backbone
 
-CONFIGS = [(d, k) for d in (torch.float32, torch.bfloat16) for k in KERNELS if k != "packed" or packed_available("cpu")]
+CONFIGS = [(d, k) for d in (torch.float32, torch.bfloat16) for k in KERNELS if kernel_available(k, d, "cpu")]
 ATTENTIONS = ("kernel", "sdpa")  # the decode-attention kernel (tests/test_attention.py proves it builds) and per-row SDPA
 
 
@@ -187,6 +187,8 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     (dict(device="tpu"), "unsupported device 'tpu'"),
     (dict(dtype="float16"), "float16 runs on CUDA only"),
     (dict(device="cuda", kernel="packed"), "the packed kernel is CPU only"),
+    (dict(device="cuda", kernel="dpbf16"), "the dpbf16 kernel is CPU only"),
+    (dict(kernel="dpbf16", dtype="float32"), "the dpbf16 kernel computes with bfloat16 weights: use --dtype bfloat16 or auto"),
     (dict(engine="eager", kernel="packed"), "--kernel and --attention apply to the fused engine"),
     (dict(engine="eager", attention="sdpa"), "--kernel and --attention apply to the fused engine"),
     (dict(attention="flash"), "unknown attention 'flash': use one of auto, kernel, sdpa"),
@@ -195,6 +197,34 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
 def test_bad_engine_settings_are_clear_errors(kwargs, message):
     with pytest.raises(KangarooError, match=message.replace("(", r"\(")):
         EngineConfig(**kwargs)
+
+
+def test_dpbf16_where_the_cpu_lacks_it_is_a_clear_error(monkeypatch):
+    """--kernel dpbf16 on a CPU without AVX512-BF16 (or where the module did not build) names the way out."""
+    from kangaroo import calibration, kernels
+
+    monkeypatch.setattr(kernels, "dpbf16_available", lambda device: False)
+    with pytest.raises(KangarooError, match=r"the dpbf16 kernel cannot run here \(it needs a CPU with AVX512-BF16\): use --kernel stock or auto"):
+        calibration.candidates(EngineConfig(kernel="dpbf16"))
+    assert all(k != "dpbf16" for _, k in calibration.candidates(EngineConfig()))
+
+
+@pytest.mark.skipif(not kernel_available("dpbf16", torch.bfloat16, "cpu"), reason="needs a CPU with AVX512-BF16")
+def test_dpbf16_pads_odd_shapes_and_keeps_rows_apart():
+    """Weights whose rows are not a multiple of 16 (or columns odd) are padded inside, never seen outside;
+    every row count 1..16 gives each row its one-row bits (and 40 rows, a prompt, are right too)."""
+    torch.manual_seed(1)
+    w, b = torch.randn(50, 33) * 0.1, torch.randn(50)
+    lin = Linear(w, b, torch.bfloat16, "dpbf16")
+    assert lin.pad_to == 0 and len(lin.chunks) == 1  # row-invariant as it is, by construction
+    x = torch.randn(40, 33)
+    ref = torch.nn.functional.linear(x.to(torch.bfloat16).float(), w.to(torch.bfloat16).float(), b.to(torch.bfloat16).float())
+    out = lin(x)
+    assert out.shape == (40, 50) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(16)])
+    for m in range(1, 17):
+        assert torch.equal(lin(x[:m]), alone[:m]), m
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")

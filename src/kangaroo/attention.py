@@ -45,6 +45,9 @@ from torch.nn import functional as F
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+#: one compiled module: the attention kernel and RMSNorm (SOURCE, which defines the module) and the
+#: bfloat16 product of kangaroo.kernels ("dpbf16")
+SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "linear_bf16.cpp")
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CHOICES = ("auto", "kernel", "sdpa")
 
@@ -61,7 +64,7 @@ def _cpu_id() -> str:
 
 
 def _name() -> str:
-    digest = hashlib.sha1("\n".join([SOURCE.read_text(), " ".join(CFLAGS), _cpu_id(), torch.__version__,
+    digest = hashlib.sha1("\n".join([*(src.read_text() for src in SOURCES), " ".join(CFLAGS), _cpu_id(), torch.__version__,
                                      sys.version]).encode()).hexdigest()[:12]
     return f"kangaroo_decode_attention_{digest}"
 
@@ -109,7 +112,7 @@ def load():
         _ensure_ninja()
         if fresh:
             logger.info("compiling the decode-attention kernel for this machine (once, ~20 s)")
-        module = cpp_extension.load(name, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        module = cpp_extension.load(name, [str(src) for src in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                     build_directory=str(build), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: no kernel, per-row SDPA
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
@@ -151,6 +154,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     compiled module: each row in one fixed summation order, ~1 µs a call where ``F.rms_norm`` takes
     ~8 µs on a step's few rows (60 norms a token: ~0.5 ms of a 13 ms step)."""
     return _state["module"].rms_norm(x, weight, eps)
+
+
+def linear_bf16(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T (+ b)`` from the same compiled module (``csrc/linear_bf16.cpp``): ``x`` ``[M, K]``
+    bfloat16, ``packed`` ``[N/16, K/2, 16, 2]`` bfloat16 (see :class:`kangaroo.kernels.Linear`),
+    ``bias`` ``[N]`` float32 -> ``[M, N]`` bfloat16."""
+    return _state["module"].linear_bf16(x, packed, bias)
 
 
 def sdpa_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, begins: list[int], ends: list[int],

@@ -23,7 +23,7 @@ from . import attention as attn_kernel
 from .config import EngineConfig
 from .engine import FusedEngine
 from .errors import KangarooError
-from .kernels import KERNELS, packed_available
+from .kernels import KERNELS, kernel_available
 from .kv_cache import KVCache
 from .model import Backbone
 
@@ -61,11 +61,15 @@ def candidates(config: EngineConfig) -> list[tuple[torch.dtype, str]]:
         dtypes = [getattr(torch, config.dtype)]
     else:
         dtypes = [torch.bfloat16] if cuda else [torch.float32, torch.bfloat16]
+    if config.kernel == "dpbf16" and config.dtype == "auto":
+        dtypes = [torch.bfloat16]
     if config.kernel != "auto":
-        kernels = [config.kernel]
-    else:
-        kernels = [k for k in KERNELS if k != "packed" or packed_available(config.device)]
-    return [(d, k) for d in dtypes for k in kernels]
+        if not any(kernel_available(config.kernel, d, config.device) for d in dtypes):
+            raise KangarooError(f"the {config.kernel} kernel cannot run here"
+                                + (" (it needs a CPU with AVX512-BF16)" if config.kernel == "dpbf16" else "")
+                                + ": use --kernel stock or auto")
+        return [(d, config.kernel) for d in dtypes]
+    return [(d, k) for d in dtypes for k in KERNELS if kernel_available(k, d, config.device)]
 
 
 def step_ms(engine, repeats: int = 7, context: int = 64) -> float:
@@ -94,8 +98,10 @@ def _key(backbone: Backbone, config: EngineConfig) -> str:
     m = machine()
     fp = backbone.fingerprint()
     model = f"{fp['model_type']}-{fp['num_hidden_layers']}x{fp['hidden_size']}-v{fp['vocab_size']}"
+    # the candidates are part of the key: a new kernel is measured, not hidden behind an older choice
+    options = ",".join(f"{str(d).removeprefix('torch.')}/{k}" for d, k in candidates(config))
     return "|".join([m["cpu"], ",".join(m["cpu_flags"]), f"{m['threads']} threads", m["torch"], config.device,
-                     model, config.dtype, config.kernel])
+                     model, config.dtype, config.kernel, options])
 
 
 def _cache_file() -> Path:

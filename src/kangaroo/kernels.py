@@ -7,7 +7,12 @@ this module only provides them:
 
 * ``stock``: ``F.linear`` (MKL or oneDNN, torch's own dispatch);
 * ``packed``: oneDNN with the weight reordered once into its blocked layout
-  (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``), CPU only.
+  (``torch.ops.mkldnn._reorder_linear_weight`` + ``_linear_pointwise``), CPU only;
+* ``dpbf16``: our own bfloat16 product for CPUs with AVX512-BF16 (``csrc/linear_bf16.cpp``, in the
+  module :mod:`kangaroo.attention` compiles for the machine): weights packed once into blocks of 16
+  outputs, streamed in the order they are used; each output is one fixed chain of ``vdpbf16ps`` over
+  K, so it is row-invariant by construction. On the AMD machine a step's products took 5.9 ms
+  against oneDNN's 7.9 (docs/ENGINE.md §3).
 
 Kangaroo is lossless only if the target computes every token's logits the same way whether the
 token is verified in a batch of ``k`` rows or decoded alone. A product kernel may sum over ``K`` in
@@ -29,7 +34,7 @@ from torch.nn import functional as F
 
 logger = logging.getLogger(__name__)
 
-KERNELS = ("stock", "packed")
+KERNELS = ("stock", "packed", "dpbf16")
 #: largest number of rows a step engine forward passes through a product (verification of a
 #: 16-node tree); row invariance is checked for every count in 1..MAX_ROWS.
 MAX_ROWS = 16
@@ -40,6 +45,33 @@ def packed_available(device: torch.device | str) -> bool:
     """Whether the oneDNN prepacked product exists here (CPU builds of torch with mkldnn)."""
     return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def dpbf16_available(device: torch.device | str) -> bool:
+    """Whether our AVX512-BF16 product runs here: a CPU with that instruction set, where the compiled
+    module (built on first use, ~25 s once per machine) loads."""
+    if torch.device(device).type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    if "avx512_bf16" not in flags.split():
+        return False
+    from . import attention
+
+    module = attention.load()
+    return module is not None and bool(module.linear_bf16_available())
+
+
+def kernel_available(kernel: str, dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether ``kernel`` can run products of weight ``dtype`` on ``device``."""
+    if kernel == "packed":
+        return packed_available(device)
+    if kernel == "dpbf16":
+        return dtype == torch.bfloat16 and dpbf16_available(device)
+    return kernel == "stock"
 
 
 class Linear:
@@ -58,10 +90,14 @@ class Linear:
                  check: bool = True) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}")
+        if kernel == "dpbf16" and not kernel_available(kernel, dtype, weight.device):
+            raise ValueError("the dpbf16 kernel needs bfloat16 weights on a CPU with AVX512-BF16")
         self.dtype, self.kernel, self.device = dtype, kernel, weight.device
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+        # dpbf16 adds the bias in float32, over the weight's rows padded to a multiple of 16
+        self.bias_f32 = None if bias is None else F.pad(self.bias.float(), (0, -self.out_features % 16)).contiguous()
         self.chunks = [(0, self.in_features, self._prepare(weight))]  # (k0, k1, weight) along K
         self.pad_to = 0  # > 0: always run with this many rows
         if check:
@@ -70,11 +106,22 @@ class Linear:
     def _prepare(self, w: torch.Tensor) -> torch.Tensor:
         if self.kernel == "packed":
             return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), MAX_ROWS)
+        if self.kernel == "dpbf16":  # [N, K] -> [N/16, K/2, 16, 2], N padded to 16 and K to 2 with zeros
+            N, K = w.shape
+            w = F.pad(w, (0, K % 2, 0, -N % 16))
+            return w.view(w.shape[0] // 16, 16, w.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
         return w.contiguous()
 
     def _product(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.kernel == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [None], "")
+        if self.kernel == "dpbf16":
+            from .attention import linear_bf16
+
+            if x.shape[1] % 2:
+                x = F.pad(x, (0, 1))
+            y = linear_bf16(x, w, None if bias is None else self.bias_f32)
+            return y if y.shape[1] == self.out_features else y[:, :self.out_features]
         return F.linear(x, w, bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

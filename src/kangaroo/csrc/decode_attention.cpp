@@ -412,7 +412,14 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     return out;
 }
 
+// linear_bf16.cpp (the same compiled module)
+bool linear_bf16_available();
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("decode_attention", &decode_attention, "decode attention with row-invariant arithmetic");
     mod.def("rms_norm", &rms_norm, "row-wise RMSNorm in a fixed summation order");
+    mod.def("linear_bf16_available", &linear_bf16_available, "whether linear_bf16 was built (AVX512-BF16)");
+    mod.def("linear_bf16", &linear_bf16, "x W^T (+ b) over prepacked bfloat16 weights, row-invariant",
+            py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
 }
