@@ -118,3 +118,43 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         attention._clear_stale_lock(tmp_path)
     assert not lock.exists() and "stale build lock" in caplog.text
+
+
+def test_fused_step_ops_match_the_torch_ops_they_replace(kernel):
+    """RoPE, the cache write + attention, the residual add + norm and the SiLU gating of the compiled
+    module compute what the torch ops compute (to rounding), write the cache slots they are given and
+    nothing else, and leave each row's bits independent of the other rows."""
+    gen = torch.Generator().manual_seed(3)
+    T, H, Hkv, d, start, cap = 5, 9, 3, 64, 40, 64
+    qkv = torch.randn(T, (H + 2 * Hkv) * d, generator=gen).to(torch.bfloat16)
+    angles = torch.rand(T, 1, d // 2, generator=gen) * 6
+    cs = torch.stack([angles.cos(), angles.sin()], dim=-1)  # [T, 1, d/2, 2]
+    qk = qkv[:, :(H + Hkv) * d].float().view(T, H + Hkv, d)
+    ref_qk = torch.view_as_real(torch.view_as_complex(qk.reshape(T, H + Hkv, d // 2, 2)) * torch.view_as_complex(cs)).view(T, H + Hkv, d)
+    torch.testing.assert_close(attention.rope(qk, cs), ref_qk, rtol=1e-5, atol=1e-5)
+    keys, values = torch.randn(Hkv, cap, d, generator=gen), torch.randn(Hkv, cap, d, generator=gen)
+    k0, v0 = keys.clone(), values.clone()
+    for window in (0, 20):
+        out = attention.rope_attend(qkv, cs, keys, values, start, H, Hkv, 0.125, window, 2)
+        torch.testing.assert_close(keys[:, start:start + T], ref_qk[:, H:].transpose(0, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values[:, start:start + T], qkv[:, (H + Hkv) * d:].float().view(T, Hkv, d).transpose(0, 1))
+        assert torch.equal(keys[:, :start], k0[:, :start]) and torch.equal(keys[:, start + T:], k0[:, start + T:])
+        ends = [start + t + 1 for t in range(T)]
+        begins = [max(0, e - window) if window else 0 for e in ends]
+        ref = attention.sdpa_rows(ref_qk[:, :H], keys, values, begins, ends, 0.125).reshape(T, H * d)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        for t in range(T):  # a row alone, at its own position, gets the same bits
+            alone = attention.rope_attend(qkv[t:t + 1], cs[t:t + 1], keys, values, start + t, H, Hkv, 0.125, window, 2)
+            assert torch.equal(alone[0], out[t]), (window, t)
+        keys[:, start:], values[:, start:] = k0[:, start:], v0[:, start:]
+    x, y = torch.randn(T, 576, generator=gen), torch.randn(T, 576, generator=gen).to(torch.bfloat16)
+    w = torch.rand(576, generator=gen) + 0.5
+    x_ref = x + y
+    h = attention.add_rms_norm(x, y, w, 1e-5)
+    assert torch.equal(x, x_ref)  # the residual add is exactly torch's
+    assert torch.equal(h, attention.rms_norm(x_ref, w, 1e-5))
+    gu = torch.randn(T, 2 * 1536, generator=gen).to(torch.bfloat16)
+    ref = (F.silu(gu[:, :1536].float()) * gu[:, 1536:].float()).to(torch.bfloat16)
+    got = attention.silu_mul(gu)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    assert all(torch.equal(attention.silu_mul(gu[t:t + 1].clone())[0], got[t]) for t in range(T))

@@ -45,9 +45,10 @@ from torch.nn import functional as F
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
-#: one compiled module: the attention kernel and RMSNorm (SOURCE, which defines the module) and the
-#: bfloat16 product of kangaroo.kernels ("dpbf16")
-SOURCES = (SOURCE, Path(__file__).parent / "csrc" / "linear_bf16.cpp")
+#: one compiled module: the attention kernel and RMSNorm (SOURCE, which defines the module), the
+#: bfloat16 product of kangaroo.kernels ("dpbf16") and the step engine's fused small ops
+SOURCES = (SOURCE, SOURCE.parent / "linear_bf16.cpp", SOURCE.parent / "step_ops.cpp")
+HEADERS = (SOURCE.parent / "exp512.h",)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CHOICES = ("auto", "kernel", "sdpa")
 
@@ -64,7 +65,7 @@ def _cpu_id() -> str:
 
 
 def _name() -> str:
-    digest = hashlib.sha1("\n".join([*(src.read_text() for src in SOURCES), " ".join(CFLAGS), _cpu_id(), torch.__version__,
+    digest = hashlib.sha1("\n".join([*(src.read_text() for src in SOURCES + HEADERS), " ".join(CFLAGS), _cpu_id(), torch.__version__,
                                      sys.version]).encode()).hexdigest()[:12]
     return f"kangaroo_decode_attention_{digest}"
 
@@ -161,6 +162,30 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     bfloat16, ``packed`` ``[N/16, K/2, 16, 2]`` bfloat16 (see :class:`kangaroo.kernels.Linear`),
     ``bias`` ``[N]`` float32 -> ``[M, N]`` bfloat16."""
     return _state["module"].linear_bf16(x, packed, bias)
+
+
+def rope(x: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x`` ``[T, heads, d]`` (interleaved pairs) by ``cs`` ``[T, 1, d/2, 2]`` (cos, sin): the
+    engine's rotation wherever the module is loaded (``csrc/step_ops.cpp``)."""
+    return _state["module"].rope(x, cs)
+
+
+def rope_attend(qkv: torch.Tensor, cs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, heads: int,
+                kv_heads: int, scale: float, window: int, block: int) -> torch.Tensor:
+    """An attention block between its products: ``qkv`` ``[T, (H + 2 H_kv) d]`` rotated (:func:`rope`),
+    keys and values written into the layer's buffers ``[H_kv, capacity, d]`` at ``start ..``, and
+    each row attended over its prefix (:func:`decode_attention`; prompts in blocks). ``[T, H d]``."""
+    return _state["module"].rope_attend(qkv, cs, keys, values, start, heads, kv_heads, scale, window, block)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x += y`` in place (``x`` ``[T, D]`` float32), then :func:`rms_norm` of it."""
+    return _state["module"].add_rms_norm(x, y, weight, eps)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused gate/up product ``[T, 2I]`` (gate first), in its dtype."""
+    return _state["module"].silu_mul(gu)
 
 
 def sdpa_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, begins: list[int], ends: list[int],

@@ -118,10 +118,14 @@ def _native_norm(x: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Ten
     return attn_kernel.rms_norm(x, norm[0], norm[1])
 
 
-def _mlp(h: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
+def _mlp(h: torch.Tensor, gate_up: Linear, down: Linear, fused: bool = False) -> torch.Tensor:
     """SiLU-gated MLP of normed rows ``h`` ``[T, D]`` with ``gate_up`` ``[2 I, D]`` (gate rows first):
-    ``down(silu(gate) * up)``, ``[T, D]`` (a target layer's and the adapter's)."""
+    ``down(silu(gate) * up)``, ``[T, D]`` (a target layer's and the adapter's). ``fused``: the
+    gating in one compiled call (:func:`kangaroo.attention.silu_mul`; the engine uses it on every path
+    while the module is loaded, so all paths agree bit for bit)."""
     gu = gate_up(h)  # [T, 2I]
+    if fused:
+        return down(attn_kernel.silu_mul(gu))
     inner = gu.shape[-1] // 2
     return down(F.silu(gu[:, :inner]) * gu[:, inner:])
 
@@ -208,6 +212,13 @@ class FusedEngine:
         return F.embedding(input_ids, self.embed_weight).to(self.act_dtype)
 
     @property
+    def fused_ops(self) -> bool:
+        """Whether layers run the compiled module's fused small ops (:mod:`kangaroo.attention`:
+        RoPE, cache write and attention in one call, residual add + norm, SiLU gating): whenever
+        the decode-attention kernel is in use, on every path alike."""
+        return self.attention == "kernel"
+
+    @property
     def norm(self):
         """RMSNorm of ``[T, D]`` rows: compiled with the attention kernel (the same module), else F.rms_norm."""
         return _native_norm if self.attention == "kernel" else _norm
@@ -284,6 +295,23 @@ class FusedEngine:
             raise ValueError(f"a tree of {tree.rows} rows over {T} states (at most {MAX_ROWS} rows)")
         depths = None if tree is None or tree.is_chain else torch.tensor(tree.depths, device=self.device)
         ropes, masks, norm = {}, {}, self.norm
+        if self.fused_ops:
+            # the compiled module's fused ops: the residual add and the next norm in one call, x
+            # updated in place (a copy: the caller keeps ``hidden``), SiLU gating in one call
+            x = x.clone().contiguous()
+            h = norm(x, self.layers[start].input_norm)
+            for i in range(start, end):
+                layer = self.layers[i]
+                if layer.layer_type not in ropes:
+                    ropes[layer.layer_type] = self.rope(pos, T, layer.layer_type, depths)
+                out = self.attend(layer.attention, h, cache, i, ropes[layer.layer_type], None, layer.window, tree=tree)
+                h = attn_kernel.add_rms_norm(x, out, *layer.post_norm)
+                out = _mlp(h, layer.gate_up, layer.down, fused=True)
+                if i + 1 < end:
+                    h = attn_kernel.add_rms_norm(x, out, *self.layers[i + 1].input_norm)
+                else:
+                    x.add_(out)
+            return x[None]
         for i in range(start, end):
             layer = self.layers[i]
             if layer.layer_type not in ropes:
@@ -307,12 +335,23 @@ class FusedEngine:
         A ``tree``'s segments are written at their depth and each row attends over its own keys.
         """
         T, H, Hkv, d = h.shape[0], a.heads, a.kv_heads, a.head_dim
-        qkv = a.qkv(h).to(self.act_dtype)  # [T, (H + 2 H_kv) d]
+        fused = self.fused_ops
+        qkv = a.qkv(h)  # [T, (H + 2 H_kv) d], in the products' dtype
+        if fused and tree is None and cache is not None and a.q_norm is None:
+            # RoPE, the cache write and attention in one compiled call, its RoPE the one below
+            keys, values, start = cache.slots(layer_idx, T, Hkv, d, h)
+            out = attn_kernel.rope_attend(qkv, torch.view_as_real(rope), keys, values, start, H, Hkv, a.scaling,
+                                          window or 0, PROMPT_BLOCK)
+            return a.o(out)
+        qkv = qkv.to(self.act_dtype)
         qk = qkv[:, : (H + Hkv) * d].view(T, H + Hkv, d)
         v = qkv[:, (H + Hkv) * d:].view(T, Hkv, d)
         if a.q_norm is not None:  # Qwen3: RMSNorm per head before RoPE
             qk = torch.cat([_norm(qk[:, :H], a.q_norm), _norm(qk[:, H:], a.k_norm)], dim=1)
-        qk = torch.view_as_real(torch.view_as_complex(qk.reshape(T, H + Hkv, d // 2, 2)) * rope).view(T, H + Hkv, d)
+        if fused:
+            qk = attn_kernel.rope(qk, torch.view_as_real(rope))
+        else:
+            qk = torch.view_as_real(torch.view_as_complex(qk.reshape(T, H + Hkv, d // 2, 2)) * rope).view(T, H + Hkv, d)
         q_rows, k, v = qk[:, :H], qk[:, H:].transpose(0, 1)[None], v.transpose(0, 1)[None]  # [T, H, d], [1, H_kv, T, d] x2
         rows = attn_kernel.decode_attention if self.attention == "kernel" else attn_kernel.sdpa_rows
         if tree is not None:
@@ -371,7 +410,7 @@ class FusedEngine:
         x = x + out
         if mlp is not None:
             n3, gate_up, down = mlp
-            x = x + _mlp(norm(x, n3), gate_up, down)
+            x = x + _mlp(norm(x, n3), gate_up, down, fused=self.fused_ops)
         return norm(x, n2)[None]
 
 

@@ -49,6 +49,18 @@ class KVCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    def slots(self, layer_idx: int, T: int, heads: int, dim: int, like: torch.Tensor):
+        """Reserve ``T`` positions after the layer's length, for a caller that writes them itself
+        (the engine's fused attention): returns ``(keys, values, start)``, the layer's whole buffers
+        ``[H_kv, capacity, D]`` (batch 1) and the first reserved position."""
+        start, end = self.lengths[layer_idx], self.lengths[layer_idx] + T
+        buf = self.keys[layer_idx]
+        if buf is None or end > buf.shape[-2] or buf.dtype != torch.float32:
+            template = torch.empty(1, heads, 0, dim, dtype=torch.float32, device=like.device)
+            self._grow(layer_idx, template, template, end)
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][0], self.values[layer_idx][0], start
+
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, start: int):
         """Write ``[B, H_kv, T, D]`` at positions ``start..start+T-1`` (at most the current length) and
         make that the layer's end; return all keys/values up to it, as :meth:`update` does."""

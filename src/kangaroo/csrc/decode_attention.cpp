@@ -26,6 +26,7 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#include "exp512.h"
 
 namespace {
 
@@ -62,26 +63,8 @@ inline float hmax(vf a) {
 inline __m512 m(vf a) { __m512 r; std::memcpy(&r, &a, sizeof(r)); return r; }
 inline vf u(__m512 a) { vf r; std::memcpy(&r, &a, sizeof(r)); return r; }
 
-// exp(x) lane by lane: x = n ln2 + r with n = round(x log2 e), e^r by a degree-6 polynomial
-// (Cephes' coefficients, ~1 ulp), times 2^n by vscalefps; inputs below -87.3 (and -inf) give 0.
-// Each lane's result depends on that lane's input only.
-inline vf vexp(vf xv) {
-    __m512 x = m(xv);
-    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_LT_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507E-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073E-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894E-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459E-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201E-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return u(_mm512_maskz_mov_ps(~under, _mm512_scalef_ps(y, n)));
-}
+// exp(x) lane by lane (exp512.h)
+inline vf vexp(vf xv) { return u(exp512(m(xv))); }
 
 // Sixteen dot products at once: lane i of the result is the sum of the lanes of a[i], added in the
 // same tree for every i: within each 128-bit quarter lanes (0+2)+(1+3), then quarters (0+2)+(1+3).
@@ -412,9 +395,14 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     return out;
 }
 
-// linear_bf16.cpp (the same compiled module)
+// linear_bf16.cpp and step_ops.cpp (the same compiled module)
 bool linear_bf16_available();
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
+torch::Tensor rope(torch::Tensor x, torch::Tensor cs);
+torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t start,
+                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t block);
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps);
+torch::Tensor silu_mul(torch::Tensor gu);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("decode_attention", &decode_attention, "decode attention with row-invariant arithmetic");
@@ -422,4 +410,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("linear_bf16_available", &linear_bf16_available, "whether linear_bf16 was built (AVX512-BF16)");
     mod.def("linear_bf16", &linear_bf16, "x W^T (+ b) over prepacked bfloat16 weights, row-invariant",
             py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+    mod.def("rope", &rope, "RoPE over interleaved pairs, row by row");
+    mod.def("rope_attend", &rope_attend, "RoPE, cache write and decode attention between an attention block's products");
+    mod.def("add_rms_norm", &add_rms_norm, "residual add in place, then RMSNorm");
+    mod.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up product");
 }

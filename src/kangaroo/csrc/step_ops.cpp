@@ -1,0 +1,191 @@
+// The small operations around a layer's products, fused, for the step engine (kangaroo/engine.py).
+//
+// Why: once the products stream at memory speed (linear_bf16.cpp), what is left of a one-token step
+// besides them and attention is ~45 small torch ops a layer (casts, slices, a complex multiply for
+// RoPE, cache writes, adds, SiLU), ~1.4 ms of a ~7.5 ms step on the AMD machine. Here they are a
+// few calls a layer. Every function works row by row in a fixed order, so a row's result never
+// depends on the other rows (the engine's row invariance), and the engine uses them on every path
+// that computes the target's layers while they are loaded (plain steps, verification, token trees,
+// prompts, the adapter), so every path computes the same bits.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "exp512.h"
+
+// decode_attention.cpp
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> begin,
+                               std::vector<int64_t> end, double scale_);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+
+namespace {
+
+inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+// torch's float -> bfloat16 rounding (c10::BFloat16: round to nearest even, NaN kept quiet).
+inline uint16_t float_to_bf16(float f) {
+    if (std::isnan(f)) return 0x7FC0;
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    const uint32_t bias = ((bits >> 16) & 1u) + 0x7FFFu;
+    return static_cast<uint16_t>((bits + bias) >> 16);
+}
+
+// Rotate one head's interleaved pairs (x_i, y_i) by (c_i, s_i): x c - y s, x s + y c. The engine's
+// RoPE everywhere the module is loaded (the same expression in one place, so every path agrees).
+inline void rotate(const float* in, const float* cs, float* out, int64_t half) {
+    for (int64_t i = 0; i < half; ++i) {
+        const float x = in[2 * i], y = in[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+        const float xc = x * c, ys = y * s, xs = x * s, yc = y * c;
+        out[2 * i] = xc - ys;
+        out[2 * i + 1] = xs + yc;
+    }
+}
+
+// Row t's first n floats of qkv (bfloat16 or float32) as float32.
+inline void row_to_float(const torch::Tensor& qkv, int64_t t, int64_t n, float* dst) {
+    if (qkv.scalar_type() == torch::kBFloat16) {
+        const auto* src = reinterpret_cast<const uint16_t*>(qkv.data_ptr()) + t * qkv.stride(0);
+        for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(src[i]);
+    } else {
+        const float* src = qkv.data_ptr<float>() + t * qkv.stride(0);
+        std::memcpy(dst, src, n * sizeof(float));
+    }
+}
+
+}  // namespace
+
+// RoPE over x [T, n_heads, d] float32 (head dimension contiguous) with cs [T, d/2, 2] (cos, sin) per
+// row: a new [T, n_heads, d] float32 tensor.
+torch::Tensor rope(torch::Tensor x, torch::Tensor cs) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && cs.dtype() == torch::kFloat32, "rope: float32 only");
+    TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0, "rope: x [T, heads, d] with d contiguous");
+    const int64_t T = x.size(0), n = x.size(1), d = x.size(2), half = d / 2;
+    cs = cs.reshape({cs.size(0), half, 2}).contiguous();
+    TORCH_CHECK(cs.size(0) == T, "rope: one (cos, sin) row per row of x");
+    auto out = torch::empty({T, n, d}, x.options());
+    const float *xp = x.data_ptr<float>(), *cp = cs.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < n; ++h)
+            rotate(xp + t * x.stride(0) + h * x.stride(1), cp + t * d, op + (t * n + h) * d, half);
+    return out;
+}
+
+// One attention block's work between its two products, for rows at positions start .. start+T-1
+// over a pre-allocated cache: qkv [T, (H + 2 H_kv) d] (the QKV product's output, bfloat16 or
+// float32), cs [T, d/2, 2] RoPE (cos, sin) per row, kbuf/vbuf [H_kv, capacity, d] float32 (one
+// layer's cache; slots start .. start+T-1 are written here). Rotates Q and K, writes K and V, and
+// attends each row over its prefix (its last `window` keys when window > 0) with decode_attention,
+// prompts in blocks of `block` rows. Returns [T, H d] float32.
+torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t start,
+                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t block) {
+    TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "rope_attend: qkv [T, (H + 2 H_kv) d] with rows contiguous");
+    TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16 || qkv.scalar_type() == torch::kFloat32, "rope_attend: bfloat16 or float32 qkv");
+    TORCH_CHECK(kbuf.dtype() == torch::kFloat32 && vbuf.dtype() == torch::kFloat32 && kbuf.is_contiguous() && vbuf.is_contiguous()
+                && kbuf.dim() == 3 && vbuf.sizes() == kbuf.sizes() && kbuf.size(0) == Hkv, "rope_attend: caches [H_kv, capacity, d] float32");
+    const int64_t T = qkv.size(0), d = kbuf.size(2), half = d / 2, cap = kbuf.size(1);
+    TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * d && d % 2 == 0, "rope_attend: qkv width");
+    TORCH_CHECK(start >= 0 && start + T <= cap, "rope_attend: the cache has no room for these rows");
+    cs = cs.reshape({cs.size(0), half, 2}).contiguous();
+    TORCH_CHECK(cs.size(0) == T && cs.dtype() == torch::kFloat32, "rope_attend: one float32 (cos, sin) row per row");
+    auto q = torch::empty({T, H, d}, kbuf.options());
+    float *qp = q.data_ptr<float>(), *kp = kbuf.data_ptr<float>(), *vp = vbuf.data_ptr<float>();
+    const float* cp = cs.data_ptr<float>();
+    const int64_t width = (H + 2 * Hkv) * d;
+    std::vector<float> row(width);
+    for (int64_t t = 0; t < T; ++t) {
+        row_to_float(qkv, t, width, row.data());
+        const float* c = cp + t * d;
+        for (int64_t h = 0; h < H; ++h) rotate(row.data() + h * d, c, qp + (t * H + h) * d, half);
+        for (int64_t g = 0; g < Hkv; ++g) {
+            rotate(row.data() + (H + g) * d, c, kp + (g * cap + start + t) * d, half);
+            std::memcpy(vp + (g * cap + start + t) * d, row.data() + (H + Hkv + g) * d, d * sizeof(float));
+        }
+    }
+    auto keys = kbuf.narrow(1, 0, start + T), values = vbuf.narrow(1, 0, start + T);
+    std::vector<torch::Tensor> parts;
+    for (int64_t b = 0; b < T; b += block) {
+        const int64_t n = std::min(block, T - b);
+        std::vector<int64_t> begins(n), ends(n);
+        for (int64_t i = 0; i < n; ++i) {
+            ends[i] = start + b + i + 1;
+            begins[i] = window > 0 ? std::max<int64_t>(0, ends[i] - window) : 0;
+        }
+        parts.push_back(decode_attention(q.narrow(0, b, n), keys, values, begins, ends, scale));
+    }
+    auto out = parts.size() == 1 ? parts[0] : torch::cat(parts);
+    return out.view({T, H * d});
+}
+
+// x += y (y [T, D] bfloat16 or float32, added as float32: what `x + y` computes), then RMSNorm of
+// the new x with weight w: returns [T, D] float32. x [T, D] float32, contiguous, updated in place.
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps) {
+    TORCH_CHECK(x.dtype() == torch::kFloat32 && x.is_contiguous() && x.dim() == 2, "add_rms_norm: x [T, D] float32, contiguous");
+    TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1) && y.stride(1) == 1, "add_rms_norm: y like x");
+    const int64_t T = x.size(0), D = x.size(1);
+    float* xp = x.data_ptr<float>();
+    if (y.scalar_type() == torch::kBFloat16) {
+        const auto* yp = reinterpret_cast<const uint16_t*>(y.data_ptr());
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t i = 0; i < D; ++i) xp[t * D + i] = xp[t * D + i] + bf16_to_float(yp[t * y.stride(0) + i]);
+    } else {
+        TORCH_CHECK(y.scalar_type() == torch::kFloat32, "add_rms_norm: y bfloat16 or float32");
+        const float* yp = y.data_ptr<float>();
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t i = 0; i < D; ++i) xp[t * D + i] = xp[t * D + i] + yp[t * y.stride(0) + i];
+    }
+    return rms_norm(x, w, eps);
+}
+
+// SiLU-gated product of the MLP's fused gate/up output gu [T, 2I] (gate first): silu(g) * u,
+// computed in float32 and rounded to gu's dtype once. Returns [T, I].
+torch::Tensor silu_mul(torch::Tensor gu) {
+    TORCH_CHECK(gu.dim() == 2 && gu.stride(1) == 1 && gu.size(1) % 2 == 0, "silu_mul: gu [T, 2I] with rows contiguous");
+    const int64_t T = gu.size(0), I = gu.size(1) / 2;
+    auto out = torch::empty({T, I}, gu.options());
+    // silu(x) u = x u / (1 + exp(-x)), lane by lane (exp512.h where AVX-512 is there, else std::exp)
+    const bool bf16 = gu.scalar_type() == torch::kBFloat16;
+    TORCH_CHECK(bf16 || gu.scalar_type() == torch::kFloat32, "silu_mul: bfloat16 or float32");
+    const int64_t gs = gu.stride(0);
+    at::parallel_for(0, T, 4, [&](int64_t a, int64_t b) {
+        std::vector<float> x(I), u(I), r(I);
+        for (int64_t t = a; t < b; ++t) {
+            if (bf16) {
+                const auto* g = reinterpret_cast<const uint16_t*>(gu.data_ptr()) + t * gs;
+                for (int64_t i = 0; i < I; ++i) { x[i] = bf16_to_float(g[i]); u[i] = bf16_to_float(g[I + i]); }
+            } else {
+                const float* g = gu.data_ptr<float>() + t * gs;
+                std::memcpy(x.data(), g, I * sizeof(float));
+                std::memcpy(u.data(), g + I, I * sizeof(float));
+            }
+            int64_t i = 0;
+#ifdef __AVX512F__
+            for (; i + 16 <= I; i += 16) {
+                const __m512 xv = _mm512_loadu_ps(&x[i]);
+                const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), xv));
+                const __m512 s = _mm512_div_ps(xv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+                _mm512_storeu_ps(&r[i], _mm512_mul_ps(s, _mm512_loadu_ps(&u[i])));
+            }
+#endif
+            for (; i < I; ++i) r[i] = x[i] / (1.0f + std::exp(-x[i])) * u[i];
+            if (bf16) {
+                auto* o = reinterpret_cast<uint16_t*>(out.data_ptr()) + t * I;
+                for (int64_t j = 0; j < I; ++j) o[j] = float_to_bf16(r[j]);
+            } else {
+                std::memcpy(out.data_ptr<float>() + t * I, r.data(), I * sizeof(float));
+            }
+        }
+    });
+    return out;
+}
