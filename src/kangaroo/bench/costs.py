@@ -8,7 +8,7 @@ eager engine (HF's own modules):
   after ``context`` cached positions, k = 1, 2, 4, 8, 16;
 * ``verify_ms[k]``: what Kangaroo's verification runs: layers ``[ℓ, L)`` + LM head over ``k`` tokens;
 * ``draft_step_ms``: one drafted token: layers ``[0, ℓ)`` + adapter + draft head (the adapter's
-  draft vocabulary, if it has one) + top-1;
+  draft vocabulary, if it has one) + top-1, the mean of :data:`DRAFT_STEPS` steps in a row;
 * ``lm_head_ms``: the LM head on one row;
 * ``tree_extra_ms[n]``: what verifying a token tree with ``n`` more branches costs beyond a chain of
   as many rows (a 3-token chain plus ``n`` siblings at depth 1; engines with trees only): each branch
@@ -18,7 +18,8 @@ eager engine (HF's own modules):
 * ``compile s`` (in the table): what the decode-attention kernel's first compile on this machine took
   (:mod:`kangaroo.attention`; later runs load it from the cache).
 
-Each figure is the median of ``repeats`` timed calls after two untimed ones.
+Each figure is the median of ``repeats`` timed calls after two untimed ones, every kind of call timed
+once per round in turn (the machine's speed drifts; interleaved, the ratios between calls hold).
 """
 
 from __future__ import annotations
@@ -31,21 +32,30 @@ from ..kv_cache import KVCache
 from ..tree import TreeLayout
 
 ROWS = (1, 2, 4, 8, 16)
+#: drafting is timed as a round does it: this many steps in a row (the first finds the shallow layers,
+#: adapter and draft head evicted by the forward before it, the others in cache), per step
+DRAFT_STEPS = 4
 
 
-def _median_ms(fn, repeats: int, best: bool = False) -> float:
-    """Median (or, with ``best``, minimum) milliseconds of ``repeats`` calls after two untimed ones."""
+def _interleaved_ms(calls: dict, repeats: int, best: bool = False) -> dict:
+    """Median (or, with ``best``, minimum) milliseconds of each call, timed round-robin: every round
+    times each call once, after two untimed rounds. Interleaving keeps ratios between calls honest on
+    a machine whose speed drifts (memory bandwidth here varied by ~20% between minutes)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times = []
+    times = {name: [] for name in calls}
     for i in range(repeats + 2):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    times.sort()
-    return (times[0] if best else times[len(times) // 2]) * 1e3
+        for name, fn in calls.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = (ts[0] if best else ts[len(ts) // 2]) * 1e3
+    return out
 
 
 @torch.no_grad()
@@ -83,32 +93,38 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
             engine.logits(engine.run_layers(exit_layer, L, h_new[:, :len(parents) + 1], cache, context, layout))
         return run
 
-    def tree_extra(n):  # a 3-token chain and n siblings of its first token, over the chain of as many rows
-        parents = [0, 1, 2] + [0] * n
-        return _median_ms(verify_tree(parents), repeats, best) - _median_ms(verify(len(parents) + 1), repeats, best)
-
     a_cache = KVCache(1, context + 8)
     engine.adapter_forward(adapter, h_prompt, a_cache, 0)
     token = new[:, :1]
     head, vocab = engine.draft_head(adapter)
 
-    def draft_step():
+    def draft_steps():  # a round's drafting: DRAFT_STEPS steps in a row, the first after a forward
         cache.crop(context)
         a_cache.crop(context)
-        h = engine.run_layers(0, exit_layer, engine.embed(token), cache, context)
-        out = engine.adapter_forward(adapter, h, a_cache, context)
-        torch.softmax(head(out).float()[0, -1], dim=-1).max(dim=-1)
+        for i in range(DRAFT_STEPS):
+            h = engine.run_layers(0, exit_layer, engine.embed(token), cache, context + i)
+            out = engine.adapter_forward(adapter, h, a_cache, context + i)
+            torch.softmax(head(out).float()[0, -1], dim=-1).max(dim=-1)
 
     x = torch.randn(1, 1, engine.config.hidden_size, device=device)
-    trees = {"tree_extra_ms": {n: round(max(tree_extra(n), 0.0), 3) for n in (1, 2)}} if engine.supports_trees else {}
+    calls = {("forward", k): forward(k) for k in ROWS}
+    calls.update({("verify", k): verify(k) for k in ROWS})
+    calls.update({("draft", 0): draft_steps, ("lm_head", 0): lambda: engine.project(x)})
+    tree_rows = {n: [0, 1, 2] + [0] * n for n in (1, 2)}  # a 3-token chain and n siblings of its first token
+    if engine.supports_trees:
+        calls.update({("tree", n): verify_tree(parents) for n, parents in tree_rows.items()})
+        calls.update({("verify", len(p) + 1): verify(len(p) + 1) for p in tree_rows.values()})
+    ms = _interleaved_ms(calls, repeats, best)
+    trees = {"tree_extra_ms": {n: round(max(ms[("tree", n)] - ms[("verify", len(p) + 1)], 0.0), 3)
+                               for n, p in tree_rows.items()}} if engine.supports_trees else {}
     return {
         "context": context,
         "exit_layer": exit_layer,
-        "forward_ms": {k: round(_median_ms(forward(k), repeats, best), 3) for k in ROWS},
-        "verify_ms": {k: round(_median_ms(verify(k), repeats, best), 3) for k in ROWS},
-        "draft_step_ms": round(_median_ms(draft_step, repeats, best), 3),
+        "forward_ms": {k: round(ms[("forward", k)], 3) for k in ROWS},
+        "verify_ms": {k: round(ms[("verify", k)], 3) for k in ROWS},
+        "draft_step_ms": round(ms[("draft", 0)] / DRAFT_STEPS, 3),
         "draft_vocab": None if vocab is None else int(vocab.numel()),
-        "lm_head_ms": round(_median_ms(lambda: engine.project(x), repeats, best), 3),
+        "lm_head_ms": round(ms[("lm_head", 0)], 3),
         **trees,
     }
 
