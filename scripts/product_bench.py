@@ -14,10 +14,9 @@ line says what streaming those bytes takes at the bandwidth a plain read reaches
 from __future__ import annotations
 
 import argparse
-import time
-
 import torch
 
+from kangaroo.attention import time_call
 from kangaroo.kernels import Linear, kernel_available
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
@@ -26,14 +25,7 @@ ROWS = (1, 2, 4, 8, 11, 16)
 
 
 def median_ms(fn, n: int = 9) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[n // 2] * 1e3
+    return time_call(fn, n) * 1e3
 
 
 def main() -> None:
