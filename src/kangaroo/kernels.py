@@ -32,6 +32,8 @@ import logging
 import torch
 from torch.nn import functional as F
 
+from . import attention as native  # the compiled module (built on first use): dpbf16's product
+
 logger = logging.getLogger(__name__)
 
 KERNELS = ("stock", "packed", "dpbf16")
@@ -59,9 +61,7 @@ def dpbf16_available(device: torch.device | str) -> bool:
         return False
     if "avx512_bf16" not in flags.split():
         return False
-    from . import attention
-
-    module = attention.load()
+    module = native.load()
     return module is not None and bool(module.linear_bf16_available())
 
 
@@ -116,11 +116,9 @@ class Linear:
         if self.kernel == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [None], "")
         if self.kernel == "dpbf16":
-            from .attention import linear_bf16
-
             if x.shape[1] % 2:
                 x = F.pad(x, (0, 1))
-            y = linear_bf16(x, w, None if bias is None else self.bias_f32)
+            y = native.linear_bf16(x, w, None if bias is None else self.bias_f32)
             return y if y.shape[1] == self.out_features else y[:, :self.out_features]
         return F.linear(x, w, bias)
 
