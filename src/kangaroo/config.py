@@ -16,7 +16,7 @@ class KangarooConfig:
     """How one Kangaroo decode runs (Liu et al. 2024, section 3).
 
     γ, η and the lookup settings default to what ``kangaroo tune`` chose for the shipped SmolLM2
-    adapter on the fused engine with the dpbf16 product and fused step ops, drafting priced as rounds run it and the model calibrated by real decodes (AMD machine, 2026-11-27 18:23; docs/ENGINE.md §6); ``kangaroo tune``
+    adapter on the fused engine with the dpbf16 product and fused step ops, drafting priced as rounds run it and the model calibrated by real decodes (AMD machine, 2026-11-27 18:10; docs/ENGINE.md §6); ``kangaroo tune``
     re-chooses them per machine and adapter. ``exit_layer`` is the adapter's own (its config overrides this one).
     """
 

@@ -185,7 +185,7 @@ def calibrate(km, encoded: list, recorded: list[list[Position]], max_new_tokens:
     """What a round and a plain step cost beyond the priced steps, from real decodes: ``{"round_ms",
     "step_ms"}``, each at least 0. The step costs are minima over repeats at one context length and
     leave out the loop's own work; on the AMD machine a round came to 0.89 ms more than its priced
-    steps and a plain step to 0.27 ms more (17:58; the Python work itself is ~0.1 ms a round).
+    steps and a plain step to 0.27 ms more (18:10; the Python work itself is ~0.1 ms a round).
 
     The prompts ``encoded`` are decoded with plain greedy decoding and with Kangaroo at ``km.config``
     (each once untimed, then timed; the prefill left out); the replay of the same rounds (greedy
