@@ -21,8 +21,10 @@ causal kernel here: 12 against 19-20 ms a layer at 1,487 tokens).
 The same compiled module provides the engine's RMSNorm over ``[T, D]`` rows (:func:`rms_norm`): one
 fixed summation order per row, and ~1 µs a call where ``F.rms_norm`` takes ~8 µs on a step's few rows.
 
-The kernel is C++ compiled at first use for the machine at hand (``-march=native``, ~20 s on 2 cores,
-then cached under ``$KANGAROO_CACHE/ext`` per CPU, compiler flags, torch version and source). It is
+The kernel is C++ compiled at first use for the machine at hand (``-march=native``), in one module
+with the engine's bfloat16 product (``csrc/linear_bf16.cpp``) and fused step ops (``csrc/step_ops.cpp``):
+~35 s on 2 cores, then cached under ``$KANGAROO_CACHE/ext`` per CPU, compiler flags, torch version and
+sources. It is
 CPU and float32 only (the engine's cache is float32). Where it cannot be built, or fails its check,
 or measures slower than per-row SDPA for the model's shapes, the engine keeps per-row SDPA.
 """
@@ -81,7 +83,7 @@ def _ensure_ninja() -> None:
 
 def _clear_stale_lock(build: Path, max_age_s: float = 300.0) -> None:
     """torch's build waits for as long as a ``lock`` file stands in the build folder; a compile that
-    was killed leaves one behind, and every later run would hang. A compile takes ~20 s, so a lock
+    was killed leaves one behind, and every later run would hang. A compile takes ~35 s, so a lock
     older than ``max_age_s`` is a leftover: remove it."""
     lock = build / "lock"
     try:
@@ -112,7 +114,7 @@ def load():
         _clear_stale_lock(build)
         _ensure_ninja()
         if fresh:
-            logger.info("compiling the decode-attention kernel for this machine (once, ~20 s)")
+            logger.info("compiling our kernels for this machine (attention, bfloat16 product, step ops; once, ~35 s)")
         module = cpp_extension.load(name, [str(src) for src in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                     build_directory=str(build), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: no kernel, per-row SDPA

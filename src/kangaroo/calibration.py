@@ -23,7 +23,7 @@ from . import attention as attn_kernel
 from .config import EngineConfig
 from .engine import FusedEngine
 from .errors import KangarooError
-from .kernels import KERNELS, kernel_available
+from .kernels import KERNELS, REQUIRES, kernel_available
 from .kv_cache import KVCache
 from .model import Backbone
 
@@ -61,15 +61,12 @@ def candidates(config: EngineConfig) -> list[tuple[torch.dtype, str]]:
         dtypes = [getattr(torch, config.dtype)]
     else:
         dtypes = [torch.bfloat16] if cuda else [torch.float32, torch.bfloat16]
-    if config.kernel == "dpbf16" and config.dtype == "auto":
-        dtypes = [torch.bfloat16]
-    if config.kernel != "auto":
-        if not any(kernel_available(config.kernel, d, config.device) for d in dtypes):
-            raise KangarooError(f"the {config.kernel} kernel cannot run here"
-                                + (" (it needs a CPU with AVX512-BF16)" if config.kernel == "dpbf16" else "")
-                                + ": use --kernel stock or auto")
-        return [(d, config.kernel) for d in dtypes]
-    return [(d, k) for d in dtypes for k in KERNELS if kernel_available(k, d, config.device)]
+    kernels = KERNELS if config.kernel == "auto" else (config.kernel,)
+    options = [(d, k) for d in dtypes for k in kernels if kernel_available(k, d, config.device)]
+    if not options and config.kernel != "auto":
+        needs = f" (it needs {REQUIRES[config.kernel]})" if config.kernel in REQUIRES else ""
+        raise KangarooError(f"the {config.kernel} kernel cannot run here{needs}: use --kernel stock or auto")
+    return options
 
 
 def step_ms(engine, repeats: int = 7, context: int = 64) -> float:

@@ -264,6 +264,12 @@ class FusedEngine:
             self._rope[layer_type] = table
         return table[pos:pos + T, None] if depths is None else table[pos + depths, None]
 
+    def step_rope(self, pos: int, T: int, layer_type: str = "full_attention", depths: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`rope` in the form :meth:`attend` takes: with the fused ops, its real view
+        ``[T, 1, d/2, 2]`` (cos, sin) for the compiled RoPE; else the complex rotations."""
+        rope = self.rope(pos, T, layer_type, depths)
+        return torch.view_as_real(rope) if self.fused_ops else rope
+
     def mask(self, T: int, pos: int, window: int | None) -> torch.Tensor | None:
         """Boolean ``[T, pos + T]`` (True = attend), or None where SDPA needs none (one row, or a causal prompt at 0)."""
         S = pos + T
@@ -303,7 +309,7 @@ class FusedEngine:
             for i in range(start, end):
                 layer = self.layers[i]
                 if layer.layer_type not in ropes:
-                    ropes[layer.layer_type] = self.rope(pos, T, layer.layer_type, depths)
+                    ropes[layer.layer_type] = self.step_rope(pos, T, layer.layer_type, depths)
                 out = self.attend(layer.attention, h, cache, i, ropes[layer.layer_type], None, layer.window, tree=tree)
                 h = attn_kernel.add_rms_norm(x, out, *layer.post_norm)
                 out = _mlp(h, layer.gate_up, layer.down, fused=True)
@@ -315,7 +321,7 @@ class FusedEngine:
         for i in range(start, end):
             layer = self.layers[i]
             if layer.layer_type not in ropes:
-                ropes[layer.layer_type] = self.rope(pos, T, layer.layer_type, depths)
+                ropes[layer.layer_type] = self.step_rope(pos, T, layer.layer_type, depths)
             if layer.window not in masks:  # only prompts longer than MAX_ROWS, without the kernel, attend in one masked call
                 masks[layer.window] = self.mask(T, pos, layer.window) if T > MAX_ROWS and self.attention != "kernel" else None
             h = norm(x, layer.input_norm)
@@ -327,7 +333,8 @@ class FusedEngine:
     def attend(self, a: _Attention, h: torch.Tensor, cache: KVCache | None, layer_idx: int, rope: torch.Tensor,
                mask: torch.Tensor | None, window: int | None = None, batched: bool = False,
                tree: TreeLayout | None = None) -> torch.Tensor:
-        """Attention block over normed states ``h`` ``[T, D]``; returns the o-projection ``[T, D]``.
+        """Attention block over normed states ``h`` ``[T, D]`` with ``rope`` from :meth:`step_rope`;
+        returns the o-projection ``[T, D]``.
 
         Steps of up to :data:`~kangaroo.kernels.MAX_ROWS` rows attend row-invariantly unless ``batched``
         (the adapter with SDPA, whose drafts need no bit-exactness); prompts go through the kernel in
@@ -340,8 +347,7 @@ class FusedEngine:
         if fused and tree is None and cache is not None and a.q_norm is None:
             # RoPE, the cache write and attention in one compiled call, its RoPE the one below
             keys, values, start = cache.slots(layer_idx, T, Hkv, d, h)
-            out = attn_kernel.rope_attend(qkv, torch.view_as_real(rope), keys, values, start, H, Hkv, a.scaling,
-                                          window or 0, PROMPT_BLOCK)
+            out = attn_kernel.rope_attend(qkv, rope, keys, values, start, H, Hkv, a.scaling, window or 0, PROMPT_BLOCK)
             return a.o(out)
         qkv = qkv.to(self.act_dtype)
         qk = qkv[:, : (H + Hkv) * d].view(T, H + Hkv, d)
@@ -349,7 +355,7 @@ class FusedEngine:
         if a.q_norm is not None:  # Qwen3: RMSNorm per head before RoPE
             qk = torch.cat([_norm(qk[:, :H], a.q_norm), _norm(qk[:, H:], a.k_norm)], dim=1)
         if fused:
-            qk = attn_kernel.rope(qk, torch.view_as_real(rope))
+            qk = attn_kernel.rope(qk, rope)
         else:
             qk = torch.view_as_real(torch.view_as_complex(qk.reshape(T, H + Hkv, d // 2, 2)) * rope).view(T, H + Hkv, d)
         q_rows, k, v = qk[:, :H], qk[:, H:].transpose(0, 1)[None], v.transpose(0, 1)[None]  # [T, H, d], [1, H_kv, T, d] x2
@@ -405,7 +411,7 @@ class FusedEngine:
         T, norm = x.shape[0], self.norm
         # drafts need no bit-exactness: one batched SDPA call unless the kernel (faster) is loaded
         kernel = self.attention == "kernel"
-        out = self.attend(attn, norm(x, n1), cache, 0, self.rope(pos, T), None if kernel else self.mask(T, pos, None),
+        out = self.attend(attn, norm(x, n1), cache, 0, self.step_rope(pos, T), None if kernel else self.mask(T, pos, None),
                           batched=not kernel)
         x = x + out
         if mlp is not None:

@@ -11,8 +11,8 @@ this module only provides them:
 * ``dpbf16``: our own bfloat16 product for CPUs with AVX512-BF16 (``csrc/linear_bf16.cpp``, in the
   module :mod:`kangaroo.attention` compiles for the machine): weights packed once into blocks of 16
   outputs, streamed in the order they are used; each output is one fixed chain of ``vdpbf16ps`` over
-  K, so it is row-invariant by construction. On the AMD machine a step's products took 5.9 ms
-  against oneDNN's 7.9 (docs/ENGINE.md §3).
+  K, so it is row-invariant by construction. On the AMD machine a step's products took 4.6 ms
+  against oneDNN's 6.4 (``scripts/product_bench.py``, docs/ENGINE.md §3).
 
 Kangaroo is lossless only if the target computes every token's logits the same way whether the
 token is verified in a batch of ``k`` rows or decoded alone. A product kernel may sum over ``K`` in
@@ -49,17 +49,14 @@ def packed_available(device: torch.device | str) -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+#: what a kernel needs, for the errors that refuse it
+REQUIRES = {"packed": "a CPU build of torch with oneDNN", "dpbf16": "a CPU with AVX512-BF16"}
+
+
 def dpbf16_available(device: torch.device | str) -> bool:
-    """Whether our AVX512-BF16 product runs here: a CPU with that instruction set, where the compiled
-    module (built on first use, ~25 s once per machine) loads."""
+    """Whether our AVX512-BF16 product runs here: on a CPU whose compiled module (built on first use
+    with ``-march=native``, ~35 s once per machine) has it, i.e. where the CPU has AVX512-BF16."""
     if torch.device(device).type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    if "avx512_bf16" not in flags.split():
         return False
     module = native.load()
     return module is not None and bool(module.linear_bf16_available())
@@ -90,8 +87,9 @@ class Linear:
                  check: bool = True) -> None:
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}")
-        if kernel == "dpbf16" and not kernel_available(kernel, dtype, weight.device):
-            raise ValueError("the dpbf16 kernel needs bfloat16 weights on a CPU with AVX512-BF16")
+        if not kernel_available(kernel, dtype, weight.device):
+            raise ValueError(f"the {kernel} kernel cannot run {str(dtype).removeprefix('torch.')} products here"
+                             + (f" (it needs {REQUIRES[kernel]})" if kernel in REQUIRES else ""))
         self.dtype, self.kernel, self.device = dtype, kernel, weight.device
         self.out_features, self.in_features = weight.shape
         weight = weight.detach().to(dtype).contiguous()

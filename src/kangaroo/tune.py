@@ -188,16 +188,18 @@ def calibrate(km, encoded: list, recorded: list[list[Position]], max_new_tokens:
     steps and a plain step to 0.27 ms more (18:10; the Python work itself is ~0.1 ms a round).
 
     The prompts ``encoded`` are decoded with plain greedy decoding and with Kangaroo at ``km.config``
-    (each once untimed, then timed; the prefill left out); the replay of the same rounds (greedy
+    (after one untimed warm-up of each; the prefill left out); the replay of the same rounds (greedy
     Kangaroo commits the same tokens in the same rounds) gives what the step costs account for, and
     the rest, per round or per plain step, is charged to every setting alike."""
     decoder, baseline, eos = km.decoder, km.baseline, km.eos_token_ids
     real_ms = model_ms = plain_ms = 0.0
     rounds = steps = 0
+    if encoded:  # warm-up
+        decoder.generate(encoded[0], max_new_tokens, eos)
+        baseline.generate(encoded[0], max_new_tokens, eos)
     for ids, positions in zip(encoded, recorded):
-        for _ in range(2):  # the second run is timed
-            kang = decoder.generate(ids, max_new_tokens, eos)
-            plain = baseline.generate(ids, max_new_tokens, eos)
+        kang = decoder.generate(ids, max_new_tokens, eos)
+        plain = baseline.generate(ids, max_new_tokens, eos)
         _, replayed_rounds, ms = replay(positions, km.config, costs)
         real_ms += (kang.total_s - kang.prefill_s) * 1e3
         model_ms += ms
