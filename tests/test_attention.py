@@ -158,3 +158,53 @@ def test_fused_step_ops_match_the_torch_ops_they_replace(kernel):
     got = attention.silu_mul(gu)
     torch.testing.assert_close(got.float(), ref.float(), rtol=1e-2, atol=1e-2)
     assert all(torch.equal(attention.silu_mul(gu[t:t + 1].clone())[0], got[t]) for t in range(T))
+
+
+@pytest.mark.parametrize("T,start,heads,kv_heads,head_dim,window", [
+    (810, 0, 9, 3, 64, 0),     # SmolLM2's prompt shape
+    (100, 37, 8, 2, 128, 0),   # a prompt after cached positions
+    (70, 0, 4, 4, 256, 0),
+    (200, 50, 9, 3, 64, 64),   # a sliding window that starts inside the first chunk
+    (33, 0, 16, 1, 64, 0),     # many query heads per kv head
+    (17, 300, 6, 2, 64, 100),
+])
+def test_prompt_attention_computes_causal_attention(kernel, T, start, heads, kv_heads, head_dim, window):
+    """The prompt tiles attend each row over exactly its causal (windowed) key range: against per-row
+    SDPA to rounding, with keys past the rows left unread, and strided query rows read in place."""
+    gen = torch.Generator().manual_seed(T)
+    S = start + T
+    qkv = torch.randn(T, heads + 2, head_dim, generator=gen)  # rows strided as the engine's QKV output
+    q = qkv[:, :heads]
+    keys = torch.randn(kv_heads, S + 7, head_dim, generator=gen)
+    values = torch.randn(kv_heads, S + 7, head_dim, generator=gen)
+    out = attention.prompt_attention(q, keys, values, start, window, 0.1)
+    ends = list(range(start + 1, S + 1))
+    begins = [max(0, e - window) if window else 0 for e in ends]
+    ref = attention.sdpa_rows(q.contiguous(), keys, values, begins, ends, 0.1)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    keys[:, S:], values[:, S:] = float("nan"), float("nan")  # never read
+    assert torch.equal(attention.prompt_attention(q, keys, values, start, window, 0.1), out)
+
+
+def test_prompt_rows_go_to_the_tiles_and_first_out_skips_rows(kernel):
+    """rope_attend sends more than step_rows rows to the prompt tiles and up to step_rows to the
+    row-invariant decode kernel; with first_out it writes every row's keys but attends only the rest,
+    and those rows get the bits they get when all rows attend through the same kernel."""
+    gen = torch.Generator().manual_seed(5)
+    T, H, Hkv, d = 40, 9, 3, 64
+    qkv = torch.randn(T, (H + 2 * Hkv) * d, generator=gen)
+    angles = torch.rand(T, 1, d // 2, generator=gen) * 6
+    cs = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    bufs = lambda: (torch.zeros(Hkv, 64, d), torch.zeros(Hkv, 64, d))  # noqa: E731
+    k1, v1 = bufs()
+    tiles = attention.rope_attend(qkv, cs, k1, v1, 0, H, Hkv, 0.125, 0, 64, 0, 16)
+    k2, v2 = bufs()
+    blocks = attention.rope_attend(qkv, cs, k2, v2, 0, H, Hkv, 0.125, 0, 64, 0, T)  # all rows "step rows"
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    torch.testing.assert_close(tiles, blocks, rtol=1e-4, atol=1e-5)
+    q = attention.rope(qkv[:, :H * d].view(T, H, d), cs)
+    assert torch.equal(tiles.view(T, H, d), attention.prompt_attention(q, k1[:, :T], v1[:, :T], 0, 0, 0.125))
+    k3, v3 = bufs()
+    last = attention.rope_attend(qkv, cs, k3, v3, 0, H, Hkv, 0.125, 0, 64, T - 3, 16)
+    assert torch.equal(k3, k1) and torch.equal(v3, v1) and last.shape == (3, H * d)
+    assert torch.equal(last, blocks[T - 3:])  # 3 rows: the decode kernel, row-invariant

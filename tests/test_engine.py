@@ -96,12 +96,20 @@ def test_fused_layers_match_hf_modules(arch, attention):
             a = backbone.logits(backbone.run_layers(0, NUM_LAYERS, backbone.embed(new), c1, pos))
             b = engine.logits(engine.run_layers(0, NUM_LAYERS, engine.embed(new), c2, pos))
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
-        h = torch.randn(1, 6, model.config.hidden_size)
-        for mlp in (0, 24):  # the paper's adapter, and one with a residual MLP
-            adapter = Adapter.random(backbone, 2, seed=3, mlp_hidden=mlp)
-            a = backbone.adapter_forward(adapter, h, KVCache(1), 0)
-            b = engine.adapter_forward(adapter, h, KVCache(1), 0)
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        for n in (6, 40):  # a few states, and a prompt's
+            h = torch.randn(1, n, model.config.hidden_size)
+            for mlp in (0, 24):  # the paper's adapter, and one with a residual MLP
+                adapter = Adapter.random(backbone, 2, seed=3, mlp_hidden=mlp)
+                ca, cb, cl = KVCache(1), KVCache(1), KVCache(1)
+                a = backbone.adapter_forward(adapter, h, ca, 0)
+                b = engine.adapter_forward(adapter, h, cb, 0)
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+                # only the last row's output (what drafting reads): every row's keys and values still cached
+                last = engine.adapter_forward(adapter, h, cl, 0, last=1)
+                assert last.shape == (1, 1, h.shape[-1]) and cl.length() == cb.length() == n
+                torch.testing.assert_close(last, b[:, -1:], rtol=1e-4, atol=1e-4)
+                assert torch.equal(cl.keys[0][..., :n, :], cb.keys[0][..., :n, :])
+                assert torch.equal(backbone.adapter_forward(adapter, h, KVCache(1), 0, last=2), a[:, -2:])
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -185,7 +185,7 @@ class Drafter:
                 h = bb.run_layers(0, ℓ, bb.embed(ids), target_cache, pos + step)  # [1, 1, D]
             hidden.append(h)
             a_in = h if self.pending is None else torch.cat([self.pending, h], dim=1)
-            out = bb.adapter_forward(self.adapter, a_in, self.cache, self.cache.length())[:, -1:]  # [1, 1, D]
+            out = bb.adapter_forward(self.adapter, a_in, self.cache, self.cache.length(), last=1)  # [1, 1, D]
             self.pending = None
             logits = self.head(out).float()[0, -1]  # [V], or [V_draft] over the draft vocabulary
             if sampler is None:

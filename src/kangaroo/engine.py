@@ -15,8 +15,9 @@ with about 15 ops per layer:
 * for steps of up to :data:`~kangaroo.kernels.MAX_ROWS` tokens (every decoding step and verification),
   one call of the compiled decode-attention kernel per layer (:mod:`kangaroo.attention`), whose rows
   do not depend on each other bit for bit; without it, one SDPA call per row (the one-token step's
-  call for that row). Prompts go through the kernel too, in blocks of ``PROMPT_BLOCK`` rows (else
-  one causal SDPA call);
+  call for that row). Prompts (more than ``MAX_ROWS`` rows, which no step re-computes) take the same
+  module's flash-attention tiles (:func:`kangaroo.attention.prompt_attention`; else one causal SDPA
+  call);
 * RoPE tables computed once by HF's own rotary module, masks built once per call, keys and values
   written into the pre-allocated :class:`~kangaroo.kv_cache.KVCache` at their positions.
 
@@ -332,9 +333,10 @@ class FusedEngine:
 
     def attend(self, a: _Attention, h: torch.Tensor, cache: KVCache | None, layer_idx: int, rope: torch.Tensor,
                mask: torch.Tensor | None, window: int | None = None, batched: bool = False,
-               tree: TreeLayout | None = None) -> torch.Tensor:
+               tree: TreeLayout | None = None, first_out: int = 0) -> torch.Tensor:
         """Attention block over normed states ``h`` ``[T, D]`` with ``rope`` from :meth:`step_rope`;
-        returns the o-projection ``[T, D]``.
+        returns the o-projection ``[T, D]``, or ``[T - first_out, D]``: with the fused ops, rows before
+        ``first_out`` only write their keys and values (elsewhere all rows attend and are sliced).
 
         Steps of up to :data:`~kangaroo.kernels.MAX_ROWS` rows attend row-invariantly unless ``batched``
         (the adapter with SDPA, whose drafts need no bit-exactness); prompts go through the kernel in
@@ -347,8 +349,11 @@ class FusedEngine:
         if fused and tree is None and cache is not None and a.q_norm is None:
             # RoPE, the cache write and attention in one compiled call, its RoPE the one below
             keys, values, start = cache.slots(layer_idx, T, Hkv, d, h)
-            out = attn_kernel.rope_attend(qkv, rope, keys, values, start, H, Hkv, a.scaling, window or 0, PROMPT_BLOCK)
+            out = attn_kernel.rope_attend(qkv, rope, keys, values, start, H, Hkv, a.scaling, window or 0, PROMPT_BLOCK,
+                                          first_out, MAX_ROWS)
             return a.o(out)
+        if first_out:
+            return self.attend(a, h, cache, layer_idx, rope, mask, window, batched, tree)[first_out:]
         qkv = qkv.to(self.act_dtype)
         qk = qkv[:, : (H + Hkv) * d].view(T, H + Hkv, d)
         v = qkv[:, (H + Hkv) * d:].view(T, Hkv, d)
@@ -368,8 +373,11 @@ class FusedEngine:
                 # every step of up to MAX_ROWS rows, one-token steps included: each row over exactly
                 # its own keys, with the bits it gets alone (the kernel by construction; SDPA one
                 # call per row, the very call a one-token step makes). Prompts too where the kernel
-                # is loaded: in blocks of PROMPT_BLOCK rows it beats SDPA's causal kernel (1,487
-                # tokens: 12 vs 19-20 ms a layer)
+                # is loaded: in flash tiles (prompt_attention), or in blocks of PROMPT_BLOCK rows
+                # where its head dimension is not compiled; both beat SDPA's causal kernel here
+                if T > MAX_ROWS and self.attention == "kernel" and d in attn_kernel.PROMPT_HEAD_DIMS:
+                    out = attn_kernel.prompt_attention(q_rows, k[0], v[0], k.shape[2] - T, window or 0, a.scaling)
+                    return a.o(out.view(T, H * d))
                 return a.o(_attend_rows(rows, q_rows, k[0], v[0], k.shape[2] - T, window, a.scaling).view(T, H * d))
         out = F.scaled_dot_product_attention(q_rows.transpose(0, 1)[None], k, v, attn_mask=mask if T > 1 else None,
                                              scale=a.scaling, is_causal=mask is None and T > 1, enable_gqa=H != Hkv)
@@ -390,11 +398,17 @@ class FusedEngine:
         return torch.cat(out).view(T, -1)
 
     # ------------------------------------------------------------------ adapter
-    def adapter_forward(self, adapter, hidden: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
+    def adapter_forward(self, adapter, hidden: torch.Tensor, cache: KVCache | None, pos: int,
+                        last: int | None = None) -> torch.Tensor:
         """The Kangaroo adapter (RMSNorm -> attention -> residual [-> MLP -> residual] -> RMSNorm)
-        over exit-layer states ``[1, T, D]`` at ``pos..``, on this engine's kernels. Returns ``[1, T, D]``."""
+        over exit-layer states ``[1, T, D]`` at ``pos..``, on this engine's kernels. Returns ``[1, T, D]``,
+        or its ``last`` rows only: every row's keys and values still enter the cache, but the earlier
+        rows' outputs are not computed (a single attention layer: a row's output feeds nothing but
+        the draft from that row, so drafting after a prompt needs only its last row; with the fused
+        ops this skips the prompt's attention, ~10 ms for 800 tokens)."""
         if getattr(adapter, "stateless", False):  # EarlyExitHead: the model's final norm
-            return self.final_norm(hidden)
+            out = self.final_norm(hidden)
+            return out if last is None else out[:, -last:]
         fused = self._adapters.get(id(adapter))
         if fused is None or fused[0] is not adapter:
             with torch.no_grad():
@@ -409,11 +423,12 @@ class FusedEngine:
         _, attn, (n1, n2), mlp = fused
         x = hidden[0].to(self.act_dtype)
         T, norm = x.shape[0], self.norm
+        first = 0 if last is None else max(T - last, 0)
         # drafts need no bit-exactness: one batched SDPA call unless the kernel (faster) is loaded
         kernel = self.attention == "kernel"
         out = self.attend(attn, norm(x, n1), cache, 0, self.step_rope(pos, T), None if kernel else self.mask(T, pos, None),
-                          batched=not kernel)
-        x = x + out
+                          batched=not kernel, first_out=first)
+        x = x[first:] + out
         if mlp is not None:
             n3, gate_up, down = mlp
             x = x + _mlp(norm(x, n3), gate_up, down, fused=self.fused_ops)

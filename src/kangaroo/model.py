@@ -127,9 +127,11 @@ class Backbone:
         bias = None if self.lm_head.bias is None else self.lm_head.bias[vocab].detach()
         return (lambda x: nn.functional.linear(x, weight, bias)), vocab
 
-    def adapter_forward(self, adapter: nn.Module, hidden: torch.Tensor, cache, pos: int) -> torch.Tensor:
-        """The adapter's own (HF-module) forward over exit-layer states ``[B, T, D]`` at ``pos..``."""
-        return adapter(hidden, self, cache, pos)
+    def adapter_forward(self, adapter: nn.Module, hidden: torch.Tensor, cache, pos: int, last: int | None = None) -> torch.Tensor:
+        """The adapter's own (HF-module) forward over exit-layer states ``[B, T, D]`` at ``pos..``
+        (``[B, last, D]``: its last rows only, as :meth:`FusedEngine.adapter_forward`)."""
+        out = adapter(hidden, self, cache, pos)
+        return out if last is None else out[:, -last:]
 
     def describe(self) -> str:
         return f"eager/{str(self.dtype).removeprefix('torch.')}"

@@ -244,7 +244,189 @@ void chunk_item_any(const float* q, int64_t G, int64_t D, const float* k, const 
     }
 }
 
+// ---------------------------------------------------------------------------- prompts
+// A prompt's rows need no row invariance (a prompt is not re-verified; plain decoding and Kangaroo
+// share its prefill), so they take a flash-attention tile instead of the per-row decode items:
+// PR rows x G query heads of one kv head against chunks of CHUNK keys, keys transposed once per
+// chunk so that a score is a chain of broadcast FMAs (no per-key horizontal reduction), an online
+// softmax per query, and the values' weighted sums register-blocked over several queries.
+constexpr int64_t PR = 16;  // prompt rows per work item
+constexpr int QT = 6;       // query vectors per score tile (x 32 keys: 12 accumulators)
+
+template <int D>
+void prompt_item(const float* q, int64_t qs0, int64_t G, int64_t h0, const float* ktg, int64_t kts, const float* vg,
+                 int64_t t0, int64_t R, int64_t start, int64_t window, float scale, float* out, int64_t H,
+                 std::vector<float>& buf) {
+    constexpr int C = D / W;
+    constexpr int QP = C >= 16 ? 1 : 16 / C;  // query vectors per value tile (16 accumulators)
+    static const float zeros[D] = {};
+    const int64_t NQ = R * G, NQP = (NQ + QT - 1) / QT * QT;
+    buf.resize(NQP * CHUNK + 2 * NQP + NQP * D);
+    float *s = buf.data(), *mq = s + NQP * CHUNK, *lq = mq + NQP, *o = lq + NQP;
+    const float neg = -std::numeric_limits<float>::infinity();
+    std::vector<const float*> qrow(NQP);
+    std::vector<int64_t> qpos(NQP), qlo(NQP);
+    for (int64_t i = 0; i < NQP; ++i) {
+        const int64_t r = i / G, hh = i % G;
+        qrow[i] = i < NQ ? q + (t0 + r) * qs0 + (h0 + hh) * D : zeros;
+        qpos[i] = i < NQ ? start + t0 + r : -1;  // padding queries see no key
+        qlo[i] = window > 0 ? std::max<int64_t>(0, qpos[i] + 1 - window) : 0;
+        mq[i] = neg;
+        lq[i] = 0.0f;
+    }
+    std::memset(o, 0, NQP * D * sizeof(float));
+    const int64_t hi = start + t0 + R;  // keys [lo, hi) cover every row of the tile
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, start + t0 + 1 - window) : 0;
+    const vf lane = vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+        const int64_t n = std::min(CHUNK, hi - c0), npad = (n + W - 1) / W * W;
+        // 2. scores (keys transposed once per call: ktg[e][position], zeros past the rows' keys), QT queries x 16 keys a tile; keys outside a row's range are -inf
+        for (int64_t i0 = 0; i0 < NQP; i0 += QT) {
+            for (int64_t jb = 0; jb < npad; jb += 2 * W) {  // 32 keys (the buffers are padded for it)
+                vf acc[QT][2];
+#pragma GCC unroll 8
+                for (int i = 0; i < QT; ++i) acc[i][0] = acc[i][1] = splat(0.0f);
+                const float* kc = ktg + c0 + jb;
+                for (int e = 0; e < D; ++e) {
+                    const vf k0 = load(kc + e * kts), k1 = load(kc + e * kts + W);
+#pragma GCC unroll 8
+                    for (int i = 0; i < QT; ++i) {
+                        const vf qe = splat(qrow[i0 + i][e]);
+                        acc[i][0] = acc[i][0] + qe * k0;
+                        acc[i][1] = acc[i][1] + qe * k1;
+                    }
+                }
+                for (int half = 0; half < 2 && jb + half * W < npad; ++half) {
+                    const vf pos = lane + splat((float)(c0 + jb + half * W));
+                    for (int i = 0; i < QT; ++i) {
+                        const vi ok = (pos <= splat((float)qpos[i0 + i])) & (pos >= splat((float)qlo[i0 + i]));
+                        store(s + (i0 + i) * CHUNK + jb + half * W, ok ? acc[i][half] * splat(scale) : splat(neg));
+                    }
+                }
+            }
+        }
+        // 3. online softmax per query: rescale what came before by exp(m_old - m_new)
+        for (int64_t i = 0; i < NQP; ++i) {
+            float* sr = s + i * CHUNK;
+            vf mv = splat(neg);
+            for (int64_t j = 0; j < npad; j += W) { const vf x = load(sr + j); mv = x > mv ? x : mv; }
+            const float cm = hmax(mv);
+            if (cm == neg) {  // no key of this row in the chunk (a window's start, or padding)
+                for (int64_t j = 0; j < npad; j += W) store(sr + j, splat(0.0f));
+                continue;
+            }
+            const float mn = mq[i] > cm ? mq[i] : cm;
+            const float corr = mq[i] == neg ? 0.0f : std::exp(mq[i] - mn);
+            vf lv = splat(0.0f);
+            for (int64_t j = 0; j < npad; j += W) {
+                const vf p = vexp(load(sr + j) - splat(mn));
+                store(sr + j, p);
+                lv = lv + p;
+            }
+            lq[i] = lq[i] * corr + hsum(lv);
+            mq[i] = mn;
+            if (corr != 1.0f)
+                for (int c = 0; c < C; ++c) store(o + i * D + c * W, load(o + i * D + c * W) * splat(corr));
+        }
+        // 4. values: o[i] += sum_j p[i][j] v[j], QP queries a tile, each value row loaded once per tile
+        for (int64_t i0 = 0; i0 < NQ; i0 += QP) {
+            const int np = (int)std::min<int64_t>(QP, NQ - i0);
+            vf acc[QP][C];
+            for (int i = 0; i < QP; ++i)
+                for (int c = 0; c < C; ++c) acc[i][c] = i < np ? load(o + (i0 + i) * D + c * W) : splat(0.0f);
+            for (int64_t j = 0; j < n; ++j) {
+                const float* vr = vg + (c0 + j) * D;
+                vf vv[C];
+#pragma GCC unroll 16
+                for (int c = 0; c < C; ++c) vv[c] = load(vr + c * W);
+#pragma GCC unroll 16
+                for (int i = 0; i < QP; ++i) {
+                    const vf p = splat(i < np ? s[(i0 + i) * CHUNK + j] : 0.0f);
+#pragma GCC unroll 16
+                    for (int c = 0; c < C; ++c) acc[i][c] = acc[i][c] + p * vv[c];
+                }
+            }
+            for (int i = 0; i < np; ++i)
+                for (int c = 0; c < C; ++c) store(o + (i0 + i) * D + c * W, acc[i][c]);
+        }
+    }
+    for (int64_t i = 0; i < NQ; ++i) {
+        const int64_t r = i / G, hh = i % G;
+        float* dst = out + ((t0 + r) * H + h0 + hh) * D;
+        const vf inv = splat(1.0f / lq[i]);
+        for (int c = 0; c < C; ++c) store(dst + c * W, load(o + i * D + c * W) * inv);
+    }
+}
+
 }  // namespace
+
+// A prompt's rows at positions start .. start+T-1 over k/v [H_kv, S, D] (each over its prefix, its
+// last `window` keys when window > 0): q [T, H, D] (heads contiguous, D in {64, 128, 256}). Not
+// row-invariant (see prompt_item); decoding steps use decode_attention. Returns [T, H, D] float32.
+torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start, int64_t window,
+                               double scale_) {
+    TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
+                "prompt_attention: float32 only");
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prompt_attention: q [T, H, D], k/v [H_kv, S, D]");
+    const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0);
+    TORCH_CHECK(D == 64 || D == 128 || D == 256, "prompt_attention: head dimension 64, 128 or 256");
+    TORCH_CHECK(H % Hkv == 0 && k.size(2) == D && v.sizes() == k.sizes(), "prompt_attention: shapes");
+    TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && k.stride(2) == 1 && k.stride(1) == D && v.stride(2) == 1
+                && v.stride(1) == D && k.stride(0) == v.stride(0), "prompt_attention: the head dimension must be contiguous");
+    TORCH_CHECK(start >= 0 && start + T <= k.size(1), "prompt_attention: rows past the keys");
+    const int64_t G = H / Hkv, nblocks = (T + PR - 1) / PR, n_items = Hkv * nblocks;
+    const float scale = static_cast<float>(scale_);
+    auto out = torch::empty({T, H, D}, q.options());
+    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    float* outp = out.data_ptr<float>();
+    const int64_t qs0 = q.stride(0), ks0 = k.stride(0);
+    // later row blocks see more keys: largest first onto the least loaded thread
+    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
+    std::vector<int64_t> cost(n_items), order(n_items);
+    for (int64_t i = 0; i < n_items; ++i) {
+        const int64_t b = i / Hkv, hi = start + std::min(T, (b + 1) * PR);
+        cost[i] = window > 0 ? std::min(hi, window + PR) : hi;
+        order[i] = i;
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+    std::vector<std::vector<int64_t>> plan(nthreads);
+    std::vector<int64_t> busy(nthreads, 0);
+    for (int64_t i : order) {
+        const int64_t th = std::min_element(busy.begin(), busy.end()) - busy.begin();
+        plan[th].push_back(i);
+        busy[th] += cost[i];
+    }
+    // keys transposed once, kt[g][e][j] for positions j < start + T (padded with zeros to a vector
+    // and a chunk past the end): every tile's scores are then broadcast FMAs over contiguous keys
+    const int64_t S = start + T, kts = (S + CHUNK + 2 * W - 1) / W * W;
+    std::vector<float> kt(Hkv * D * kts, 0.0f);
+    at::parallel_for(0, Hkv * ((S + W - 1) / W), 8, [&](int64_t a, int64_t b) {
+        const int64_t nb = (S + W - 1) / W;
+        for (int64_t x = a; x < b; ++x) {
+            const int64_t g = x / nb, j0 = (x % nb) * W, n = std::min<int64_t>(W, S - j0);
+            float* dst = kt.data() + g * D * kts + j0;
+            for (int64_t j = 0; j < n; ++j) {
+                const float* kr = kp + g * ks0 + (j0 + j) * D;
+                for (int64_t e = 0; e < D; ++e) dst[e * kts + j] = kr[e];
+            }
+        }
+    });
+    at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
+        std::vector<float> buf;
+        for (int64_t worker = a; worker < b; ++worker)
+            for (int64_t i : plan[worker]) {
+                const int64_t g = i % Hkv, blk = i / Hkv, t0 = blk * PR, R = std::min(PR, T - t0);
+                const float *ktg = kt.data() + g * D * kts, *vg = vp + g * ks0;
+                if (D == 64)
+                    prompt_item<64>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+                else if (D == 128)
+                    prompt_item<128>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+                else
+                    prompt_item<256>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+            }
+    });
+    return out;
+}
 
 // q [T, H, D] (rows and heads may be strided, D contiguous), k/v [H_kv, S, D] (D contiguous),
 // begin/end: each row's key range. Returns [T, H, D] float32.
@@ -400,12 +582,14 @@ bool linear_bf16_available();
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cs);
 torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t start,
-                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t block);
+                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t block, int64_t first_out,
+                          int64_t step_rows);
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps);
 torch::Tensor silu_mul(torch::Tensor gu);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("decode_attention", &decode_attention, "decode attention with row-invariant arithmetic");
+    mod.def("prompt_attention", &prompt_attention, "a prompt's causal attention, flash tiles (not row-invariant)");
     mod.def("rms_norm", &rms_norm, "row-wise RMSNorm in a fixed summation order");
     mod.def("linear_bf16_available", &linear_bf16_available, "whether linear_bf16 was built (AVX512-BF16)");
     mod.def("linear_bf16", &linear_bf16, "x W^T (+ b) over prepacked bfloat16 weights, row-invariant",
