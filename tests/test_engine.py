@@ -7,9 +7,10 @@ import itertools
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
-from tiny import ARCHITECTURES, NUM_LAYERS, VOCAB, hf_greedy, passthrough_adapter, tiny_model
+from tiny import ARCHITECTURES, NUM_LAYERS, VOCAB, hf_greedy, passthrough_adapter, q4_layers, tiny_model
 
 from kangaroo import calibration
 from kangaroo.adapter import Adapter, EarlyExitHead
@@ -17,11 +18,13 @@ from kangaroo.config import EngineConfig, KangarooConfig
 from kangaroo.decoding import AutoregressiveDecoder, KangarooDecoder
 from kangaroo.engine import FusedEngine
 from kangaroo.errors import KangarooError
+from kangaroo import quantized
 from kangaroo.kernels import KERNELS, MAX_ROWS, Linear, kernel_available, row_invariant
 from kangaroo.kv_cache import KVCache
 from kangaroo.model import Backbone
 
 CONFIGS = [(d, k) for d in (torch.float32, torch.bfloat16) for k in KERNELS if kernel_available(k, d, "cpu")]
+Q4 = kernel_available("q4_1", torch.bfloat16, "cpu")
 ATTENTIONS = ("kernel", "sdpa")  # the decode-attention kernel (tests/test_attention.py proves it builds) and per-row SDPA
 
 
@@ -196,7 +199,9 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     (dict(dtype="float16"), "float16 runs on CUDA only"),
     (dict(device="cuda", kernel="packed"), "the packed kernel is CPU only"),
     (dict(device="cuda", kernel="dpbf16"), "the dpbf16 kernel is CPU only"),
-    (dict(kernel="dpbf16", dtype="float32"), "the dpbf16 kernel computes with bfloat16 weights: use --dtype bfloat16 or auto"),
+    (dict(kernel="dpbf16", dtype="float32"), "the dpbf16 kernel computes with bfloat16 activations: use --dtype bfloat16 or auto"),
+    (dict(kernel="q4_1", dtype="float32"), "the q4_1 kernel computes with bfloat16 activations: use --dtype bfloat16 or auto"),
+    (dict(device="cuda", kernel="q4_1"), "the q4_1 kernel is CPU only"),
     (dict(engine="eager", kernel="packed"), "--kernel and --attention apply to the fused engine"),
     (dict(engine="eager", attention="sdpa"), "--kernel and --attention apply to the fused engine"),
     (dict(attention="flash"), "unknown attention 'flash': use one of auto, kernel, sdpa"),
@@ -371,3 +376,56 @@ def test_eager_engine_keeps_to_chains():
         from kangaroo.tree import TreeLayout
 
         backbone.run_layers(0, 1, backbone.embed(ids[:, :3]), KVCache(backbone.num_layers), 0, TreeLayout.of([0, 0]))
+
+
+# ---------------------------------------------------------------- Q4_1 products (a GGUF file's own blocks)
+@pytest.mark.skipif(not Q4, reason="needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("shape", [(16, 32), (960, 576), (576, 1536)])
+def test_q4_1_product_is_the_dequantised_product_and_row_invariant(shape):
+    """The product over Q4_1 blocks equals x times the de-quantised weights (to bfloat16 rounding), in
+    ggml's block layout as unpacked from a file's bytes, and every row gets its one-row bits."""
+    N, K = shape
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N)) * 0.05
+    q, d, m = quantized.quantize_q4_1(w)
+    # ggml's bytes for these blocks (d, m, then input j | input j + 16 << 4), read back as a file's
+    raw = np.concatenate([d.reshape(N, -1, 1).view(np.uint8).reshape(N, -1, 2), m.reshape(N, -1, 1).view(np.uint8).reshape(N, -1, 2),
+                          (q.reshape(N, -1, 32)[..., :16] | (q.reshape(N, -1, 32)[..., 16:] << 4))], axis=2).reshape(N, -1)
+    q2, d2, m2 = quantized.unpack_q4_1(raw, N, K)
+    assert np.array_equal(q2, q) and np.array_equal(d2, d) and np.array_equal(m2, m)
+    lin = quantized.Q4Linear(q, d, m, bias=torch.randn(N))
+    x = torch.randn(9, K, generator=torch.Generator().manual_seed(K))
+    ref = x.to(torch.bfloat16).float() @ quantized.dequantize(q, d, m).T + lin.bias
+    torch.testing.assert_close(lin(x).float(), ref, rtol=2e-2, atol=2e-2)
+    assert row_invariant(lin, K)
+
+
+@pytest.mark.skipif(not Q4, reason="needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_kangaroo_equals_plain_greedy_on_q4_1_layers(arch, attention):
+    """On Q4_1 layers (here quantised from a tiny model), Kangaroo's chains and trees, with lookup
+    drafts, give exactly the engine's plain greedy tokens."""
+    rng = random.Random(f"q4-{arch}")
+    model = tiny_model(arch, seed=2, damp_from=1)
+    backbone = Backbone(model)
+    engine = FusedEngine(backbone, torch.bfloat16, "q4_1", attention, q4_layers=q4_layers(backbone))
+    assert engine.describe().startswith("fused/q4_1/bfloat16") and engine.lm_head.kernel == "dpbf16"
+    accepted = 0
+    for ℓ, γ, width, lookup in itertools.product((1, NUM_LAYERS - 1), (3, 8), (1, 3), (0, 6)):
+        adapter = passthrough_adapter(Adapter.random(backbone, ℓ, seed=rng.randrange(1000)))
+        config = KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=0.0, tree_width=width, lookup_tokens=lookup)
+        base = torch.randint(0, VOCAB, (1, rng.randrange(2, 40)), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
+        ids = torch.cat([base, base], dim=1)  # repeats: lookup proposes drafts
+        expected = AutoregressiveDecoder(engine).generate(ids, 30).token_ids
+        result = KangarooDecoder(engine, adapter, config).generate(ids, 30)
+        assert result.token_ids == expected, (arch, attention, ℓ, γ, width, lookup)
+        accepted += result.accepted
+    assert accepted
+
+
+def test_q4_1_needs_a_gguf_model_with_q4_1_layers():
+    backbone = Backbone(tiny_model("llama", seed=0))
+    assert backbone.gguf_path is None and not quantized.has_q4_1_layers(None)
+    assert all(k != "q4_1" for _, k in calibration.candidates(EngineConfig(), backbone))
+    with pytest.raises(KangarooError, match=r"^the q4_1 kernel cannot run here \(it needs a CPU with AVX512-BF16 and a model loaded from a GGUF file with Q4_1 layers\): use --kernel stock or auto$"):
+        calibration.build_engine(backbone, EngineConfig(kernel="q4_1"))

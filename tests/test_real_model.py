@@ -18,6 +18,7 @@ from kangaroo.adapter import EarlyExitHead
 from kangaroo.api import KangarooModel
 from kangaroo.config import KangarooConfig
 from kangaroo.decoding import KangarooDecoder
+from kangaroo.kernels import kernel_available
 
 pytestmark = pytest.mark.slow
 
@@ -78,14 +79,20 @@ def test_autoregressive_loop_on_real_model(km, references):
     assert km.baseline.generate(ids, MAX_NEW, km.eos_token_ids).token_ids == expected
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_engine_kangaroo_equals_its_plain_greedy(km, references, dtype):
+@pytest.mark.parametrize("dtype,kernel", [
+    ("float32", "auto"), ("bfloat16", "auto"),
+    pytest.param("bfloat16", "q4_1", marks=pytest.mark.skipif(not kernel_available("q4_1", torch.bfloat16, "cpu"),
+                                                                reason="needs a CPU with AVX512-BF16")),
+])
+def test_fused_engine_kangaroo_equals_its_plain_greedy(km, references, dtype, kernel):
+    """Every engine configuration, the GGUF file's own Q4_1 layers included (the embedded model is a
+    Q4_1 file: its layers are read back from it and checked against the loaded weights)."""
     from kangaroo.calibration import build_engine
     from kangaroo.config import EngineConfig
     from kangaroo.decoding import AutoregressiveDecoder, next_token_logits
 
-    engine, info = build_engine(km.backbone, EngineConfig(engine="fused", dtype=dtype))
-    assert info["dtype"] == dtype
+    engine, info = build_engine(km.backbone, EngineConfig(engine="fused", dtype=dtype, kernel=kernel))
+    assert info["dtype"] == dtype and (kernel == "auto" or info["kernel"] == kernel)
     kangaroo = KangarooDecoder(engine, km.adapter, km.config)
     deep = KangarooDecoder(engine, EarlyExitHead(24), KangarooConfig(exit_layer=24, max_steps=6, threshold=0.3))
     plain = AutoregressiveDecoder(engine)

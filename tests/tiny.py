@@ -92,3 +92,21 @@ def hf_greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id=None) 
         pad_token_id=0,
     )
     return out[0, ids.shape[1] :].tolist()
+
+
+def q4_layers(backbone) -> list[dict]:
+    """Every layer's matrices quantised to Q4_1 as ggml does (rows of Q and K in the engine's RoPE-pair
+    order, as a GGUF file stores them): what ``FusedEngine(..., "q4_1", q4_layers=...)`` runs for a
+    model that did not come from a GGUF file."""
+    from kangaroo.engine import _interleave_rope_rows
+    from kangaroo.quantized import quantize_q4_1
+
+    layers = []
+    for i in range(backbone.num_layers):
+        w = backbone.layer_weights(i)
+        a = w["attention"]
+        mats = {"q": _interleave_rope_rows(a["q"], a["heads"], a["head_dim"]),
+                "k": _interleave_rope_rows(a["k"], a["kv_heads"], a["head_dim"]),
+                "v": a["v"], "o": a["o"], "gate": w["gate"], "up": w["up"], "down": w["down"]}
+        layers.append({name: quantize_q4_1(m) for name, m in mats.items()})
+    return layers

@@ -125,7 +125,8 @@ class KangarooModel:
             dtype: weight dtype of the steps, ``"auto"`` (the fastest here, measured once and cached),
                 ``torch.float32``/``bfloat16``/``float16`` or their names.
             engine: ``"fused"`` (lean steps), ``"eager"`` (HF's modules) or ``"auto"`` (fused).
-            kernel: product kernel of the fused engine (``"stock"``, ``"packed"``, ``"auto"``).
+            kernel: product kernel of the fused engine (``"stock"``, ``"packed"``, ``"dpbf16"``, ``"q4_1"``
+                for a GGUF model with Q4_1 layers, or ``"auto"``: measured, see :mod:`kangaroo.calibration`).
             attention: the fused engine's attention for steps of up to 16 rows (``"kernel"``, ``"sdpa"``,
                 ``"auto"``; see :mod:`kangaroo.attention`).
             threads: torch CPU threads (None = torch's choice).

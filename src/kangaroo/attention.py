@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 #: one compiled module: the attention kernel and RMSNorm (SOURCE, which defines the module), the
 #: bfloat16 product of kangaroo.kernels ("dpbf16") and the step engine's fused small ops
-SOURCES = (SOURCE, SOURCE.parent / "linear_bf16.cpp", SOURCE.parent / "step_ops.cpp")
+SOURCES = (SOURCE, SOURCE.parent / "linear_bf16.cpp", SOURCE.parent / "linear_q4.cpp", SOURCE.parent / "step_ops.cpp")
 HEADERS = (SOURCE.parent / "exp512.h",)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CHOICES = ("auto", "kernel", "sdpa")
@@ -164,6 +164,13 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     bfloat16, ``packed`` ``[N/16, K/2, 16, 2]`` bfloat16 (see :class:`kangaroo.kernels.Linear`),
     ``bias`` ``[N]`` float32 -> ``[M, N]`` bfloat16."""
     return _state["module"].linear_bf16(x, packed, bias)
+
+
+def linear_q4(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T (+ b)`` over Q4_1 weights (``csrc/linear_q4.cpp``): ``x`` ``[M, K]`` bfloat16, ``nibbles``
+    ``[N/16, K/32, 8, 32]`` uint8 and ``scales`` ``[N/16, K/32, 2, 16]`` float16 (see
+    :mod:`kangaroo.quantized`), ``bias`` ``[N]`` float32 -> ``[M, N]`` bfloat16."""
+    return _state["module"].linear_q4(x, nibbles, scales, bias)
 
 
 def rope(x: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ from . import attention as attn_kernel
 from .config import EngineConfig
 from .engine import FusedEngine
 from .errors import KangarooError
-from .kernels import KERNELS, REQUIRES, kernel_available
+from . import quantized
+from .kernels import KERNELS, QUANTIZED_KERNELS, REQUIRES, kernel_available
 from .kv_cache import KVCache
 from .model import Backbone
 
@@ -54,15 +55,17 @@ def machine() -> dict:
     }
 
 
-def candidates(config: EngineConfig) -> list[tuple[torch.dtype, str]]:
-    """(weight dtype, kernel) pairs the config allows on its device."""
+def candidates(config: EngineConfig, backbone: Backbone | None = None) -> list[tuple[torch.dtype, str]]:
+    """(weight dtype, kernel) pairs the config allows on its device (``q4_1`` only for a ``backbone``
+    loaded from a GGUF file whose layers are Q4_1)."""
     cuda = config.device.startswith("cuda")
     if config.dtype != "auto":
         dtypes = [getattr(torch, config.dtype)]
     else:
         dtypes = [torch.bfloat16] if cuda else [torch.float32, torch.bfloat16]
-    kernels = KERNELS if config.kernel == "auto" else (config.kernel,)
-    options = [(d, k) for d in dtypes for k in kernels if kernel_available(k, d, config.device)]
+    kernels = KERNELS + QUANTIZED_KERNELS if config.kernel == "auto" else (config.kernel,)
+    q4 = backbone is not None and quantized.has_q4_1_layers(backbone.gguf_path)
+    options = [(d, k) for d in dtypes for k in kernels if kernel_available(k, d, config.device) and (k != "q4_1" or q4)]
     if not options and config.kernel != "auto":
         needs = f" (it needs {REQUIRES[config.kernel]})" if config.kernel in REQUIRES else ""
         raise KangarooError(f"the {config.kernel} kernel cannot run here{needs}: use --kernel stock or auto")
@@ -96,7 +99,7 @@ def _key(backbone: Backbone, config: EngineConfig) -> str:
     fp = backbone.fingerprint()
     model = f"{fp['model_type']}-{fp['num_hidden_layers']}x{fp['hidden_size']}-v{fp['vocab_size']}"
     # the candidates are part of the key: a new kernel is measured, not hidden behind an older choice
-    options = ",".join(f"{str(d).removeprefix('torch.')}/{k}" for d, k in candidates(config))
+    options = ",".join(f"{str(d).removeprefix('torch.')}/{k}" for d, k in candidates(config, backbone))
     return "|".join([m["cpu"], ",".join(m["cpu_flags"]), f"{m['threads']} threads", m["torch"], config.device,
                      model, config.dtype, config.kernel, options])
 
@@ -139,7 +142,7 @@ def build_engine(backbone: Backbone, config: EngineConfig):
     try:
         return _build_fused(backbone, config)
     except KangarooError as exc:
-        if config.engine == "fused":
+        if config.engine == "fused" or config.kernel != "auto":  # a kernel asked for by name is the fused engine's
             raise
         # engine=auto: a model the fused steps cannot run still decodes, on HF's own modules
         logger.warning("fused engine unavailable (%s); running HF's modules (eager engine)", exc)
@@ -148,7 +151,7 @@ def build_engine(backbone: Backbone, config: EngineConfig):
 
 def _build_fused(backbone: Backbone, config: EngineConfig):
     start = time.perf_counter()
-    options = candidates(config)
+    options = candidates(config, backbone)
     if not options:
         raise KangarooError(f"no product kernel for {config.device}: use --kernel stock")
     engine, source, timings = None, "given", None
@@ -165,7 +168,10 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
             _write_cache(key, {"choice": [str(choice[0]), choice[1]], "step_ms": timings, "machine": machine(),
                                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     if engine is None:
-        engine = FusedEngine(backbone, *choice)
+        try:
+            engine = FusedEngine(backbone, *choice)
+        except ValueError as exc:  # e.g. q4_1 and a GGUF file that does not match the loaded weights
+            raise KangarooError(f"cannot build the {choice[1]} engine: {exc}") from exc
     a = engine.layers[0].attention  # the model's attention shapes, as the engine read them
     key = _key(backbone, config) + f"|attention {a.heads}x{a.kv_heads}x{a.head_dim}"
     attention, attention_info = attn_kernel.choose(config.attention, a.heads, a.kv_heads, a.head_dim, engine.device,
@@ -186,7 +192,7 @@ def _measure(backbone: Backbone, options: list[tuple[torch.dtype, str]]):
     for dtype, kernel in options:
         try:
             engine = FusedEngine(backbone, dtype, kernel)
-        except (RuntimeError, NotImplementedError) as exc:  # a kernel this build cannot run
+        except (RuntimeError, NotImplementedError, ValueError) as exc:  # a kernel this build (or model) cannot run
             logger.info("skipping %s/%s: %s", dtype, kernel, str(exc).splitlines()[0])
             continue
         ms = step_ms(engine)

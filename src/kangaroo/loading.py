@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import DEFAULT_MODEL
 from .errors import KangarooError
-from .fetch import EMBEDDED_MODELS, EmbeddedModel, cache_dir, embedded_model_folder, short_reason
+from .fetch import EMBEDDED_MODELS, EmbeddedModel, cache_dir, embedded_gguf, embedded_model_folder, short_reason
 from .model import strip_quantization_markers
 
 logger = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def _load_gguf(
         path.parent, dtype, attn_implementation, gguf_file=path.name, **_gguf_dequantize_kwargs()
     )
     strip_quantization_markers(model)
+    model.kangaroo_gguf = str(path)  # the file's own quantised blocks can be read back (kangaroo.quantized)
     logger.info("Loaded GGUF model %s in %.1f s", path.name, time.perf_counter() - start)
     return model, tokenizer
 
@@ -164,6 +165,9 @@ def _load_embedded(
         raise KangarooError(
             f"the cached model {folder} is unusable ({short_reason(exc)}); delete that folder and try again"
         ) from exc
+    gguf = embedded_gguf(name)
+    if gguf is not None:  # the folder was converted from it: its quantised blocks serve the q4_1 kernel
+        model.kangaroo_gguf = str(gguf)
     return model, tokenizer
 
 

@@ -219,6 +219,11 @@ class Backbone:
             "layer_type": self.layer_types[i],
         }
 
+    @property
+    def gguf_path(self) -> str | None:
+        """The GGUF file the model was loaded from (:mod:`kangaroo.loading` records it), else None."""
+        return getattr(self.model, "kangaroo_gguf", None)
+
     def final_norm_weights(self) -> tuple[torch.Tensor, float]:
         return norm_weights(self.norm)
 

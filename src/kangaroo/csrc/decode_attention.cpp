@@ -580,6 +580,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 // linear_bf16.cpp and step_ops.cpp (the same compiled module)
 bool linear_bf16_available();
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
+bool linear_q4_available();
+torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, c10::optional<torch::Tensor> bias);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cs);
 torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t start,
                           int64_t H, int64_t Hkv, double scale, int64_t window, int64_t block, int64_t first_out,
@@ -594,6 +596,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("linear_bf16_available", &linear_bf16_available, "whether linear_bf16 was built (AVX512-BF16)");
     mod.def("linear_bf16", &linear_bf16, "x W^T (+ b) over prepacked bfloat16 weights, row-invariant",
             py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
+    mod.def("linear_q4_available", &linear_q4_available, "whether linear_q4 was built (AVX512-BF16)");
+    mod.def("linear_q4", &linear_q4, "x W^T (+ b) over GGUF Q4_1 weights, row-invariant",
+            py::arg("x"), py::arg("nibbles"), py::arg("scales"), py::arg("bias") = py::none());
     mod.def("rope", &rope, "RoPE over interleaved pairs, row by row");
     mod.def("rope_attend", &rope_attend, "RoPE, cache write and decode attention between an attention block's products");
     mod.def("add_rms_norm", &add_rms_norm, "residual add in place, then RMSNorm");

@@ -1,0 +1,199 @@
+// y = x W^T (+ b) with W in GGUF's Q4_1 blocks, on AVX512-BF16 CPUs: the step engine's "q4_1" product,
+// computing with exactly the weights a Q4_1 file distributes (no rounding to another format).
+//
+// Q4_1 stores each run of 32 inputs of an output row as 4-bit q (0..15), a scale d and a minimum m
+// (float16): w = d q + m. So a block's share of an output is d (sum x q) + m (sum x). Here x is the
+// engine's bfloat16 activation row; q is exact in bfloat16, so vdpbf16ps forms sum x q with exact
+// products and float32 sums, and two FMAs apply d and m per block. An output is one fixed chain
+// (blocks in order; within a block two chains of pairs, then added), then + bias, then rounded to
+// bfloat16 (nearest even): a row's bits depend only on that row (row invariance by construction).
+//
+// Layout (packed in kangaroo/quantized.py): nibbles [N/16][K/32][4][32] 16-bit words: word 2o+s of
+// chunk c (output block n16, input block b) holds q[16 n16 + o][32 b + 2(4c + k) + s] in nibble k
+// (k = 0..3, lowest first); scales [N/16][K/32][2][16] float16 (d, then m, of the 16 outputs).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define KANGAROO_Q4 1
+#endif
+
+namespace {
+
+#ifdef KANGAROO_Q4
+constexpr int64_t Q4_PF = 8;  // blocks (320 bytes each) prefetched ahead
+
+// Outputs n0 .. n0 + 16 GN of M rows. A 64-byte chunk holds 4 input pairs of a block's 16 outputs,
+// one 16-bit word per (output, input of the pair) with the 4 pairs' q in its 4 nibbles; OR-ing a
+// nibble into 0x4300 makes the bfloat16 number 128 + q, so the weights need no shuffles, only a
+// shift and one vpternlog each. The block's products then sum x (128 + q); 128 (sum x) comes off
+// with the minimum's FMA: d (sum x (128 + q)) + (m - 128 d) (sum x).
+template <int M, int GN>
+inline void q4_block(const uint16_t* q, const uint16_t* sc, int64_t nb32, const int32_t* x, int64_t xs, const float* sx,
+                     int64_t n0, const float* bias, uint16_t* y, int64_t ys) {
+    const __m512i low = _mm512_set1_epi16(0x000F), base = _mm512_set1_epi16(0x4300);
+    __m512 acc[GN][M];
+    for (int g = 0; g < GN; ++g)
+        for (int m = 0; m < M; ++m) acc[g][m] = _mm512_setzero_ps();
+    const int64_t qstride = nb32 * 128, sstride = nb32 * 32;  // per output block, in 16-bit words
+    for (int64_t b = 0; b < nb32; ++b) {
+        __m512 t[GN][M], u[GN][M];  // nibbles 0, 2 and 1, 3: two chains, twice the products in flight
+        for (int g = 0; g < GN; ++g)
+            for (int m = 0; m < M; ++m) t[g][m] = u[g][m] = _mm512_setzero_ps();
+        for (int g = 0; g < GN; ++g) {  // the weights Q4_PF blocks ahead, as they stream in per output block
+            const char* ahead = reinterpret_cast<const char*>(q + g * qstride + (b + Q4_PF) * 128);
+            for (int line = 0; line < 4; ++line) _mm_prefetch(ahead + line * 64, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(sc + g * sstride + (b + Q4_PF) * 32), _MM_HINT_T0);
+        }
+        for (int c = 0; c < 4; ++c) {
+            __m512bh w[GN][4];
+            for (int g = 0; g < GN; ++g) {
+                const __m512i raw = _mm512_loadu_si512(q + g * qstride + b * 128 + c * 32);
+                // (v & 0xF) | 0x4300: vpternlog with truth table 0xEA = (A & B) | C
+                w[g][0] = (__m512bh)_mm512_ternarylogic_epi32(raw, low, base, 0xEA);
+                w[g][1] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(raw, 4), low, base, 0xEA);
+                w[g][2] = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi16(raw, 8), low, base, 0xEA);
+                w[g][3] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(raw, 12), base);
+            }
+            for (int m = 0; m < M; ++m) {
+                const int32_t* xr = x + m * xs + b * 16 + c * 4;
+                for (int k = 0; k < 4; ++k) {
+                    const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[k]);
+                    for (int g = 0; g < GN; ++g) {
+                        if (k % 2 == 0) t[g][m] = _mm512_dpbf16_ps(t[g][m], xb, w[g][k]);
+                        else u[g][m] = _mm512_dpbf16_ps(u[g][m], xb, w[g][k]);
+                    }
+                }
+            }
+        }
+        for (int g = 0; g < GN; ++g) {
+            const uint16_t* s = sc + g * sstride + b * 32;
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+            const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16)));
+            const __m512 m2 = _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), d, mn);  // m - 128 d
+            for (int m = 0; m < M; ++m) {
+                acc[g][m] = _mm512_fmadd_ps(d, _mm512_add_ps(t[g][m], u[g][m]), acc[g][m]);
+                acc[g][m] = _mm512_fmadd_ps(m2, _mm512_set1_ps(sx[m * nb32 + b]), acc[g][m]);
+            }
+        }
+    }
+    for (int g = 0; g < GN; ++g)
+        for (int m = 0; m < M; ++m) {
+            __m512 r = acc[g][m];
+            if (bias != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(bias + n0 + g * 16));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ys + n0 + g * 16), (__m256i)_mm512_cvtneps_pbh(r));
+        }
+}
+
+constexpr int64_t Q4_ROWS = 8;  // rows per pass over a loaded block (registers: 3 M + 4 + 2 <= 32, one output block at a time)
+
+template <int GN>
+inline void q4_rows(int64_t mm, int64_t g, const uint16_t* q, const uint16_t* sc, int64_t nb32, const int32_t* x,
+                    int64_t xs, const float* sx, int64_t n0, const float* bias, uint16_t* y, int64_t ys) {
+#define KANGAROO_Q4_ROWS(G, Q, S, N0)                                                                 \
+    switch (mm) {                                                                                     \
+        case 1: q4_block<1, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
+        case 2: q4_block<2, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
+        case 3: q4_block<3, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
+        case 4: q4_block<4, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
+        case 5: q4_block<5, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
+        case 6: q4_block<6, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
+        case 7: q4_block<7, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
+        default: q4_block<8, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                  \
+    }
+    if (g == GN) {
+        KANGAROO_Q4_ROWS(GN, q, sc, n0)
+    } else {
+        for (int64_t j = 0; j < g; ++j) {
+            KANGAROO_Q4_ROWS(1, q + j * nb32 * 128, sc + j * nb32 * 32, n0 + j * 16)
+        }
+    }
+#undef KANGAROO_Q4_ROWS
+}
+
+template <int GN>
+void q4_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t M, const int32_t* x, const float* sx,
+            const float* bias, uint16_t* y) {
+    const int64_t nblocks = N / 16, nb32 = K / 32, xs = K / 2, ys = N;
+    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+    at::parallel_for(0, nth, 1, [&](int64_t a, int64_t bth) {
+        for (int64_t t = a; t < bth; ++t) {
+            const int64_t s = nblocks * t / nth, e = nblocks * (t + 1) / nth;
+            for (int64_t nb = s; nb < e; nb += GN) {
+                const int64_t g = std::min<int64_t>(GN, e - nb);
+                for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS)
+                    q4_rows<GN>(std::min<int64_t>(Q4_ROWS, M - m0), g, q + nb * nb32 * 128, sc + nb * nb32 * 32, nb32,
+                                x + m0 * xs, xs, sx + m0 * nb32, nb * 16, bias, y + m0 * ys, ys);
+            }
+        }
+    });
+}
+#endif
+
+}  // namespace
+
+bool linear_q4_available() {
+#ifdef KANGAROO_Q4
+    return true;
+#else
+    return false;
+#endif
+}
+
+// x [M, K] bfloat16, nibbles [N/16, K/32, 4, 32] int16, scales [N/16, K/32, 2, 16] float16, bias [N]
+// float32 or None -> [M, N] bfloat16.
+torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, c10::optional<torch::Tensor> bias) {
+#ifdef KANGAROO_Q4
+    TORCH_CHECK(x.dtype() == torch::kBFloat16 && nibbles.dtype() == torch::kInt16 && scales.dtype() == torch::kFloat16,
+                "linear_q4: x bfloat16, nibbles int16, scales float16");
+    TORCH_CHECK(x.device().is_cpu() && nibbles.device().is_cpu() && scales.device().is_cpu(), "linear_q4: CPU only");
+    TORCH_CHECK(x.dim() == 2 && nibbles.dim() == 4 && nibbles.size(2) == 4 && nibbles.size(3) == 32 && nibbles.is_contiguous()
+                && scales.dim() == 4 && scales.size(0) == nibbles.size(0) && scales.size(1) == nibbles.size(1)
+                && scales.size(2) == 2 && scales.size(3) == 16 && scales.is_contiguous()
+                && nibbles.size(1) * 32 == x.size(1), "linear_q4: x [M, K], nibbles [N/16, K/32, 4, 32], scales [N/16, K/32, 2, 16]");
+    x = x.contiguous();
+    const int64_t M = x.size(0), K = x.size(1), N = nibbles.size(0) * 16, nb32 = K / 32;
+    const float* b = nullptr;
+    torch::Tensor bf;
+    if (bias.has_value() && bias->defined()) {
+        bf = bias->to(torch::kFloat32).contiguous();
+        TORCH_CHECK(bf.numel() == N, "linear_q4: bias of N values");
+        b = bf.data_ptr<float>();
+    }
+    auto y = torch::empty({M, N}, x.options());
+    if (M == 0) return y;
+    // each row's block sums of x (its bfloat16 values, in order), for the minima
+    std::vector<float> sx(M * nb32);
+    const auto* xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t bb = 0; bb < nb32; ++bb) {
+            float s = 0.0f;
+            for (int64_t i = 0; i < 32; ++i) {
+                const uint32_t bits = static_cast<uint32_t>(xh[m * K + bb * 32 + i]) << 16;
+                float f;
+                std::memcpy(&f, &bits, sizeof(f));
+                s = s + f;
+            }
+            sx[m * nb32 + bb] = s;
+        }
+    const auto* qp = reinterpret_cast<const uint16_t*>(nibbles.data_ptr());
+    const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+    const auto* xp = reinterpret_cast<const int32_t*>(x.data_ptr());
+    auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+    if (M == 1) q4_run<1>(qp, sp, K, N, M, xp, sx.data(), b, yp);
+    else if (M == 2) q4_run<1>(qp, sp, K, N, M, xp, sx.data(), b, yp);
+    else q4_run<1>(qp, sp, K, N, M, xp, sx.data(), b, yp);
+    return y;
+#else
+    (void)x; (void)nibbles; (void)scales; (void)bias;
+    TORCH_CHECK(false, "linear_q4: this CPU (or compiler) has no AVX512-BF16");
+    return torch::Tensor();
+#endif
+}
