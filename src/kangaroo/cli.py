@@ -54,7 +54,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="also verify the drafted token that fell below η, as the authors' code does (default: off)")
     p.add_argument("--engine", default=e.engine, help=f"fused (lean steps on measured kernels), eager (HF's own modules, the reference) or auto (= fused) (default {e.engine})")
     p.add_argument("--dtype", default=e.dtype, help=f"weight dtype of the steps: float32, bfloat16, float16 (CUDA) or auto = the fastest plain decoding here, measured once and cached (default {e.dtype})")
-    p.add_argument("--kernel", default=e.kernel, help=f"fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU), dpbf16 (ours, CPUs with AVX512-BF16) or auto = measured (default {e.kernel})")
+    p.add_argument("--kernel", default=e.kernel, help=f"fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU), dpbf16 (ours, CPUs with AVX512-BF16), q4_1 (the layers as a Q4_1 GGUF file stores them, e.g. the default model; CPUs with AVX512-BF16) or auto = measured (default {e.kernel})")
     p.add_argument("--attention", default=e.attention, help=f"fused engine's attention for steps of up to 16 tokens: kernel (compiled here once, all rows in one call, same bits per row), sdpa (one call per row) or auto = measured (default {e.attention})")
     p.add_argument("--device", default=e.device, help=f"torch device: cpu or cuda[:N] (default {e.device})")
     p.add_argument("--threads", type=int, default=e.threads, help="torch CPU threads, >= 1 (default: torch's choice)")
@@ -160,7 +160,10 @@ def _stats_line(r: dict) -> str:
     e = r["engine"]
     how = {"measured": "measured now", "cache": "measured earlier, cached", "given": "as asked",
            "fallback": "the fused engine cannot run this model"}[e["source"]]
-    line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel"
+    if e["kernel"] == "q4_1":  # the layers' weights are the file's own 4-bit blocks; activations bfloat16
+        line = f"[engine]   {e['engine']}, the GGUF file's Q4_1 layers ({e['dtype']} activations), q4_1 kernel"
+    else:
+        line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel"
     if "attention" in e:
         line += f", {e['attention']} attention"
         if e.get("attention_compile_s") is not None:  # the kernel is compiled once per machine, then loaded

@@ -16,12 +16,12 @@ class KangarooConfig:
     """How one Kangaroo decode runs (Liu et al. 2024, section 3).
 
     γ, η and the lookup settings default to what ``kangaroo tune`` chose for the shipped SmolLM2
-    adapter on the fused engine with the dpbf16 product and fused step ops, drafting priced as rounds run it and the model calibrated by real decodes (AMD machine, 2026-11-27 18:10; docs/ENGINE.md §6); ``kangaroo tune``
+    adapter on the fused engine with the q4_1 product (the GGUF file's own layers), drafting priced as rounds run it and the model calibrated by real decodes (AMD machine, 2026-11-27 20:05; docs/ENGINE.md §6); ``kangaroo tune``
     re-chooses them per machine and adapter. ``exit_layer`` is the adapter's own (its config overrides this one).
     """
 
     exit_layer: int = 2  # ℓ: layers run by the self-draft model before the adapter (first early exit)
-    max_steps: int = 3  # γ: at most this many drafted tokens per round
+    max_steps: int = 4  # γ: at most this many drafted tokens per round
     threshold: float = 0.3  # η: stop drafting once the draft's top-1 probability falls below this (second early exit)
     # also send the draft that fell below η for verification, as the authors' code does: every round
     # then verifies at least one draft. Off, since the shipped adapter is no faster with it
@@ -30,7 +30,7 @@ class KangarooConfig:
     # prompt lookup (greedy, and sampling with point-mass drafts): when the last n >= lookup_ngram committed tokens occurred earlier in
     # the prompt or the answer, the tokens that followed them are the round's draft (free: no layer
     # runs to make it), up to lookup_tokens of them; 0 = adapter drafts only
-    lookup_tokens: int = 8
+    lookup_tokens: int = 6
     lookup_ngram: int = 2
     # token trees (kangaroo.tree; the fused engine only): with a lookup proposal, the adapter still
     # drafts its chain as a second branch of the same tree instead of standing aside
