@@ -388,9 +388,9 @@ def test_q4_1_product_is_the_dequantised_product_and_row_invariant(shape):
     w = torch.randn(N, K, generator=torch.Generator().manual_seed(N)) * 0.05
     q, d, m = quantized.quantize_q4_1(w)
     # ggml's bytes for these blocks (d, m, then input j | input j + 16 << 4), read back as a file's
-    raw = np.concatenate([d.reshape(N, -1, 1).view(np.uint8).reshape(N, -1, 2), m.reshape(N, -1, 1).view(np.uint8).reshape(N, -1, 2),
-                          (q.reshape(N, -1, 32)[..., :16] | (q.reshape(N, -1, 32)[..., 16:] << 4))], axis=2).reshape(N, -1)
+    raw = _ggml_q4_1_bytes(q, d, m)
     q2, d2, m2 = quantized.unpack_q4_1(raw, N, K)
+    assert np.array_equal(_ggml_q4_1_bytes(q, d, m), raw)
     assert np.array_equal(q2, q) and np.array_equal(d2, d) and np.array_equal(m2, m)
     lin = quantized.Q4Linear(q, d, m, bias=torch.randn(N))
     x = torch.randn(9, K, generator=torch.Generator().manual_seed(K))
@@ -429,3 +429,57 @@ def test_q4_1_needs_a_gguf_model_with_q4_1_layers():
     assert all(k != "q4_1" for _, k in calibration.candidates(EngineConfig(), backbone))
     with pytest.raises(KangarooError, match=r"^the q4_1 kernel cannot run here \(it needs a CPU with AVX512-BF16 and a model loaded from a GGUF file with Q4_1 layers\): use --kernel stock or auto$"):
         calibration.build_engine(backbone, EngineConfig(kernel="q4_1"))
+
+
+def _ggml_q4_1_bytes(q, d, m):
+    """ggml's Q4_1 bytes ``[rows, blocks * 20]``: d, m (float16), then input j | input j + 16 << 4."""
+    N = q.shape[0]
+    blocks = q.reshape(N, -1, 32)
+    return np.concatenate([d.reshape(N, -1, 1).view(np.uint8).reshape(N, -1, 2), m.reshape(N, -1, 1).view(np.uint8).reshape(N, -1, 2),
+                           blocks[..., :16] | (blocks[..., 16:] << 4)], axis=2).reshape(N, -1)
+
+
+@pytest.mark.skipif(not Q4, reason="needs a CPU with AVX512-BF16")
+def test_q4_1_reads_a_gguf_file_and_refuses_one_that_does_not_match(tmp_path):
+    """A GGUF file written with ggml's own writer (metadata arrays and strings before the tensors, Q and
+    K rows in llama.cpp's RoPE-pair order): the engine reads its Q4_1 layers back, computes what the
+    same blocks compute when handed over directly, and refuses a file whose blocks are not the
+    loaded model's weights, with one line."""
+    import gguf
+
+    from kangaroo.engine import _interleave_rope_rows
+
+    model = tiny_model("llama", seed=4)
+    backbone = Backbone(model)
+    layers = q4_layers(backbone)
+    writer = gguf.GGUFWriter(str(tmp_path / "tiny.gguf"), "llama")
+    writer.add_token_list([f"tok{i}" for i in range(VOCAB)])  # string arrays the header reader must skip
+    writer.add_uint32("llama.block_count", NUM_LAYERS)
+    for i, blocks in enumerate(layers):
+        for name, (q, d, m) in blocks.items():
+            writer.add_tensor(f"blk.{i}.{quantized.GGUF_NAMES[name]}.weight", _ggml_q4_1_bytes(q, d, m),
+                              raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path = str(tmp_path / "tiny.gguf")
+    assert quantized.has_q4_1_layers(path) and not quantized.has_q4_1_layers(str(tmp_path / "missing.gguf"))
+    model.kangaroo_gguf = path  # as kangaroo.loading records a GGUF source
+    with pytest.raises(KangarooError, match=r"^cannot build the q4_1 engine: blk\.0\.attn_q\.weight does not de-quantise to the loaded model's weights$"):
+        calibration.build_engine(backbone, EngineConfig(kernel="q4_1"))
+    with torch.no_grad():  # the model now holds exactly the file's weights (HF's Q and K row order)
+        for i, blocks in enumerate(layers):
+            w = backbone.layer_weights(i)
+            a = w["attention"]
+            order = _interleave_rope_rows(torch.arange(a["head_dim"] * a["heads"]).float()[:, None], a["heads"], a["head_dim"])
+            k_order = _interleave_rope_rows(torch.arange(a["head_dim"] * a["kv_heads"]).float()[:, None], a["kv_heads"], a["head_dim"])
+            a["q"][order[:, 0].long()] = quantized.dequantize(*blocks["q"])
+            a["k"][k_order[:, 0].long()] = quantized.dequantize(*blocks["k"])
+            for name, target in (("v", a["v"]), ("o", a["o"]), ("gate", w["gate"]), ("up", w["up"]), ("down", w["down"])):
+                target.copy_(quantized.dequantize(*blocks[name]))
+    engine, info = calibration.build_engine(backbone, EngineConfig(kernel="q4_1"))
+    assert info["kernel"] == "q4_1" and engine.describe().startswith("fused/q4_1")
+    direct = FusedEngine(backbone, torch.bfloat16, "q4_1", q4_layers=layers)
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(0))
+    assert AutoregressiveDecoder(engine).generate(ids, 12).token_ids == AutoregressiveDecoder(direct).generate(ids, 12).token_ids
