@@ -98,15 +98,7 @@ def q4_layers(backbone) -> list[dict]:
     """Every layer's matrices quantised to Q4_1 as ggml does (rows of Q and K in the engine's RoPE-pair
     order, as a GGUF file stores them): what ``FusedEngine(..., "q4_1", q4_layers=...)`` runs for a
     model that did not come from a GGUF file."""
-    from kangaroo.engine import _interleave_rope_rows
-    from kangaroo.quantized import quantize_q4_1
+    from kangaroo.quantized import layer_matrices, quantize_q4_1
 
-    layers = []
-    for i in range(backbone.num_layers):
-        w = backbone.layer_weights(i)
-        a = w["attention"]
-        mats = {"q": _interleave_rope_rows(a["q"], a["heads"], a["head_dim"]),
-                "k": _interleave_rope_rows(a["k"], a["kv_heads"], a["head_dim"]),
-                "v": a["v"], "o": a["o"], "gate": w["gate"], "up": w["up"], "down": w["down"]}
-        layers.append({name: quantize_q4_1(m) for name, m in mats.items()})
-    return layers
+    return [{name: quantize_q4_1(m) for name, m in layer_matrices(backbone, i).items()}
+            for i in range(backbone.num_layers)]

@@ -295,8 +295,7 @@ class FusedEngine:
         """The adapter attention's Q4_1 blocks (see :meth:`_draft_linear`), or None where it runs dense."""
         if self.kernel != "q4_1" or any(w[b] is not None for b in ("q_bias", "k_bias", "v_bias", "o_bias")):
             return None
-        mats = {"q": _interleave_rope_rows(w["q"].detach(), w["heads"], w["head_dim"]),
-                "k": _interleave_rope_rows(w["k"].detach(), w["kv_heads"], w["head_dim"]), "v": w["v"], "o": w["o"]}
+        mats = quantized.attention_matrices(w)
         if any(m.shape[1] % quantized.BLOCK for m in mats.values()) or sum(mats[n].shape[0] for n in "qkv") % 16 \
                 or mats["o"].shape[0] % 16:
             return None

@@ -171,6 +171,24 @@ def has_q4_1_layers(path: str | None) -> bool:
     return bool(kinds) and all(k == Q4_1 for k in kinds)
 
 
+def attention_matrices(w: dict) -> dict[str, torch.Tensor]:
+    """An attention block's product weights as the fused engine (and a GGUF file) orders their rows:
+    ``q``/``k`` with each RoPE pair side by side, ``v``, ``o``; ``w`` from
+    :func:`kangaroo.model.attention_weights`."""
+    from .engine import _interleave_rope_rows
+
+    return {"q": _interleave_rope_rows(w["q"].detach(), w["heads"], w["head_dim"]),
+            "k": _interleave_rope_rows(w["k"].detach(), w["kv_heads"], w["head_dim"]),
+            "v": w["v"].detach(), "o": w["o"].detach()}
+
+
+def layer_matrices(backbone, i: int) -> dict[str, torch.Tensor]:
+    """Decoder layer ``i``'s seven product weights in the engine's row order (:data:`GGUF_NAMES`' keys)."""
+    w = backbone.layer_weights(i)
+    return {**attention_matrices(w["attention"]), "gate": w["gate"].detach(), "up": w["up"].detach(),
+            "down": w["down"].detach()}
+
+
 def gguf_layers(path: str, backbone) -> list[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Every decoder layer's matrices as the GGUF file at ``path`` stores them in Q4_1: per layer,
     ``{name: (q, d, m)}`` for q, k, v, o, gate, up, down, rows in the fused engine's order (llama.cpp
@@ -179,17 +197,12 @@ def gguf_layers(path: str, backbone) -> list[dict[str, tuple[np.ndarray, np.ndar
     Raises ValueError, with the reason, unless every one of them is Q4_1 and de-quantises to exactly
     the weights ``backbone`` (the model loaded from that file) holds.
     """
-    from .engine import _interleave_rope_rows
-
     tensors = gguf_tensors(path)
     data = np.memmap(path, dtype=np.uint8, mode="r")
     layers = []
     for i in range(backbone.num_layers):
-        w = backbone.layer_weights(i)
-        a = w["attention"]
-        expected = {"q": _interleave_rope_rows(a["q"], a["heads"], a["head_dim"]),
-                    "k": _interleave_rope_rows(a["k"], a["kv_heads"], a["head_dim"]),
-                    "v": a["v"], "o": a["o"], "gate": w["gate"], "up": w["up"], "down": w["down"]}
+        a = backbone.layer_weights(i)["attention"]
+        expected = layer_matrices(backbone, i)
         if any(a[b] is not None for b in ("q_bias", "k_bias", "v_bias", "o_bias")) or a["q_norm"] is not None:
             raise ValueError("the Q4_1 product runs Llama-style layers (no attention biases or per-head norms)")
         blocks = {}

@@ -244,6 +244,26 @@ void chunk_item_any(const float* q, int64_t G, int64_t D, const float* k, const 
     }
 }
 
+// Work items spread over the threads by their cost (largest first onto the least loaded thread,
+// plus `fixed` per item): item costs are uneven (a step's last chunk often holds a few keys, a
+// prompt's later rows see more keys), and contiguous ranges would leave one thread most of the work.
+// Which thread runs an item changes no bits.
+std::vector<std::vector<int64_t>> plan_items(const std::vector<int64_t>& cost, int64_t fixed) {
+    const int64_t n = static_cast<int64_t>(cost.size());
+    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+    std::vector<int64_t> order(n);
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
+    std::vector<std::vector<int64_t>> plan(nthreads);
+    std::vector<int64_t> busy(nthreads, 0);
+    for (int64_t i : order) {
+        const int64_t th = std::min_element(busy.begin(), busy.end()) - busy.begin();
+        plan[th].push_back(i);
+        busy[th] += cost[i] + fixed;
+    }
+    return plan;
+}
+
 // ---------------------------------------------------------------------------- prompts
 // A prompt's rows need no row invariance (a prompt is not re-verified; plain decoding and Kangaroo
 // share its prefill), so they take a flash-attention tile instead of the per-row decode items:
@@ -380,22 +400,13 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
     float* outp = out.data_ptr<float>();
     const int64_t qs0 = q.stride(0), ks0 = k.stride(0);
-    // later row blocks see more keys: largest first onto the least loaded thread
-    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
-    std::vector<int64_t> cost(n_items), order(n_items);
+    std::vector<int64_t> cost(n_items);  // keys a tile attends over
     for (int64_t i = 0; i < n_items; ++i) {
         const int64_t b = i / Hkv, hi = start + std::min(T, (b + 1) * PR);
         cost[i] = window > 0 ? std::min(hi, window + PR) : hi;
-        order[i] = i;
     }
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
-    std::vector<std::vector<int64_t>> plan(nthreads);
-    std::vector<int64_t> busy(nthreads, 0);
-    for (int64_t i : order) {
-        const int64_t th = std::min_element(busy.begin(), busy.end()) - busy.begin();
-        plan[th].push_back(i);
-        busy[th] += cost[i];
-    }
+    const auto plan = plan_items(cost, 0);
+    const int64_t nthreads = static_cast<int64_t>(plan.size());
     // keys transposed once, kt[g][e][j] for positions j < start + T (padded with zeros to a vector
     // and a chunk past the end): every tile's scores are then broadcast FMAs over contiguous keys
     const int64_t S = start + T, kts = (S + CHUNK + 2 * W - 1) / W * W;
@@ -462,25 +473,14 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     int64_t c_first = nchunks;
     for (int64_t t = 0; t < T; ++t) c_first = std::min(c_first, begin[t] / CHUNK);
     const int64_t n_items = Hkv * (nchunks - c_first);
-    // Spread the items over the threads by their work (keys summed over rows), largest first onto
-    // the least loaded thread: a step's last chunk often holds a few keys, and contiguous ranges of
-    // items would leave one thread most of the work. Which thread runs an item changes no bits.
-    const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_items));
-    std::vector<int64_t> cost(n_items, 0), order(n_items);
+    std::vector<int64_t> cost(n_items, 0);  // keys summed over rows
     for (int64_t i = 0; i < n_items; ++i) {
         const int64_t c = c_first + i / Hkv;
         for (int64_t t = 0; t < T; ++t)
             cost[i] += std::max<int64_t>(0, std::min(end[t], (c + 1) * CHUNK) - std::max(begin[t], c * CHUNK));
-        order[i] = i;
     }
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost[x] > cost[y]; });
-    std::vector<std::vector<int64_t>> plan(nthreads);
-    std::vector<int64_t> busy(nthreads, 0);
-    for (int64_t i : order) {
-        const int64_t th = std::min_element(busy.begin(), busy.end()) - busy.begin();
-        plan[th].push_back(i);
-        busy[th] += cost[i] + 16;  // + a fixed cost per item, in keys
-    }
+    const auto plan = plan_items(cost, 16);  // + a fixed cost per item, in keys
+    const int64_t nthreads = static_cast<int64_t>(plan.size());
     at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
         float mb[MAX_G], lb[MAX_G], ob[MAX_GD];
         for (int64_t worker = a; worker < b; ++worker)
