@@ -195,6 +195,18 @@ def rope_attend(qkv: torch.Tensor, cs: torch.Tensor, keys: torch.Tensor, values:
                                         step_rows)
 
 
+def rope_attend_tree(qkv: torch.Tensor, cs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int, segments,
+                     heads: int, kv_heads: int, scale: float, window: int, key_stash: torch.Tensor,
+                     value_stash: torch.Tensor) -> torch.Tensor:
+    """A token tree's attention block between its products (:func:`rope_attend` for a
+    :class:`~kangaroo.tree.TreeLayout`'s ``segments``): every row's rotated keys and values go to the
+    stashes ``[H_kv, T, d]``, each segment's into the layer's buffers at ``pos + depth``, and each
+    segment's rows attend with :func:`decode_attention`, as one-token steps would. ``[T, H d]``."""
+    first, stop, depth = (list(x) for x in zip(*segments))
+    return _state["module"].rope_attend_tree(qkv, cs, keys, values, pos, first, stop, depth, heads, kv_heads, scale,
+                                             window, key_stash, value_stash)
+
+
 def prompt_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, window: int,
                      scale: float) -> torch.Tensor:
     """A prompt's causal attention: rows ``q`` ``[T, H, d]`` at positions ``start ..`` over ``keys`` /

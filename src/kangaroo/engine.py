@@ -401,6 +401,15 @@ class FusedEngine:
             out = attn_kernel.rope_attend(qkv, rope, keys, values, start, H, Hkv, a.scaling, window or 0, PROMPT_BLOCK,
                                           first_out, MAX_ROWS)
             return a.o(out)
+        if fused and tree is not None and cache is not None and a.q_norm is None:
+            # a token tree in one compiled call: stash, per-segment writes at pos + depth, attention
+            pos = cache.length(layer_idx)
+            keys, values, _ = cache.slots(layer_idx, T, Hkv, d, h)
+            stash = torch.empty(2, Hkv, T, d, device=h.device)
+            out = attn_kernel.rope_attend_tree(qkv, rope, keys, values, pos, tree.segments, H, Hkv, a.scaling, window or 0,
+                                               stash[0], stash[1])
+            cache.stash[layer_idx] = (stash[0][None], stash[1][None])
+            return a.o(out)
         if first_out:
             return self.attend(a, h, cache, layer_idx, rope, mask, window, batched, tree)[first_out:]
         qkv = qkv.to(self.act_dtype)

@@ -586,6 +586,10 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cs);
 torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t start,
                           int64_t H, int64_t Hkv, double scale, int64_t window, int64_t block, int64_t first_out,
                           int64_t step_rows);
+torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t pos,
+                               std::vector<int64_t> first, std::vector<int64_t> stop, std::vector<int64_t> depth,
+                               int64_t H, int64_t Hkv, double scale, int64_t window, torch::Tensor kstash,
+                               torch::Tensor vstash);
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps);
 torch::Tensor silu_mul(torch::Tensor gu);
 
@@ -601,6 +605,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             py::arg("x"), py::arg("nibbles"), py::arg("scales"), py::arg("bias") = py::none());
     mod.def("rope", &rope, "RoPE over interleaved pairs, row by row");
     mod.def("rope_attend", &rope_attend, "RoPE, cache write and decode attention between an attention block's products");
+    mod.def("rope_attend_tree", &rope_attend_tree, "a token tree's RoPE, stash, per-segment cache writes and decode attention");
     mod.def("add_rms_norm", &add_rms_norm, "residual add in place, then RMSNorm");
     mod.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up product");
 }

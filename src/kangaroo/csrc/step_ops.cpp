@@ -140,6 +140,66 @@ torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbu
     return out.view({T - first_out, H * d});
 }
 
+// A token tree's attention block between its products (kangaroo/tree.py): qkv [T, (H + 2 H_kv) d] in
+// depth-first order, cs [T, d/2, 2] RoPE at each row's own position pos + depth. Rotates Q and K and
+// keeps every row's K and V in kstash/vstash [H_kv, T, d] (for the cache's commit); then segment by
+// segment (rows [first, stop) continuing the row before `first`, the first at depth `depth`) writes the
+// segment's K and V at slots pos + depth .. of kbuf/vbuf [H_kv, capacity, d], so that the slots
+// before each row hold exactly its ancestors, and attends its rows with decode_attention: each row
+// gets the bits its one-token step gets. Returns [T, H d] float32.
+torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t pos,
+                               std::vector<int64_t> first, std::vector<int64_t> stop, std::vector<int64_t> depth,
+                               int64_t H, int64_t Hkv, double scale, int64_t window, torch::Tensor kstash,
+                               torch::Tensor vstash) {
+    TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "rope_attend_tree: qkv [T, (H + 2 H_kv) d] with rows contiguous");
+    TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16 || qkv.scalar_type() == torch::kFloat32, "rope_attend_tree: bfloat16 or float32 qkv");
+    TORCH_CHECK(kbuf.dtype() == torch::kFloat32 && vbuf.dtype() == torch::kFloat32 && kbuf.is_contiguous() && vbuf.is_contiguous()
+                && kbuf.dim() == 3 && vbuf.sizes() == kbuf.sizes() && kbuf.size(0) == Hkv, "rope_attend_tree: caches [H_kv, capacity, d] float32");
+    const int64_t T = qkv.size(0), d = kbuf.size(2), half = d / 2, cap = kbuf.size(1);
+    TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * d && d % 2 == 0, "rope_attend_tree: qkv width");
+    TORCH_CHECK(kstash.dtype() == torch::kFloat32 && vstash.dtype() == torch::kFloat32 && kstash.is_contiguous()
+                && vstash.is_contiguous() && kstash.dim() == 3 && kstash.size(0) == Hkv && kstash.size(1) == T
+                && kstash.size(2) == d && vstash.sizes() == kstash.sizes(), "rope_attend_tree: stashes [H_kv, T, d] float32");
+    const int64_t S = static_cast<int64_t>(first.size());
+    TORCH_CHECK(S >= 1 && (int64_t)stop.size() == S && (int64_t)depth.size() == S, "rope_attend_tree: one (first, stop, depth) per segment");
+    for (int64_t s = 0; s < S; ++s)
+        TORCH_CHECK(0 <= first[s] && first[s] < stop[s] && stop[s] <= T && depth[s] >= 0 && pos + depth[s] + stop[s] - first[s] <= cap,
+                    "rope_attend_tree: a segment outside the rows or the cache");
+    cs = cs.reshape({cs.size(0), half, 2}).contiguous();
+    TORCH_CHECK(cs.size(0) == T && cs.dtype() == torch::kFloat32, "rope_attend_tree: one float32 (cos, sin) row per row");
+    auto q = torch::empty({T, H, d}, kbuf.options());
+    float *qp = q.data_ptr<float>(), *kp = kbuf.data_ptr<float>(), *vp = vbuf.data_ptr<float>();
+    float *ksp = kstash.data_ptr<float>(), *vsp = vstash.data_ptr<float>();
+    const float* cp = cs.data_ptr<float>();
+    const int64_t width = (H + 2 * Hkv) * d;
+    std::vector<float> row(width);
+    for (int64_t t = 0; t < T; ++t) {  // the rotations rope_attend computes, row by row
+        row_to_float(qkv, t, width, row.data());
+        const float* c = cp + t * d;
+        for (int64_t h = 0; h < H; ++h) rotate(row.data() + h * d, c, qp + (t * H + h) * d, half);
+        for (int64_t g = 0; g < Hkv; ++g) {
+            rotate(row.data() + (H + g) * d, c, ksp + (g * T + t) * d, half);
+            std::memcpy(vsp + (g * T + t) * d, row.data() + (H + Hkv + g) * d, d * sizeof(float));
+        }
+    }
+    auto out = torch::empty({T, H, d}, kbuf.options());
+    for (int64_t s = 0; s < S; ++s) {
+        const int64_t n = stop[s] - first[s], at = pos + depth[s];
+        for (int64_t g = 0; g < Hkv; ++g) {
+            std::memcpy(kp + (g * cap + at) * d, ksp + (g * T + first[s]) * d, n * d * sizeof(float));
+            std::memcpy(vp + (g * cap + at) * d, vsp + (g * T + first[s]) * d, n * d * sizeof(float));
+        }
+        std::vector<int64_t> begins(n), ends(n);
+        for (int64_t i = 0; i < n; ++i) {
+            ends[i] = at + i + 1;
+            begins[i] = window > 0 ? std::max<int64_t>(0, ends[i] - window) : 0;
+        }
+        out.narrow(0, first[s], n).copy_(decode_attention(q.narrow(0, first[s], n), kbuf.narrow(1, 0, at + n),
+                                                           vbuf.narrow(1, 0, at + n), begins, ends, scale));
+    }
+    return out.view({T, H * d});
+}
+
 // x += y (y [T, D] bfloat16 or float32, added as float32: what `x + y` computes), then RMSNorm of
 // the new x with weight w: returns [T, D] float32. x [T, D] float32, contiguous, updated in place.
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps) {
