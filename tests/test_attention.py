@@ -208,3 +208,36 @@ def test_prompt_rows_go_to_the_tiles_and_first_out_skips_rows(kernel):
     last = attention.rope_attend(qkv, cs, k3, v3, 0, H, Hkv, 0.125, 0, 64, T - 3, 16)
     assert torch.equal(k3, k1) and torch.equal(v3, v1) and last.shape == (3, H * d)
     assert torch.equal(last, blocks[T - 3:])  # 3 rows: the decode kernel, row-invariant
+
+
+def test_tree_attention_block_gives_each_row_its_one_token_bits(kernel):
+    """rope_attend_tree: each segment is written at pos + depth of its first row and its rows attend
+    over the prefix and their ancestors, with the bits rope_attend gives the same row alone at its
+    position over the same keys; every row's rotated key and value lands in the stash."""
+    gen = torch.Generator().manual_seed(9)
+    H, Hkv, d, pos = 9, 3, 64, 40
+    parents = [0, 1, 2, 0, 4]  # rows 1-3: a chain; rows 4-5: a branch from row 0 (depth-first)
+    depths = [0, 1, 2, 3, 1, 2]
+    segments = [(0, 4, 0), (4, 6, 1)]
+    T = len(depths)
+    qkv = torch.randn(T, (H + 2 * Hkv) * d, generator=gen).to(torch.bfloat16)
+    angles = torch.rand(T, 1, d // 2, generator=gen) * 6
+    cs = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    prefix_k, prefix_v = torch.randn(Hkv, 64, d, generator=gen), torch.randn(Hkv, 64, d, generator=gen)
+    keys, values = prefix_k.clone(), prefix_v.clone()
+    stash = torch.empty(2, Hkv, T, d)
+    out = attention.rope_attend_tree(qkv, cs, keys, values, pos, segments, H, Hkv, 0.125, 0, stash[0], stash[1])
+    for t in range(T):
+        ancestors, r = [], t  # the row itself and its ancestors, root first
+        while True:
+            ancestors.insert(0, r)
+            if r == 0:
+                break
+            r = parents[r - 1]
+        k1, v1 = prefix_k.clone(), prefix_v.clone()
+        for depth, row in enumerate(ancestors[:-1]):  # the ancestors' keys at their slots, as steps left them
+            k1[:, pos + depth], v1[:, pos + depth] = stash[0][:, row], stash[1][:, row]
+        alone = attention.rope_attend(qkv[t:t + 1], cs[t:t + 1], k1, v1, pos + depths[t], H, Hkv, 0.125, 0, 2)
+        assert torch.equal(alone[0], out[t]), t
+        assert torch.equal(k1[:, pos + depths[t]], stash[0][:, t]) and torch.equal(v1[:, pos + depths[t]], stash[1][:, t])
+    assert torch.equal(keys[:, :pos], prefix_k[:, :pos])
