@@ -110,7 +110,8 @@ def load():
 
     name = _name()
     build = cache_dir() / "ext" / name
-    fresh = not any(build.glob("*.so"))
+    built_before = {so: so.stat().st_mtime for so in build.glob("*.so")}
+    fresh = not built_before
     start = time.perf_counter()
     module, reason = None, None
     try:
@@ -124,6 +125,9 @@ def load():
     except Exception as exc:  # noqa: BLE001 - any build failure means: no kernel, per-row SDPA
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     elapsed = round(time.perf_counter() - start, 2)
+    # ninja also rebuilds a module it finds out of date (e.g. the same sources built from another
+    # checkout into this cache folder): that is a compile too
+    fresh = fresh or any(so.stat().st_mtime != built_before.get(so) for so in build.glob("*.so"))
     record = build / "compile.json"
     if fresh and module is not None:
         try:
