@@ -135,7 +135,7 @@ def test_fused_step_ops_match_the_torch_ops_they_replace(kernel):
     keys, values = torch.randn(Hkv, cap, d, generator=gen), torch.randn(Hkv, cap, d, generator=gen)
     k0, v0 = keys.clone(), values.clone()
     for window in (0, 20):
-        out = attention.rope_attend(qkv, cs, keys, values, start, H, Hkv, 0.125, window, 2)
+        out = attention.rope_attend(qkv, cs, keys, values, start, H, Hkv, 0.125, window)
         torch.testing.assert_close(keys[:, start:start + T], ref_qk[:, H:].transpose(0, 1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(values[:, start:start + T], qkv[:, (H + Hkv) * d:].float().view(T, Hkv, d).transpose(0, 1))
         assert torch.equal(keys[:, :start], k0[:, :start]) and torch.equal(keys[:, start + T:], k0[:, start + T:])
@@ -144,7 +144,7 @@ def test_fused_step_ops_match_the_torch_ops_they_replace(kernel):
         ref = attention.sdpa_rows(ref_qk[:, :H], keys, values, begins, ends, 0.125).reshape(T, H * d)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         for t in range(T):  # a row alone, at its own position, gets the same bits
-            alone = attention.rope_attend(qkv[t:t + 1], cs[t:t + 1], keys, values, start + t, H, Hkv, 0.125, window, 2)
+            alone = attention.rope_attend(qkv[t:t + 1], cs[t:t + 1], keys, values, start + t, H, Hkv, 0.125, window)
             assert torch.equal(alone[0], out[t]), (window, t)
         keys[:, start:], values[:, start:] = k0[:, start:], v0[:, start:]
     x, y = torch.randn(T, 576, generator=gen), torch.randn(T, 576, generator=gen).to(torch.bfloat16)
@@ -167,6 +167,7 @@ def test_fused_step_ops_match_the_torch_ops_they_replace(kernel):
     (200, 50, 9, 3, 64, 64),   # a sliding window that starts inside the first chunk
     (33, 0, 16, 1, 64, 0),     # many query heads per kv head
     (17, 300, 6, 2, 64, 100),
+    (70, 5, 6, 3, 24, 20),     # a head size without a tile: the decode kernel, 64 rows a call
 ])
 def test_prompt_attention_computes_causal_attention(kernel, T, start, heads, kv_heads, head_dim, window):
     """The prompt tiles attend each row over exactly its causal (windowed) key range: against per-row
@@ -197,15 +198,15 @@ def test_prompt_rows_go_to_the_tiles_and_first_out_skips_rows(kernel):
     cs = torch.stack([angles.cos(), angles.sin()], dim=-1)
     bufs = lambda: (torch.zeros(Hkv, 64, d), torch.zeros(Hkv, 64, d))  # noqa: E731
     k1, v1 = bufs()
-    tiles = attention.rope_attend(qkv, cs, k1, v1, 0, H, Hkv, 0.125, 0, 64, 0, 16)
+    tiles = attention.rope_attend(qkv, cs, k1, v1, 0, H, Hkv, 0.125, 0, 0, 16)
     k2, v2 = bufs()
-    blocks = attention.rope_attend(qkv, cs, k2, v2, 0, H, Hkv, 0.125, 0, 64, 0, T)  # all rows "step rows"
+    blocks = attention.rope_attend(qkv, cs, k2, v2, 0, H, Hkv, 0.125, 0, 0, T)  # all rows "step rows"
     assert torch.equal(k1, k2) and torch.equal(v1, v2)
     torch.testing.assert_close(tiles, blocks, rtol=1e-4, atol=1e-5)
     q = attention.rope(qkv[:, :H * d].view(T, H, d), cs)
     assert torch.equal(tiles.view(T, H, d), attention.prompt_attention(q, k1[:, :T], v1[:, :T], 0, 0, 0.125))
     k3, v3 = bufs()
-    last = attention.rope_attend(qkv, cs, k3, v3, 0, H, Hkv, 0.125, 0, 64, T - 3, 16)
+    last = attention.rope_attend(qkv, cs, k3, v3, 0, H, Hkv, 0.125, 0, T - 3, 16)
     assert torch.equal(k3, k1) and torch.equal(v3, v1) and last.shape == (3, H * d)
     assert torch.equal(last, blocks[T - 3:])  # 3 rows: the decode kernel, row-invariant
 
@@ -237,7 +238,7 @@ def test_tree_attention_block_gives_each_row_its_one_token_bits(kernel):
         k1, v1 = prefix_k.clone(), prefix_v.clone()
         for depth, row in enumerate(ancestors[:-1]):  # the ancestors' keys at their slots, as steps left them
             k1[:, pos + depth], v1[:, pos + depth] = stash[0][:, row], stash[1][:, row]
-        alone = attention.rope_attend(qkv[t:t + 1], cs[t:t + 1], k1, v1, pos + depths[t], H, Hkv, 0.125, 0, 2)
+        alone = attention.rope_attend(qkv[t:t + 1], cs[t:t + 1], k1, v1, pos + depths[t], H, Hkv, 0.125, 0)
         assert torch.equal(alone[0], out[t]), t
         assert torch.equal(k1[:, pos + depths[t]], stash[0][:, t]) and torch.equal(v1[:, pos + depths[t]], stash[1][:, t])
     assert torch.equal(keys[:, :pos], prefix_k[:, :pos])

@@ -188,15 +188,13 @@ def rope(x: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
 
 
 def rope_attend(qkv: torch.Tensor, cs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, heads: int,
-                kv_heads: int, scale: float, window: int, block: int, first_out: int = 0,
-                step_rows: int = 16) -> torch.Tensor:
+                kv_heads: int, scale: float, window: int, first_out: int = 0, step_rows: int = 16) -> torch.Tensor:
     """An attention block between its products: ``qkv`` ``[T, (H + 2 H_kv) d]`` rotated (:func:`rope`),
     keys and values written into the layer's buffers ``[H_kv, capacity, d]`` at ``start ..``, and
     each row from ``first_out`` on attended over its prefix: up to ``step_rows`` rows with
-    :func:`decode_attention` (row-invariant), more (a prompt) with :func:`prompt_attention` where the
-    head dimension allows, else in blocks of ``block`` rows. ``[T - first_out, H d]``."""
-    return _state["module"].rope_attend(qkv, cs, keys, values, start, heads, kv_heads, scale, window, block, first_out,
-                                        step_rows)
+    :func:`decode_attention` (row-invariant), more (a prompt) with :func:`prompt_attention`.
+    ``[T - first_out, H d]``."""
+    return _state["module"].rope_attend(qkv, cs, keys, values, start, heads, kv_heads, scale, window, first_out, step_rows)
 
 
 def rope_attend_tree(qkv: torch.Tensor, cs: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int, segments,
@@ -215,12 +213,9 @@ def prompt_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                      scale: float) -> torch.Tensor:
     """A prompt's causal attention: rows ``q`` ``[T, H, d]`` at positions ``start ..`` over ``keys`` /
     ``values`` ``[H_kv, S, d]`` (the last ``window`` keys when > 0), in flash-attention tiles
-    (``csrc/decode_attention.cpp``). Faster than :func:`decode_attention` on many rows, but a row's
+    (``csrc/decode_attention.cpp``; head sizes other than 64, 128, 256 through the decode kernel). Faster than :func:`decode_attention` on many rows, but a row's
     bits depend on its tile: only for rows that no step re-computes (prompts). ``[T, H, d]``."""
     return _state["module"].prompt_attention(q, keys, values, start, window, scale)
-
-#: head dimensions prompt_attention is compiled for
-PROMPT_HEAD_DIMS = (64, 128, 256)
 
 
 

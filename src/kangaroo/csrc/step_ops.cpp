@@ -84,60 +84,71 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cs) {
     return out;
 }
 
+namespace {
+
+// The checks an attention block's call makes of its QKV output, its RoPE rows and one layer's cache
+// buffers kbuf/vbuf [H_kv, capacity, d]; returns the (cos, sin) rows as [T, d/2, 2], contiguous.
+torch::Tensor check_block(const char* who, const torch::Tensor& qkv, torch::Tensor cs, const torch::Tensor& kbuf,
+                          const torch::Tensor& vbuf, int64_t H, int64_t Hkv) {
+    TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, who, ": qkv [T, (H + 2 H_kv) d] with rows contiguous");
+    TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16 || qkv.scalar_type() == torch::kFloat32, who, ": bfloat16 or float32 qkv");
+    TORCH_CHECK(kbuf.dtype() == torch::kFloat32 && vbuf.dtype() == torch::kFloat32 && kbuf.is_contiguous() && vbuf.is_contiguous()
+                && kbuf.dim() == 3 && vbuf.sizes() == kbuf.sizes() && kbuf.size(0) == Hkv, who, ": caches [H_kv, capacity, d] float32");
+    const int64_t d = kbuf.size(2);
+    TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * d && d % 2 == 0, who, ": qkv width");
+    cs = cs.reshape({cs.size(0), d / 2, 2}).contiguous();
+    TORCH_CHECK(cs.size(0) == qkv.size(0) && cs.dtype() == torch::kFloat32, who, ": one float32 (cos, sin) row per row");
+    return cs;
+}
+
+// Row t of an attention block: Q rotated into q [H, d], K rotated into k + g * kv_stride and V copied
+// into v + g * kv_stride for each kv head g. `row` is scratch of (H + 2 H_kv) d floats.
+inline void rotate_row(const torch::Tensor& qkv, int64_t t, const float* cs, int64_t H, int64_t Hkv, int64_t d,
+                       float* row, float* q, float* k, float* v, int64_t kv_stride) {
+    row_to_float(qkv, t, (H + 2 * Hkv) * d, row);
+    for (int64_t h = 0; h < H; ++h) rotate(row + h * d, cs, q + h * d, d / 2);
+    for (int64_t g = 0; g < Hkv; ++g) {
+        rotate(row + (H + g) * d, cs, k + g * kv_stride, d / 2);
+        std::memcpy(v + g * kv_stride, row + (H + Hkv + g) * d, d * sizeof(float));
+    }
+}
+
+}  // namespace
+
 // One attention block's work between its two products, for rows at positions start .. start+T-1
 // over a pre-allocated cache: qkv [T, (H + 2 H_kv) d] (the QKV product's output, bfloat16 or
 // float32), cs [T, d/2, 2] RoPE (cos, sin) per row, kbuf/vbuf [H_kv, capacity, d] float32 (one
 // layer's cache; slots start .. start+T-1 are written here). Rotates Q and K, writes K and V, and
-// attends each row over its prefix (its last `window` keys when window > 0) with decode_attention,
-// more than `step_rows` rows (a prompt) with prompt_attention where the head dimension allows, else in
-// blocks of `block` rows. Rows before `first_out` are only written to the cache (the adapter's
-// prompt: only its last row's output drafts). Returns [T - first_out, H d] float32.
+// attends each row over its prefix (its last `window` keys when window > 0): up to `step_rows` rows
+// with decode_attention (row-invariant), more (a prompt) with prompt_attention. Rows before
+// `first_out` are only written to the cache (the adapter's prompt: only its last row's output
+// drafts). Returns [T - first_out, H d] float32.
 torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t start,
-                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t block, int64_t first_out,
-                          int64_t step_rows) {
-    TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "rope_attend: qkv [T, (H + 2 H_kv) d] with rows contiguous");
-    TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16 || qkv.scalar_type() == torch::kFloat32, "rope_attend: bfloat16 or float32 qkv");
-    TORCH_CHECK(kbuf.dtype() == torch::kFloat32 && vbuf.dtype() == torch::kFloat32 && kbuf.is_contiguous() && vbuf.is_contiguous()
-                && kbuf.dim() == 3 && vbuf.sizes() == kbuf.sizes() && kbuf.size(0) == Hkv, "rope_attend: caches [H_kv, capacity, d] float32");
-    const int64_t T = qkv.size(0), d = kbuf.size(2), half = d / 2, cap = kbuf.size(1);
-    TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * d && d % 2 == 0, "rope_attend: qkv width");
+                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t first_out, int64_t step_rows) {
+    cs = check_block("rope_attend", qkv, cs, kbuf, vbuf, H, Hkv);
+    const int64_t T = qkv.size(0), d = kbuf.size(2), cap = kbuf.size(1);
     TORCH_CHECK(start >= 0 && start + T <= cap, "rope_attend: the cache has no room for these rows");
     TORCH_CHECK(0 <= first_out && first_out < T, "rope_attend: first_out outside the rows");
-    cs = cs.reshape({cs.size(0), half, 2}).contiguous();
-    TORCH_CHECK(cs.size(0) == T && cs.dtype() == torch::kFloat32, "rope_attend: one float32 (cos, sin) row per row");
     auto q = torch::empty({T, H, d}, kbuf.options());
     float *qp = q.data_ptr<float>(), *kp = kbuf.data_ptr<float>(), *vp = vbuf.data_ptr<float>();
     const float* cp = cs.data_ptr<float>();
-    const int64_t width = (H + 2 * Hkv) * d;
     // row by row (a prompt's rows over the threads; each row's bits are its own)
     at::parallel_for(0, T, 32, [&](int64_t a, int64_t b) {
-        std::vector<float> row(width);
-        for (int64_t t = a; t < b; ++t) {
-            row_to_float(qkv, t, width, row.data());
-            const float* c = cp + t * d;
-            for (int64_t h = 0; h < H; ++h) rotate(row.data() + h * d, c, qp + (t * H + h) * d, half);
-            for (int64_t g = 0; g < Hkv; ++g) {
-                rotate(row.data() + (H + g) * d, c, kp + (g * cap + start + t) * d, half);
-                std::memcpy(vp + (g * cap + start + t) * d, row.data() + (H + Hkv + g) * d, d * sizeof(float));
-            }
-        }
+        std::vector<float> row((H + 2 * Hkv) * d);
+        for (int64_t t = a; t < b; ++t)
+            rotate_row(qkv, t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d, kp + (start + t) * d, vp + (start + t) * d,
+                       cap * d);
     });
     auto keys = kbuf.narrow(1, 0, start + T), values = vbuf.narrow(1, 0, start + T);
-    if (T - first_out > step_rows && (d == 64 || d == 128 || d == 256))
-        return prompt_attention(q.narrow(0, first_out, T - first_out), keys, values, start + first_out, window, scale)
-            .view({T - first_out, H * d});
-    std::vector<torch::Tensor> parts;
-    for (int64_t b = first_out; b < T; b += block) {
-        const int64_t n = std::min(block, T - b);
-        std::vector<int64_t> begins(n), ends(n);
-        for (int64_t i = 0; i < n; ++i) {
-            ends[i] = start + b + i + 1;
-            begins[i] = window > 0 ? std::max<int64_t>(0, ends[i] - window) : 0;
-        }
-        parts.push_back(decode_attention(q.narrow(0, b, n), keys, values, begins, ends, scale));
+    const int64_t n = T - first_out;
+    if (n > step_rows)
+        return prompt_attention(q.narrow(0, first_out, n), keys, values, start + first_out, window, scale).view({n, H * d});
+    std::vector<int64_t> begins(n), ends(n);
+    for (int64_t i = 0; i < n; ++i) {
+        ends[i] = start + first_out + i + 1;
+        begins[i] = window > 0 ? std::max<int64_t>(0, ends[i] - window) : 0;
     }
-    auto out = parts.size() == 1 ? parts[0] : torch::cat(parts);
-    return out.view({T - first_out, H * d});
+    return decode_attention(q.narrow(0, first_out, n), keys, values, begins, ends, scale).view({n, H * d});
 }
 
 // A token tree's attention block between its products (kangaroo/tree.py): qkv [T, (H + 2 H_kv) d] in
@@ -151,12 +162,8 @@ torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tenso
                                std::vector<int64_t> first, std::vector<int64_t> stop, std::vector<int64_t> depth,
                                int64_t H, int64_t Hkv, double scale, int64_t window, torch::Tensor kstash,
                                torch::Tensor vstash) {
-    TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "rope_attend_tree: qkv [T, (H + 2 H_kv) d] with rows contiguous");
-    TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16 || qkv.scalar_type() == torch::kFloat32, "rope_attend_tree: bfloat16 or float32 qkv");
-    TORCH_CHECK(kbuf.dtype() == torch::kFloat32 && vbuf.dtype() == torch::kFloat32 && kbuf.is_contiguous() && vbuf.is_contiguous()
-                && kbuf.dim() == 3 && vbuf.sizes() == kbuf.sizes() && kbuf.size(0) == Hkv, "rope_attend_tree: caches [H_kv, capacity, d] float32");
-    const int64_t T = qkv.size(0), d = kbuf.size(2), half = d / 2, cap = kbuf.size(1);
-    TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * d && d % 2 == 0, "rope_attend_tree: qkv width");
+    cs = check_block("rope_attend_tree", qkv, cs, kbuf, vbuf, H, Hkv);
+    const int64_t T = qkv.size(0), d = kbuf.size(2), cap = kbuf.size(1);
     TORCH_CHECK(kstash.dtype() == torch::kFloat32 && vstash.dtype() == torch::kFloat32 && kstash.is_contiguous()
                 && vstash.is_contiguous() && kstash.dim() == 3 && kstash.size(0) == Hkv && kstash.size(1) == T
                 && kstash.size(2) == d && vstash.sizes() == kstash.sizes(), "rope_attend_tree: stashes [H_kv, T, d] float32");
@@ -165,23 +172,13 @@ torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tenso
     for (int64_t s = 0; s < S; ++s)
         TORCH_CHECK(0 <= first[s] && first[s] < stop[s] && stop[s] <= T && depth[s] >= 0 && pos + depth[s] + stop[s] - first[s] <= cap,
                     "rope_attend_tree: a segment outside the rows or the cache");
-    cs = cs.reshape({cs.size(0), half, 2}).contiguous();
-    TORCH_CHECK(cs.size(0) == T && cs.dtype() == torch::kFloat32, "rope_attend_tree: one float32 (cos, sin) row per row");
     auto q = torch::empty({T, H, d}, kbuf.options());
     float *qp = q.data_ptr<float>(), *kp = kbuf.data_ptr<float>(), *vp = vbuf.data_ptr<float>();
     float *ksp = kstash.data_ptr<float>(), *vsp = vstash.data_ptr<float>();
     const float* cp = cs.data_ptr<float>();
-    const int64_t width = (H + 2 * Hkv) * d;
-    std::vector<float> row(width);
-    for (int64_t t = 0; t < T; ++t) {  // the rotations rope_attend computes, row by row
-        row_to_float(qkv, t, width, row.data());
-        const float* c = cp + t * d;
-        for (int64_t h = 0; h < H; ++h) rotate(row.data() + h * d, c, qp + (t * H + h) * d, half);
-        for (int64_t g = 0; g < Hkv; ++g) {
-            rotate(row.data() + (H + g) * d, c, ksp + (g * T + t) * d, half);
-            std::memcpy(vsp + (g * T + t) * d, row.data() + (H + Hkv + g) * d, d * sizeof(float));
-        }
-    }
+    std::vector<float> row((H + 2 * Hkv) * d);
+    for (int64_t t = 0; t < T; ++t)  // the rotations rope_attend computes, into the stash
+        rotate_row(qkv, t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d, ksp + t * d, vsp + t * d, T * d);
     auto out = torch::empty({T, H, d}, kbuf.options());
     for (int64_t s = 0; s < S; ++s) {
         const int64_t n = stop[s] - first[s], at = pos + depth[s];
