@@ -22,6 +22,7 @@ from kangaroo import quantized
 from kangaroo.kernels import KERNELS, MAX_ROWS, Linear, kernel_available, row_invariant
 from kangaroo.kv_cache import KVCache
 from kangaroo.model import Backbone
+from kangaroo.tree import TreeLayout
 
 CONFIGS = [(d, k) for d in (torch.float32, torch.bfloat16) for k in KERNELS if kernel_available(k, d, "cpu")]
 Q4 = kernel_available("q4_1", torch.bfloat16, "cpu")
@@ -164,6 +165,47 @@ def test_early_exit_drafter_on_the_fused_engine():
     result = decoder.generate(ids, 50)
     assert result.token_ids == AutoregressiveDecoder(engine).generate(ids, 50).token_ids
     assert result.accepted > 0
+
+
+STACK_CONFIGS = ([(arch, "dpbf16") for arch in ARCHITECTURES] if (torch.bfloat16, "dpbf16") in CONFIGS else []) + \
+                ([("llama", "q4_1"), ("mistral", "q4_1")] if Q4 else [])
+
+
+@pytest.mark.parametrize("arch,kernel", STACK_CONFIGS)
+def test_compiled_layer_loop_is_the_python_loop_bit_for_bit(arch, kernel):
+    """The compiled layer loop (csrc/layer_stack.cpp) gives the Python loop's hidden states and cache
+    entries bit for bit: a prompt past the 16-row steps and the 48-token windows, steps of 1, 5
+    and 16 rows over split layer ranges, then a token tree; Qwen3's per-head norms keep to the Python loop."""
+    backbone = Backbone(tiny_model(arch, seed=5))
+    q4 = dict(q4_layers=q4_layers(backbone)) if kernel == "q4_1" else {}
+    engines = [FusedEngine(backbone, torch.bfloat16, kernel, "kernel", **q4) for _ in range(2)]
+    engines[1]._stack = (None, [])  # the Python loop
+    if arch == "qwen3":
+        assert engines[0]._build_stack() == (None, [])
+        return
+    assert engines[0]._build_stack()[0].size() == NUM_LAYERS
+    g = torch.Generator().manual_seed(0)
+    caches = [KVCache(NUM_LAYERS), KVCache(NUM_LAYERS)]
+    steps = [(70, 0, NUM_LAYERS)] + [(T, a, b) for T in (1, 5, 16, 1) for a, b in ((0, 1), (1, NUM_LAYERS))]
+    for T, a, b in steps:
+        if a == 0:
+            h = torch.randn(1, T, backbone.model.config.hidden_size, generator=g)
+        outs = [e.run_layers(a, b, h, c, c.length(a)) for e, c in zip(engines, caches)]
+        assert torch.equal(outs[0], outs[1]), (T, a, b)
+        h = outs[0]
+    # a token tree that branches at two depths, each row at pos + depth (keys and values also stashed)
+    tree = TreeLayout.of([0, 1, 2, 1, 0, 5, 0])
+    h = torch.randn(1, tree.rows, backbone.model.config.hidden_size, generator=g)
+    outs = [e.run_layers(1, NUM_LAYERS, h, c, c.length(1), tree) for e, c in zip(engines, caches)]
+    assert torch.equal(outs[0], outs[1])
+    assert engines[0]._stack[0] is not None
+    for i in range(NUM_LAYERS):
+        n = caches[0].length(i)
+        assert n == caches[1].length(i) == 70 + 23 + (tree.rows if i else 0)
+        assert torch.equal(caches[0].keys[i][..., :n, :], caches[1].keys[i][..., :n, :])
+        assert torch.equal(caches[0].values[i][..., :n, :], caches[1].values[i][..., :n, :])
+        if i:
+            assert all(torch.equal(a, b) for a, b in zip(caches[0].stash[i], caches[1].stash[i]))
 
 
 # ---------------------------------------------------------------- configuration and calibration

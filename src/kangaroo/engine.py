@@ -203,6 +203,7 @@ class FusedEngine:
             head = backbone.lm_head
             self.lm_head = Linear(head.weight, head.bias, dtype, self.dense_kernel)
             self.embed_weight = backbone.embed_tokens.weight.detach()
+        self._stack = None  # the compiled layer loop, built at first use (:meth:`_build_stack`)
         self._rope: dict[str, torch.Tensor] = {}  # layer type -> complex [n, d/2] (cos + i sin)
         self._adapters: dict[int, tuple] = {}  # id(adapter) -> (adapter, its fused attention, norms, MLP or None)
         self._heads: dict[int, tuple] = {}  # id(adapter) -> (adapter, draft-vocabulary head)
@@ -223,6 +224,26 @@ class FusedEngine:
             window=w["window"],
             layer_type=w["layer_type"],
         )
+
+    def _build_stack(self):
+        """``(stack, rope types)``: the layers registered with the compiled layer loop
+        (``csrc/layer_stack.cpp``, which runs a chain's layer range in one call, ~1 ms of Python a
+        step less), or ``(None, [])`` where a layer needs the Python loop (no fused ops, per-head
+        norms, a product on another kernel)."""
+        module = attn_kernel.load()
+        if module is None or not hasattr(module, "LayerStack"):
+            return None, []
+        stack, types, empty = module.LayerStack(), {}, torch.empty(0)
+        for layer in self.layers:
+            a = layer.attention
+            specs = [_native_product(p, empty) for p in (a.qkv, a.o, layer.gate_up, layer.down)]
+            if a.q_norm is not None or a.k_norm is not None or any(spec is None for spec in specs):
+                return None, []
+            rope = types.setdefault(layer.layer_type, len(types))
+            stack.add_layer(*layer.input_norm, *layer.post_norm, [t for spec in specs for t in spec[:3]],
+                            [spec[3] for spec in specs], a.heads, a.kv_heads, a.scaling, layer.window or 0, rope)
+        self._kv_shapes = [(layer.attention.kv_heads, layer.attention.head_dim) for layer in self.layers]
+        return stack, list(types)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -353,6 +374,21 @@ class FusedEngine:
             # the compiled module's fused ops: the residual add and the next norm in one call, x
             # updated in place (a copy: the caller keeps ``hidden``), SiLU gating in one call
             x = x.clone().contiguous()
+            if self._stack is None:
+                self._stack = self._build_stack()
+            stack, types = self._stack
+            if cache is not None and stack is not None:
+                # the layers in one compiled call: the loop below, op for op
+                keys, values, starts = cache.slots_range(range(start, end), T, self._kv_shapes, x)
+                segments, stashes = ([], [], []), []
+                if tree is not None:
+                    segments = tuple(list(s) for s in zip(*tree.segments))
+                    stashes = [torch.empty(2, kv, T, d, device=x.device) for kv, d in self._kv_shapes[start:end]]
+                    for i, stash in zip(range(start, end), stashes):
+                        cache.stash[i] = (stash[0][None], stash[1][None])
+                stack.run(x, start, end, keys, values, starts, [self.step_rope(pos, T, t, depths) for t in types],
+                          MAX_ROWS, *segments, [s[0] for s in stashes], [s[1] for s in stashes])
+                return x[None]
             h = norm(x, self.layers[start].input_norm)
             for i in range(start, end):
                 layer = self.layers[i]
@@ -493,6 +529,16 @@ class FusedEngine:
             n3, gate_up, down = mlp
             x = x + _mlp(norm(x, n3), gate_up, down, fused=self.fused_ops)
         return norm(x, n2)[None]
+
+
+def _native_product(p, empty: torch.Tensor) -> tuple | None:
+    """A product as the compiled layer loop takes it, ``(a, b, bias, out_features)`` (Q4_1 nibbles and
+    scales, or dpbf16-packed weights; ``empty`` = none), or None where it runs another way."""
+    if isinstance(p, quantized.Q4Linear):
+        return p.nibbles, p.scales, empty if p.bias is None else p.bias, p.out_features
+    if isinstance(p, Linear) and p.kernel == "dpbf16" and len(p.chunks) == 1 and not p.pad_to and p.in_features % 2 == 0:
+        return p.chunks[0][2], empty, empty if p.bias is None else p.bias_f32, p.out_features
+    return None
 
 
 def tuple_float(norm: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:

@@ -61,6 +61,17 @@ class KVCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][0], self.values[layer_idx][0], start
 
+    def slots_range(self, layers: range, T: int, shapes: list[tuple[int, int]], like: torch.Tensor):
+        """:meth:`slots` for ``layers`` at once (``shapes[i]`` = layer ``i``'s ``(H_kv, D)``): lists of
+        their key buffers, value buffers and first reserved positions."""
+        keys, values, starts = [], [], []
+        for i in layers:
+            k, v, start = self.slots(i, T, *shapes[i], like)
+            keys.append(k)
+            values.append(v)
+            starts.append(start)
+        return keys, values, starts
+
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, start: int):
         """Write ``[B, H_kv, T, D]`` at positions ``start..start+T-1`` (at most the current length) and
         make that the layer's end; return all keys/values up to it, as :meth:`update` does."""

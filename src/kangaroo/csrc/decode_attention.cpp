@@ -607,6 +607,7 @@ torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tenso
                                torch::Tensor vstash);
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps);
 torch::Tensor silu_mul(torch::Tensor gu);
+void bind_layer_stack(pybind11::module& mod);  // layer_stack.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("decode_attention", &decode_attention, "decode attention with row-invariant arithmetic");
@@ -623,4 +624,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("rope_attend_tree", &rope_attend_tree, "a token tree's RoPE, stash, per-segment cache writes and decode attention");
     mod.def("add_rms_norm", &add_rms_norm, "residual add in place, then RMSNorm");
     mod.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up product");
+    bind_layer_stack(mod);
 }
