@@ -34,18 +34,26 @@ _CPU_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx2")
 
 
 def machine() -> dict:
-    """CPU model, the instruction-set flags that decide kernels, cores and torch threads."""
-    name, flags = platform.processor() or "", set()
+    """CPU model, the instruction-set flags that decide kernels, cores and torch threads. The name
+    carries the CPU family and model numbers: these machines call both Zen 4 and Zen 5 "AMD EPYC",
+    and what each kernel costs differs between them (docs/ENGINE.md §8), so cached choices and
+    reported figures keep them apart."""
+    name, flags, ids = platform.processor() or "", set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                key = line.split(":", 1)[0].strip()
+                if key in ("cpu family", "model") and key not in ids:
+                    ids[key] = line.split(":", 1)[1].strip()
+                elif line.startswith("model name"):
                     name = line.split(":", 1)[1].strip()
                 elif line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
+    if len(ids) == 2:
+        name = f"{name} (family {ids['cpu family']}, model {ids['model']})"
     return {
         "cpu": name,
         "cpu_flags": [f for f in _CPU_FLAGS if f in flags],
