@@ -56,7 +56,7 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 #: ops and its compiled layer loop (layer_stack.cpp)
 SOURCES = (SOURCE, SOURCE.parent / "linear_bf16.cpp", SOURCE.parent / "linear_q4.cpp", SOURCE.parent / "step_ops.cpp",
            SOURCE.parent / "layer_stack.cpp")
-HEADERS = (SOURCE.parent / "exp512.h",)
+HEADERS = (SOURCE.parent / "exp512.h", SOURCE.parent / "module.h")
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CHOICES = ("auto", "kernel", "sdpa")
 

@@ -27,6 +27,7 @@
 #include <immintrin.h>
 #endif
 #include "exp512.h"
+#include "module.h"
 
 namespace {
 
@@ -380,9 +381,6 @@ void prompt_item(const float* q, int64_t qs0, int64_t G, int64_t h0, const float
 
 }  // namespace
 
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> begin,
-                               std::vector<int64_t> end, double scale_);
-
 // A prompt's rows at positions start .. start+T-1 over k/v [H_kv, S, D] (each over its prefix, its
 // last `window` keys when window > 0): q [T, H, D] (heads contiguous). Tiles for D in {64, 128, 256},
 // else decode_attention in blocks of rows. Not row-invariant (see prompt_item); decoding steps use
@@ -592,22 +590,6 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     });
     return out;
 }
-
-// linear_bf16.cpp and step_ops.cpp (the same compiled module)
-bool linear_bf16_available();
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
-bool linear_q4_available();
-torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, c10::optional<torch::Tensor> bias);
-torch::Tensor rope(torch::Tensor x, torch::Tensor cs);
-torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t start,
-                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t first_out, int64_t step_rows);
-torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t pos,
-                               std::vector<int64_t> first, std::vector<int64_t> stop, std::vector<int64_t> depth,
-                               int64_t H, int64_t Hkv, double scale, int64_t window, torch::Tensor kstash,
-                               torch::Tensor vstash);
-torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps);
-torch::Tensor silu_mul(torch::Tensor gu);
-void bind_layer_stack(pybind11::module& mod);  // layer_stack.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("decode_attention", &decode_attention, "decode attention with row-invariant arithmetic");

@@ -1,8 +1,8 @@
 // A range of decoder layers in one call: the step engine's per-layer loop (kangaroo/engine.py,
 // FusedEngine.run_layers) moved out of Python, calling the same compiled products and small ops in
 // the same order, so every bit is what the Python loop gives. A layer is ~8 calls; from Python each
-// costs a few microseconds of argument parsing, attribute lookups and dtype casts, ~1 ms over a
-// 30-layer step of ~4-7 ms. Here they cost what the ops themselves cost.
+// costs a few microseconds of argument parsing, attribute lookups and dtype casts, 0.3-0.5 ms of a
+// 30-layer step of ~4-7 ms (docs/ENGINE.md §2). Here they cost what the ops themselves cost.
 //
 // The weights are registered once per layer (add_layer); a call passes what changes per step: the
 // residual stream, the layers' cache buffers and write positions, and the RoPE rows.
@@ -12,17 +12,7 @@
 #include <cstdint>
 #include <vector>
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
-torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
-torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, c10::optional<torch::Tensor> bias);
-torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t start,
-                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t first_out, int64_t step_rows);
-torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t pos,
-                               std::vector<int64_t> first, std::vector<int64_t> stop, std::vector<int64_t> depth,
-                               int64_t H, int64_t Hkv, double scale, int64_t window, torch::Tensor kstash,
-                               torch::Tensor vstash);
-torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps);
-torch::Tensor silu_mul(torch::Tensor gu);
+#include "module.h"
 
 namespace {
 

@@ -17,13 +17,7 @@
 #include <vector>
 
 #include "exp512.h"
-
-// decode_attention.cpp
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> begin,
-                               std::vector<int64_t> end, double scale_);
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
-torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start, int64_t window,
-                               double scale_);
+#include "module.h"
 
 namespace {
 

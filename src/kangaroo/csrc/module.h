@@ -1,0 +1,36 @@
+// The functions the compiled module's source files call in one another (kangaroo/attention.py builds
+// decode_attention.cpp, linear_bf16.cpp, linear_q4.cpp, step_ops.cpp and layer_stack.cpp into one
+// module; decode_attention.cpp binds them for Python).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+// decode_attention.cpp
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> begin,
+                               std::vector<int64_t> end, double scale_);
+torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start, int64_t window,
+                               double scale_);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+
+// linear_bf16.cpp, linear_q4.cpp
+bool linear_bf16_available();
+torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
+bool linear_q4_available();
+torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, c10::optional<torch::Tensor> bias);
+
+// step_ops.cpp
+torch::Tensor rope(torch::Tensor x, torch::Tensor cs);
+torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t start,
+                          int64_t H, int64_t Hkv, double scale, int64_t window, int64_t first_out, int64_t step_rows);
+torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbuf, torch::Tensor vbuf, int64_t pos,
+                               std::vector<int64_t> first, std::vector<int64_t> stop, std::vector<int64_t> depth,
+                               int64_t H, int64_t Hkv, double scale, int64_t window, torch::Tensor kstash,
+                               torch::Tensor vstash);
+torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps);
+torch::Tensor silu_mul(torch::Tensor gu);
+
+// layer_stack.cpp
+void bind_layer_stack(pybind11::module& mod);
