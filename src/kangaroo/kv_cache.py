@@ -32,6 +32,8 @@ class KVCache:
         # a token tree's keys/values per layer, ``[B, H_kv, rows, D]``, while its round is verified
         # (kangaroo.tree): the accepted path is copied back from here when a later branch overwrote it
         self.stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # float32 layers' buffers as the fused attention takes them, ``[H_kv, capacity, D]`` (batch 1)
+        self._flat: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Append ``[B, H_kv, T, D]`` keys/values at the layer's current length; return all of them.
@@ -65,8 +67,15 @@ class KVCache:
         """:meth:`slots` for ``layers`` at once (``shapes[i]`` = layer ``i``'s ``(H_kv, D)``): lists of
         their key buffers, value buffers and first reserved positions."""
         keys, values, starts = [], [], []
+        lengths, flat = self.lengths, self._flat
         for i in layers:
-            k, v, start = self.slots(i, T, *shapes[i], like)
+            start, buffers = lengths[i], flat[i]
+            if buffers is not None and start + T <= buffers[0].shape[1]:
+                # the common case, ~2 µs a layer less than slots(): float32 buffers with room
+                lengths[i] = start + T
+                k, v = buffers
+            else:
+                k, v, start = self.slots(i, T, *shapes[i], like)
             keys.append(k)
             values.append(v)
             starts.append(start)
@@ -107,6 +116,7 @@ class KVCache:
             new_k[:, :, :old_len] = self.keys[layer_idx][:, :, :old_len]
             new_v[:, :, :old_len] = self.values[layer_idx][:, :, :old_len]
         self.keys[layer_idx], self.values[layer_idx] = new_k, new_v
+        self._flat[layer_idx] = (new_k[0], new_v[0]) if B == 1 and new_k.dtype == torch.float32 else None
 
     def length(self, layer_idx: int = 0) -> int:
         """Number of positions stored for ``layer_idx``."""
