@@ -227,9 +227,9 @@ class FusedEngine:
 
     def _build_stack(self):
         """``(stack, rope types)``: the layers registered with the compiled layer loop
-        (``csrc/layer_stack.cpp``, which runs a chain's layer range in one call, ~1 ms of Python a
-        step less), or ``(None, [])`` where a layer needs the Python loop (no fused ops, per-head
-        norms, a product on another kernel)."""
+        (``csrc/layer_stack.cpp``, which runs a chain's or a tree's layer range in one call, 0.3–0.5 ms
+        of Python a one-token step less), or ``(None, [])`` where a layer needs the Python loop (no
+        fused ops, per-head norms, a product on another kernel)."""
         module = attn_kernel.load()
         if module is None or not hasattr(module, "LayerStack"):
             return None, []
