@@ -233,10 +233,10 @@ class FusedEngine:
         module = attn_kernel.load()
         if module is None or not hasattr(module, "LayerStack"):
             return None, []
-        stack, types, empty = module.LayerStack(), {}, torch.empty(0)
+        stack, types = module.LayerStack(), {}
         for layer in self.layers:
             a = layer.attention
-            specs = [_native_product(p, empty) for p in (a.qkv, a.o, layer.gate_up, layer.down)]
+            specs = [p.native() for p in (a.qkv, a.o, layer.gate_up, layer.down)]
             if a.q_norm is not None or a.k_norm is not None or any(spec is None for spec in specs):
                 return None, []
             rope = types.setdefault(layer.layer_type, len(types))
@@ -383,11 +383,9 @@ class FusedEngine:
                 segments, stashes = ([], [], []), []
                 if tree is not None:
                     segments = tuple(list(s) for s in zip(*tree.segments))
-                    stashes = [torch.empty(2, kv, T, d, device=x.device) for kv, d in self._kv_shapes[start:end]]
-                    for i, stash in zip(range(start, end), stashes):
-                        cache.stash[i] = (stash[0][None], stash[1][None])
+                    stashes = [cache.new_stash(i, *self._kv_shapes[i], T, x.device) for i in range(start, end)]
                 stack.run(x, start, end, keys, values, starts, [self.step_rope(pos, T, t, depths) for t in types],
-                          MAX_ROWS, *segments, [s[0] for s in stashes], [s[1] for s in stashes])
+                          MAX_ROWS, *segments, [k for k, _ in stashes], [v for _, v in stashes])
                 return x[None]
             h = norm(x, self.layers[start].input_norm)
             for i in range(start, end):
@@ -437,10 +435,9 @@ class FusedEngine:
                 out = attn_kernel.rope_attend(qkv, rope, keys, values, pos, a.heads, Hkv, a.scaling, window or 0,
                                               first_out, MAX_ROWS)
                 return a.o(out)
-            stash = torch.empty(2, Hkv, T, d, device=h.device)
+            key_stash, value_stash = cache.new_stash(layer_idx, Hkv, d, T, h.device)
             out = attn_kernel.rope_attend_tree(qkv, rope, keys, values, pos, tree.segments, a.heads, Hkv, a.scaling,
-                                               window or 0, stash[0], stash[1])
-            cache.stash[layer_idx] = (stash[0][None], stash[1][None])
+                                               window or 0, key_stash, value_stash)
             return a.o(out)
         out = self._attend_unfused(a, qkv, cache, layer_idx, rope, mask, window, batched, tree)
         return out[first_out:] if first_out else out
@@ -529,16 +526,6 @@ class FusedEngine:
             n3, gate_up, down = mlp
             x = x + _mlp(norm(x, n3), gate_up, down, fused=self.fused_ops)
         return norm(x, n2)[None]
-
-
-def _native_product(p, empty: torch.Tensor) -> tuple | None:
-    """A product as the compiled layer loop takes it, ``(a, b, bias, out_features)`` (Q4_1 nibbles and
-    scales, or dpbf16-packed weights; ``empty`` = none), or None where it runs another way."""
-    if isinstance(p, quantized.Q4Linear):
-        return p.nibbles, p.scales, empty if p.bias is None else p.bias, p.out_features
-    if isinstance(p, Linear) and p.kernel == "dpbf16" and len(p.chunks) == 1 and not p.pad_to and p.in_features % 2 == 0:
-        return p.chunks[0][2], empty, empty if p.bias is None else p.bias_f32, p.out_features
-    return None
 
 
 def tuple_float(norm: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:

@@ -137,6 +137,15 @@ class Linear:
             y = (y if self.bias is None else y + self.bias).to(self.dtype)
         return y[:rows] if self.pad_to and rows < self.pad_to else y
 
+    def native(self) -> tuple | None:
+        """This product as the compiled layer loop takes it (``csrc/layer_stack.cpp``):
+        ``(packed weights, an empty tensor, float32 bias or an empty tensor, out_features)``, or None
+        where it runs some other way (another kernel, split along K, padded rows, odd K)."""
+        if self.kernel != "dpbf16" or len(self.chunks) != 1 or self.pad_to or self.in_features % 2:
+            return None
+        empty = torch.empty(0)
+        return self.chunks[0][2], empty, empty if self.bias_f32 is None else self.bias_f32, self.out_features
+
     # ------------------------------------------------------------------ row invariance
     def _make_row_invariant(self, weight: torch.Tensor) -> None:
         key = (self.kernel, self.dtype, self.out_features, self.in_features, self.bias is not None, weight.device.type)

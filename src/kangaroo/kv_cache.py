@@ -56,30 +56,26 @@ class KVCache:
         (the engine's fused attention): returns ``(keys, values, start)``, the layer's whole buffers
         ``[H_kv, capacity, D]`` (batch 1) and the first reserved position."""
         start, end = self.lengths[layer_idx], self.lengths[layer_idx] + T
-        buf = self.keys[layer_idx]
-        if buf is None or end > buf.shape[-2] or buf.dtype != torch.float32:
+        flat = self._flat[layer_idx]  # float32 batch-1 views, kept by _grow (no re-slicing every step)
+        if flat is None or end > flat[0].shape[1]:
             template = torch.empty(1, heads, 0, dim, dtype=torch.float32, device=like.device)
             self._grow(layer_idx, template, template, end)
+            flat = self._flat[layer_idx]
         self.lengths[layer_idx] = end
-        return self.keys[layer_idx][0], self.values[layer_idx][0], start
+        return flat[0], flat[1], start
 
     def slots_range(self, layers: range, T: int, shapes: list[tuple[int, int]], like: torch.Tensor):
         """:meth:`slots` for ``layers`` at once (``shapes[i]`` = layer ``i``'s ``(H_kv, D)``): lists of
         their key buffers, value buffers and first reserved positions."""
-        keys, values, starts = [], [], []
-        lengths, flat = self.lengths, self._flat
-        for i in layers:
-            start, buffers = lengths[i], flat[i]
-            if buffers is not None and start + T <= buffers[0].shape[1]:
-                # the common case, ~2 µs a layer less than slots(): float32 buffers with room
-                lengths[i] = start + T
-                k, v = buffers
-            else:
-                k, v, start = self.slots(i, T, *shapes[i], like)
-            keys.append(k)
-            values.append(v)
-            starts.append(start)
-        return keys, values, starts
+        reserved = [self.slots(i, T, *shapes[i], like) for i in layers]
+        return [r[0] for r in reserved], [r[1] for r in reserved], [r[2] for r in reserved]
+
+    def new_stash(self, layer_idx: int, heads: int, dim: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh key and value stashes ``[H_kv, T, D]`` float32 for a token tree's rows in ``layer_idx``,
+        kept in :attr:`stash` (batch 1) for :meth:`commit`."""
+        stash = torch.empty(2, heads, T, dim, device=device)
+        self.stash[layer_idx] = (stash[0][None], stash[1][None])
+        return stash[0], stash[1]
 
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, start: int):
         """Write ``[B, H_kv, T, D]`` at positions ``start..start+T-1`` (at most the current length) and

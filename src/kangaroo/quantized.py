@@ -96,6 +96,11 @@ class Q4Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._product(x.to(torch.bfloat16), self.nibbles, self.scales, self.bias)
 
+    def native(self) -> tuple:
+        """This product as the compiled layer loop takes it (``csrc/layer_stack.cpp``):
+        ``(nibbles, scales, bias or an empty tensor, out_features)``."""
+        return self.nibbles, self.scales, torch.empty(0) if self.bias is None else self.bias, self.out_features
+
 
 #: ggml tensor type ids (ggml.h)
 Q4_1 = 3

@@ -9,6 +9,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -71,6 +72,7 @@ class LayerStack {
         l.scale = scale;
         l.window = window;
         l.rope = rope;
+        ropes_ = std::max(ropes_, rope + 1);
         layers_.push_back(std::move(l));
     }
 
@@ -93,7 +95,7 @@ class LayerStack {
         TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "LayerStack.run: x [T, D] float32, contiguous");
         const bool tree = !seg_first.empty();
         TORCH_CHECK(!tree || (kstash.size() == n && vstash.size() == n), "LayerStack.run: a tree needs one stash per layer");
-        for (const Layer& l : layers_) TORCH_CHECK(l.rope < (int64_t)ropes.size(), "LayerStack.run: missing RoPE rows");
+        TORCH_CHECK((int64_t)ropes.size() >= ropes_, "LayerStack.run: missing RoPE rows");
         torch::NoGradGuard no_grad;
         torch::Tensor h = rms_norm(x, layers_[start].in_w, layers_[start].in_eps);
         for (int64_t i = start; i < end; ++i) {
@@ -115,6 +117,7 @@ class LayerStack {
 
   private:
     std::vector<Layer> layers_;
+    int64_t ropes_ = 0;  // RoPE row sets the layers use (run() takes at least this many)
 };
 
 void bind_layer_stack(pybind11::module& mod) {
