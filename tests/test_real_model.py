@@ -3,6 +3,7 @@
 * eager engine (HF's own modules), float32: Kangaroo == transformers' greedy ``generate``;
 * fused step engine, float32 and bfloat16: Kangaroo == plain greedy decoding on the same engine,
   with the shipped adapter and with a deep early-exit drafter (many multi-token verifications);
+  the screened greedy head (bfloat16) == the full head's argmax at every position of three answers;
   the fused float32 loop also against transformers' ``generate``: any difference must sit on a
   near-tie of the logits.
 
@@ -19,6 +20,7 @@ from kangaroo.api import KangarooModel
 from kangaroo.config import KangarooConfig
 from kangaroo.decoding import KangarooDecoder
 from kangaroo.kernels import kernel_available
+from kangaroo.kv_cache import KVCache
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +102,10 @@ def test_fused_engine_kangaroo_equals_its_plain_greedy(km, references, dtype, ke
     for i, (ids, hf_tokens) in enumerate(references):
         expected = plain.generate(ids, MAX_NEW, km.eos_token_ids).token_ids
         assert kangaroo.generate(ids, MAX_NEW, km.eos_token_ids).token_ids == expected, (dtype, i)
+        if engine.greedy_head is not None and i < 3:  # the screened head is the full head's argmax
+            seq = torch.cat([ids, torch.tensor([expected])], dim=1)
+            h = engine.run_layers(0, engine.num_layers, engine.embed(seq), KVCache(engine.num_layers, seq.shape[1]), 0)
+            assert torch.equal(engine.greedy(h), engine.logits(h)[0].argmax(-1)), (dtype, i)
         if i < 5:
             result = deep.generate(ids, MAX_NEW, km.eos_token_ids)
             assert result.token_ids == expected, (dtype, i)

@@ -52,10 +52,10 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
 #: one compiled module: the attention kernel and RMSNorm (SOURCE, which defines the module), the
-#: bfloat16 product of kangaroo.kernels ("dpbf16"), the Q4_1 product, the step engine's fused small
-#: ops and its compiled layer loop (layer_stack.cpp)
-SOURCES = (SOURCE, SOURCE.parent / "linear_bf16.cpp", SOURCE.parent / "linear_q4.cpp", SOURCE.parent / "step_ops.cpp",
-           SOURCE.parent / "layer_stack.cpp")
+#: bfloat16 product of kangaroo.kernels ("dpbf16"), the Q4_1 product, the screened greedy LM head,
+#: the step engine's fused small ops and its compiled layer loop (layer_stack.cpp)
+SOURCES = (SOURCE, SOURCE.parent / "linear_bf16.cpp", SOURCE.parent / "linear_q4.cpp", SOURCE.parent / "head_argmax.cpp",
+           SOURCE.parent / "step_ops.cpp", SOURCE.parent / "layer_stack.cpp")
 HEADERS = (SOURCE.parent / "exp512.h", SOURCE.parent / "module.h")
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 CHOICES = ("auto", "kernel", "sdpa")

@@ -81,8 +81,8 @@ def candidates(config: EngineConfig, backbone: Backbone | None = None) -> list[t
 
 
 def step_ms(engine, repeats: int = 7, context: int = 64) -> float:
-    """Median time of one plain-decoding step (all layers + LM head, one token) after ``context``
-    cached positions."""
+    """Median time of one plain greedy-decoding step (all layers + the head's argmax, one token) after
+    ``context`` cached positions."""
     cache = KVCache(engine.num_layers, context + 16)
     ids = torch.arange(context, device=engine.device)[None] % 1000 + 10
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
@@ -94,7 +94,7 @@ def step_ms(engine, repeats: int = 7, context: int = 64) -> float:
             cache.crop(context)
             sync()
             t = time.perf_counter()
-            engine.logits(engine.run_layers(0, engine.num_layers, engine.embed(token), cache, context))
+            engine.greedy(engine.run_layers(0, engine.num_layers, engine.embed(token), cache, context))
             sync()
             if i >= 2:  # warm-up
                 times.append(time.perf_counter() - t)

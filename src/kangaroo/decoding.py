@@ -127,7 +127,7 @@ def _prefill(backbone: Engine, cache: KVCache, input_ids: torch.Tensor, exit_lay
     """Whole prompt through all layers; returns (first token, exit-layer states ``[1, n, D]``)."""
     h_exit = backbone.run_layers(0, exit_layer, backbone.embed(input_ids), cache, 0)
     h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, 0)
-    return _next_token(backbone.logits(h_last[:, -1:])[0, -1], sampler), h_exit
+    return _next_token(backbone, h_last[:, -1:], sampler), h_exit
 
 
 @torch.no_grad()
@@ -138,19 +138,26 @@ def next_token_logits(backbone: Engine, input_ids: torch.Tensor) -> torch.Tensor
     return backbone.logits(h[:, -1:])[0, -1]
 
 
-def accept(draft: Draft, logits: torch.Tensor, sampler: Sampler | None) -> tuple[list[int], list[int]]:
-    """The round's new tokens and the accepted rows (``1..m`` for a chain) from the target's logits
-    ``[k+1, V]`` over the draft's rows."""
+def target_verdict(backbone: Engine, h_last: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
+    """What acceptance needs of the target over the draft's rows ``h_last`` ``[1, k+1, D]``: its greedy
+    tokens ``[k+1]`` (greedy: only the head's argmax, :meth:`~kangaroo.engine.FusedEngine.greedy`) or
+    its logits ``[k+1, V]`` (sampling)."""
+    return backbone.greedy(h_last) if sampler is None else backbone.logits(h_last)[0]
+
+
+def accept(draft: Draft, verdict: torch.Tensor, sampler: Sampler | None) -> tuple[list[int], list[int]]:
+    """The round's new tokens and the accepted rows (``1..m`` for a chain) from the target's
+    :func:`target_verdict` over the draft's rows (greedy tokens ``[k+1]``, or logits ``[k+1, V]``)."""
     if draft.tree is None:
         if sampler is None:
-            new, m = greedy_accept(draft.tokens, logits.argmax(-1))
+            new, m = greedy_accept(draft.tokens, verdict)
         else:
-            new, m = sampler.accept(draft.tokens, draft.probs, logits)
+            new, m = sampler.accept(draft.tokens, draft.probs, verdict)
         return new, list(range(1, m + 1))
     tokens = draft.tokens.tolist()
     if sampler is None:
-        return greedy_accept_tree(tokens, draft.tree, logits.argmax(-1).tolist())
-    return sample_accept_tree(tokens, draft.tree, draft.probs, sampler.probs(logits), sampler.generator)
+        return greedy_accept_tree(tokens, draft.tree, verdict.tolist())
+    return sample_accept_tree(tokens, draft.tree, draft.probs, sampler.probs(verdict), sampler.generator)
 
 
 def adapter_end(draft: Draft, path: list[int], pos: int) -> int | None:
@@ -165,9 +172,12 @@ def adapter_end(draft: Draft, path: list[int], pos: int) -> int | None:
     return pos + 1 + kept
 
 
-def _next_token(logits: torch.Tensor, sampler: Sampler | None) -> int:
-    """The target's token from its logits ``[V]``: argmax, or a draw from the processed ``p``."""
-    return int(logits.argmax(-1)) if sampler is None else sampler.sample(sampler.probs(logits))
+def _next_token(backbone: Engine, h_last: torch.Tensor, sampler: Sampler | None) -> int:
+    """The target's token after the last-layer state ``h_last`` ``[1, 1, D]``: its argmax, or a draw
+    from the processed ``p``."""
+    if sampler is None:
+        return int(backbone.greedy(h_last)[0])
+    return sampler.sample(sampler.probs(backbone.logits(h_last)[0, -1]))
 
 
 class KangarooDecoder:
@@ -217,10 +227,10 @@ class KangarooDecoder:
             # 2. verify: only layers [ℓ, L) run, over the exit-layer states drafting already computed
             #    (a token tree: every row at its depth, attending over the prefix and its ancestors)
             h_last = bb.run_layers(ℓ, L, draft.hidden, self.cache, pos, draft.tree)  # [1, k+1, D]
-            logits = bb.logits(h_last)[0]  # [k+1, V]
+            verdict = target_verdict(bb, h_last, sampler)  # greedy tokens [k+1] or logits [k+1, V]
             # 3. accept the longest agreeing prefix (path) plus the target's own next token (greedy),
             #    or each draft with prob min(1, p/q), then a residual or bonus draw (sampling)
-            new, path = accept(draft, logits, sampler)
+            new, path = accept(draft, verdict, sampler)
             m = len(path)
             tokens, done = truncate_at_stop(new, eos_token_ids, budget)
             # 4. roll back every cache to the committed length, with the accepted path in place
@@ -284,7 +294,7 @@ class AutoregressiveDecoder:
         budget -= len(tokens)
         while not done:
             h = bb.run_layers(0, L, bb.embed(torch.tensor([[y]], device=bb.device)), self.cache, pos)
-            y = _next_token(bb.logits(h)[0, -1], sampler)
+            y = _next_token(bb, h, sampler)
             tokens, done = truncate_at_stop([y], eos_token_ids, budget)
             yield Step(tokens)
             budget, pos = budget - 1, pos + 1

@@ -48,6 +48,7 @@ from . import quantized
 from .kernels import MAX_ROWS, QUANTIZED_KERNELS, Linear
 from .kv_cache import KVCache
 from .model import Backbone, attention_weights, norm_weights
+from .screened_head import ScreenedHead
 from .tree import TreeLayout
 
 #: rows per decode-attention call: a prompt goes in blocks, so that the kernel's per-chunk partial
@@ -202,6 +203,8 @@ class FusedEngine:
             self.final_norm_w = tuple_float(backbone.final_norm_weights())
             head = backbone.lm_head
             self.lm_head = Linear(head.weight, head.bias, dtype, self.dense_kernel)
+            # greedy steps need only the head's argmax: int8 screen + exact recompute (None: full head)
+            self.greedy_head = ScreenedHead.for_head(self.lm_head, head.weight)
             self.embed_weight = backbone.embed_tokens.weight.detach()
         self._stack = None  # the compiled layer loop, built at first use (:meth:`_build_stack`)
         self._rope: dict[str, torch.Tensor] = {}  # layer type -> complex [n, d/2] (cos + i sin)
@@ -284,6 +287,14 @@ class FusedEngine:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head, ``[1, T, D] -> [1, T, V]`` float32."""
         return self.project(self.final_norm(hidden)).float()
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens ``[T]`` after last-layer states ``[1, T, D]``: ``logits(hidden)[0].argmax(-1)``,
+        found by the screened head (:mod:`kangaroo.screened_head`) where it runs, reading it mostly
+        as int8."""
+        if self.greedy_head is None:
+            return self.logits(hidden)[0].argmax(-1)
+        return self.greedy_head(self.final_norm(hidden)[0])
 
     def draft_head(self, adapter):
         """``(head, vocab)``: the product drafting uses on adapter outputs ``[1, T, D] -> [1, T, V']``

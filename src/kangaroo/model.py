@@ -113,6 +113,10 @@ class Backbone:
         """Final norm + LM head over last-layer states: ``[B, T, D] -> [B, T, V]`` (float32)."""
         return self.project(self.norm(hidden)).float()
 
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens ``[T]`` after last-layer states ``[1, T, D]``: the argmax of :meth:`logits`."""
+        return self.logits(hidden)[0].argmax(-1)
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head alone, ``[B, T, D] -> [B, T, V]`` in the model's dtype."""
         return self.lm_head(x)

@@ -18,13 +18,11 @@ def greedy_accept(draft_tokens: torch.Tensor, target_tokens: torch.Tensor) -> tu
         ``m``, the number of accepted drafts. Every round yields at least one token, so the output
         equals plain greedy decoding.
     """
-    k = draft_tokens.shape[0]
-    if k == 0:
-        return [int(target_tokens[0])], 0
-    mismatch = (draft_tokens != target_tokens[:k]).int()
-    # m = number of leading matches (cumsum of mismatches stays 0 until the first one)
-    m = int((mismatch.cumsum(0) == 0).sum())
-    return [int(t) for t in target_tokens[: m + 1]], m
+    drafts, targets = draft_tokens.tolist(), target_tokens.tolist()  # a few ids: Python beats tensor ops here
+    m = 0
+    while m < len(drafts) and drafts[m] == targets[m]:
+        m += 1
+    return targets[: m + 1], m
 
 
 def truncate_at_stop(tokens: list[int], eos_token_ids: set[int], budget: int) -> tuple[list[int], bool]:

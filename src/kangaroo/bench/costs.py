@@ -4,12 +4,15 @@ Speed-up = tokens per round ÷ (draft steps × draft cost + verification cost), 
 target step. ``kangaroo bench --costs`` measures, for the engine the run uses and for the float32
 eager engine (HF's own modules):
 
-* ``forward_ms[k]``: one target forward over ``k`` new tokens (every layer, final norm, LM head)
-  after ``context`` cached positions, k = 1, 2, 4, 8, 16;
-* ``verify_ms[k]``: what Kangaroo's verification runs: layers ``[ℓ, L)`` + LM head over ``k`` tokens;
+* ``forward_ms[k]``: one greedy target forward over ``k`` new tokens (every layer, final norm, the
+  head's argmax as greedy decoding finds it: :meth:`~kangaroo.engine.FusedEngine.greedy`) after
+  ``context`` cached positions, k = 1, 2, 4, 8, 16;
+* ``verify_ms[k]``: what Kangaroo's greedy verification runs: layers ``[ℓ, L)`` + greedy head over
+  ``k`` tokens;
 * ``draft_step_ms``: one drafted token: layers ``[0, ℓ)`` + adapter + draft head (the adapter's
   draft vocabulary, if it has one) + top-1, the mean of :data:`DRAFT_STEPS` steps in a row;
-* ``lm_head_ms``: the LM head on one row;
+* ``lm_head_ms``: the greedy head on one row (the screened argmax, :mod:`kangaroo.screened_head`,
+  where it runs); ``full_head_ms``: the whole LM head's logits on one row (what sampling runs);
 * ``tree_extra_ms[n]``: what verifying a token tree with ``n`` more branches costs beyond a chain of
   as many rows (a 3-token chain plus ``n`` siblings at depth 1; engines with trees only): each branch
   is written to the cache and attended as its own segment, and :mod:`kangaroo.tune` prices trees
@@ -74,7 +77,7 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
     def forward(k):
         def run():
             cache.crop(context)
-            engine.logits(engine.run_layers(0, L, engine.embed(new[:, :k]), cache, context))
+            engine.greedy(engine.run_layers(0, L, engine.embed(new[:, :k]), cache, context))
         return run
 
     h_new = engine.run_layers(0, exit_layer, engine.embed(new), cache, context)
@@ -82,7 +85,7 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
     def verify(k):
         def run():
             cache.crop(context)
-            engine.logits(engine.run_layers(exit_layer, L, h_new[:, :k], cache, context))
+            engine.greedy(engine.run_layers(exit_layer, L, h_new[:, :k], cache, context))
         return run
 
     def verify_tree(parents):
@@ -90,7 +93,7 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
 
         def run():
             cache.crop(context)
-            engine.logits(engine.run_layers(exit_layer, L, h_new[:, :len(parents) + 1], cache, context, layout))
+            engine.greedy(engine.run_layers(exit_layer, L, h_new[:, :len(parents) + 1], cache, context, layout))
         return run
 
     a_cache = KVCache(1, context + 8)
@@ -109,7 +112,8 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
     x = torch.randn(1, 1, engine.config.hidden_size, device=device)
     calls = {("forward", k): forward(k) for k in ROWS}
     calls.update({("verify", k): verify(k) for k in ROWS})
-    calls.update({("draft", 0): draft_steps, ("lm_head", 0): lambda: engine.project(x)})
+    calls.update({("draft", 0): draft_steps, ("lm_head", 0): lambda: engine.greedy(x),
+                  ("full_head", 0): lambda: engine.logits(x)})
     tree_rows = {n: [0, 1, 2] + [0] * n for n in (1, 2)}  # a 3-token chain and n siblings of its first token
     if engine.supports_trees:
         calls.update({("tree", n): verify_tree(parents) for n, parents in tree_rows.items()})
@@ -125,6 +129,7 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
         "draft_step_ms": round(ms[("draft", 0)] / DRAFT_STEPS, 3),
         "draft_vocab": None if vocab is None else int(vocab.numel()),
         "lm_head_ms": round(ms[("lm_head", 0)], 3),
+        "full_head_ms": round(ms[("full_head", 0)], 3),
         **trees,
     }
 
@@ -157,7 +162,7 @@ def measure_run(km, repeats: int = 15) -> dict:
 
 def table(costs: dict) -> str:
     """The Markdown table of ``costs.json`` (one row per engine)."""
-    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | tree +1 / +2 branches ms | draft step ms | draft ÷ forward | LM head ms | build s | compile s |",
+    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | tree +1 / +2 branches ms | draft step ms | draft ÷ forward | LM head ms (greedy / full) | build s | compile s |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in costs.items():
         if not isinstance(e, dict) or "forward_ms" not in e:
@@ -169,7 +174,8 @@ def table(costs: dict) -> str:
         compiled = cfg.get("attention_compile_s") or 0  # the kernel's first compile on this machine
         tree = {int(k): ms for k, ms in e.get("tree_extra_ms", {}).items()}
         tree = f"{tree[1]:.2f} / {tree[2]:.2f}" if tree else "–"
+        head = f"{e['lm_head_ms']:.2f}" + (f" / {e['full_head_ms']:.2f}" if "full_head_ms" in e else "")
         rows.append(f"| {name}: {cfg['engine']} {cfg['dtype']}/{cfg['kernel']}{attention} | {' / '.join(f'{f[k]:.1f}' for k in ROWS)} | "
                     f"{e['forward_ratio_8_to_1']:.2f} | {v[1]:.1f} / {v[8]:.1f} | {tree} | {e['draft_step_ms']:.2f} | "
-                    f"{e['draft_to_forward']:.2f} | {e['lm_head_ms']:.2f} | {cfg.get('build_s', 0):.1f} | {compiled:.0f} |")
+                    f"{e['draft_to_forward']:.2f} | {head} | {cfg.get('build_s', 0):.1f} | {compiled:.0f} |")
     return "\n".join(rows)

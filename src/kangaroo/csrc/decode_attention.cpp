@@ -601,6 +601,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("linear_q4_available", &linear_q4_available, "whether linear_q4 was built (AVX512-BF16)");
     mod.def("linear_q4", &linear_q4, "x W^T (+ b) over GGUF Q4_1 weights, row-invariant",
             py::arg("x"), py::arg("nibbles"), py::arg("scales"), py::arg("bias") = py::none());
+    mod.def("head_argmax_available", &head_argmax_available, "whether head_argmax was built (AVX512-BF16 and VNNI)");
+    mod.def("head_argmax", &head_argmax, "greedy tokens of a dpbf16 LM head, screened through int8 weights");
     mod.def("rope", &rope, "RoPE over interleaved pairs, row by row");
     mod.def("rope_attend", &rope_attend, "RoPE, cache write and decode attention between an attention block's products");
     mod.def("rope_attend_tree", &rope_attend_tree, "a token tree's RoPE, stash, per-segment cache writes and decode attention");

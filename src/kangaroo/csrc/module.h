@@ -1,6 +1,6 @@
 // The functions the compiled module's source files call in one another (kangaroo/attention.py builds
-// decode_attention.cpp, linear_bf16.cpp, linear_q4.cpp, step_ops.cpp and layer_stack.cpp into one
-// module; decode_attention.cpp binds them for Python).
+// decode_attention.cpp, linear_bf16.cpp, linear_q4.cpp, head_argmax.cpp, step_ops.cpp and
+// layer_stack.cpp into one module; decode_attention.cpp binds them for Python).
 #pragma once
 
 #include <torch/extension.h>
@@ -20,6 +20,11 @@ bool linear_bf16_available();
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
 bool linear_q4_available();
 torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, c10::optional<torch::Tensor> bias);
+
+// head_argmax.cpp
+bool head_argmax_available();
+std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch::Tensor meta, torch::Tensor packed,
+                                       int64_t n_vocab);
 
 // step_ops.cpp
 torch::Tensor rope(torch::Tensor x, torch::Tensor cs);

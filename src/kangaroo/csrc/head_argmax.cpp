@@ -1,0 +1,254 @@
+// The greedy token of each row from the LM head, exactly as argmax over the dpbf16 head's logits,
+// while reading the head mostly as int8 (kangaroo/screened_head.py; docs/ENGINE.md §3).
+//
+// Why: the LM head is the largest single product of a step (49,152 x 576 for SmolLM2, 57 MB in
+// bfloat16), and greedy decoding and verification need only each row's argmax. Pass 1 computes cheap
+// logits from int8 weights (one float scale per token) and the row quantised to int16 (one scale per
+// row), both integer products summed exactly in int32, and a rigorous bound E_n on their distance from
+// the logit the dpbf16 head would give (bfloat16 rounding included):
+//
+//   |a_n - ã_n| <= ||x̂|| (||ŵ_n - d_n q_n|| + 1e-4 ||ŵ_n||) + ||x̂ - s x16|| ||d_n q_n||   (Cauchy-Schwarz)
+//
+// (1e-4 ||x̂|| ||ŵ_n|| covers dpbf16's float32 chain of K/2 steps: K 2^-24 sum |x w| < 3.5e-5 ||x|| ||w||
+// for K <= 576, and generously for larger K since the chain's error grows only with its length:
+// see head_eps in screened_head.py), then 2^-7 (|ã_n| + E_n) for the bfloat16 rounding of the output
+// (half an ulp is 2^-8 of it) and the float rounding of ã_n. The true argmax n* satisfies
+// a_n* >= max_m a_m >= max_m (ã_m - E_m) = lo, so it is among the tokens with ã_n + E_n >= lo. Pass 2
+// recomputes exactly those tokens' blocks of 16 with the dpbf16 head's own chain (same instructions,
+// same order: identical bits, whatever the rows) and returns the first index of the largest value,
+// as torch.argmax does. Integer sums are exact in any order, so pass 1 needs no fixed order either.
+//
+// Layouts: q8 [N/16][K/2][16][2] int8 (as dpbf16's [N/16][K/2][16][2] bfloat16, so one vpmovsxbw
+// gives the 16 outputs' int16 pairs for inputs 2p, 2p+1); meta [N, 3] float32: d_n, e_n, g_n with
+// e_n = ||ŵ_n - d_n q_n|| + eps ||ŵ_n||, g_n = ||d_n q_n||, each rounded up.
+
+#include "module.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define KANGAROO_HEAD_ARGMAX 1
+#endif
+
+namespace {
+
+#ifdef KANGAROO_HEAD_ARGMAX
+constexpr int ROWS = 8;  // rows per pass over a loaded weight block
+constexpr int64_t PREFETCH = 64;  // weight vectors (32 bytes) ahead: 2 KB
+
+struct RowPrep {
+    std::vector<int32_t> x16;  // [M][K/2] pairs of int16
+    std::vector<float> scale;  // s_m
+    std::vector<float> xnorm;  // ||x̂_m||, rounded up
+    std::vector<float> dnorm;  // ||x̂_m - s_m x16_m||, rounded up
+};
+
+// Outputs nb*16 .. nb*16+15 of M rows: approximate logits and bounds -> hi = ã + E into hi_out rows,
+// running max of lo = ã - E into lo_max rows.
+template <int M>
+inline void screen_block(const int8_t* w, int64_t kp2, const int32_t* x, int64_t xs, const float* meta, const RowPrep& rp,
+                         int64_t m0, int64_t nb, int64_t n_vocab, float* hi, int64_t hs, __m512* lo_max) {
+    // one row: four independent chains over p (int32 sums are exact in any order), so that the
+    // loop is not bound by vpdpwssd's latency; more rows are independent chains already
+    constexpr int C = M == 1 ? 4 : (M == 2 ? 2 : 1);
+    __m512i acc[M][C];
+    for (int m = 0; m < M; ++m)
+        for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_si512();
+    const int64_t body = kp2 - kp2 % C;
+    for (int64_t p = 0; p < body; p += C) {
+        for (int c = 0; c < C; ++c) {
+            const int8_t* wp = w + (p + c) * 32;
+            _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH * 32), _MM_HINT_T0);
+            const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp)));
+            for (int m = 0; m < M; ++m)
+                acc[m][c] = _mm512_dpwssd_epi32(acc[m][c], _mm512_set1_epi32(x[m * xs + p + c]), wv);
+        }
+    }
+    for (int64_t p = body; p < kp2; ++p) {
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32)));
+        for (int m = 0; m < M; ++m) acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_set1_epi32(x[m * xs + p]), wv);
+    }
+    // meta rows nb*16 .. +15: d, e, g interleaved [16][3]
+    alignas(64) float d[16], e[16], g[16];
+    for (int j = 0; j < 16; ++j) {
+        d[j] = meta[(nb * 16 + j) * 3];
+        e[j] = meta[(nb * 16 + j) * 3 + 1];
+        g[j] = meta[(nb * 16 + j) * 3 + 2];
+    }
+    const __m512 dv = _mm512_load_ps(d), ev = _mm512_load_ps(e), gv = _mm512_load_ps(g);
+    // outputs past n_vocab (padding, zero weights) must not set the threshold
+    const int64_t valid = std::min<int64_t>(16, n_vocab - nb * 16);
+    const __mmask16 real = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(valid, 0)) - 1);
+    const __m512 round_slack = _mm512_set1_ps(0x1p-7f), margin = _mm512_set1_ps(1.001f), tiny = _mm512_set1_ps(1e-6f);
+    for (int m = 0; m < M; ++m) {
+        __m512i s = acc[m][0];
+        for (int c = 1; c < C; ++c) s = _mm512_add_epi32(s, acc[m][c]);
+        const __m512 approx = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(rp.scale[m0 + m])));
+        __m512 bound = _mm512_fmadd_ps(_mm512_set1_ps(rp.xnorm[m0 + m]), ev, _mm512_mul_ps(_mm512_set1_ps(rp.dnorm[m0 + m]), gv));
+        bound = _mm512_mul_ps(bound, margin);
+        bound = _mm512_add_ps(_mm512_fmadd_ps(_mm512_add_ps(_mm512_abs_ps(approx), bound), round_slack, bound), tiny);
+        _mm512_storeu_ps(hi + m * hs + nb * 16, _mm512_add_ps(approx, bound));
+        lo_max[m] = _mm512_mask_max_ps(lo_max[m], real, lo_max[m], _mm512_sub_ps(approx, bound));
+    }
+}
+
+template <int M>
+void screen_rows(const int8_t* q8, int64_t kp2, const int32_t* x, int64_t xs, const float* meta, const RowPrep& rp,
+                 int64_t m0, int64_t s, int64_t e, int64_t n_vocab, float* hi, int64_t hs, __m512* lo_max) {
+    for (int64_t nb = s; nb < e; ++nb)
+        screen_block<M>(q8 + nb * kp2 * 32, kp2, x, xs, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
+}
+
+// The dpbf16 head's 16 outputs of block nb for one row, exactly as linear_bf16 computes them.
+inline void exact_block(const uint16_t* packed, int64_t kp2, const int32_t* xb, int64_t nb, float* out) {
+    const uint16_t* w = packed + nb * kp2 * 32;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kp2; ++p)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(xb[p]), (__m512bh)_mm512_loadu_si512(w + p * 32));
+    const __m256i r = (__m256i)_mm512_cvtneps_pbh(acc);
+    _mm512_storeu_ps(out, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16)));
+}
+#endif
+
+}  // namespace
+
+bool head_argmax_available() {
+#ifdef KANGAROO_HEAD_ARGMAX
+    return true;
+#else
+    return false;
+#endif
+}
+
+// x [M, K] bfloat16 (the head's input rows, K even), q8 [N/16, K/2, 16, 2] int8, meta [Npad, 3] float32,
+// packed [N/16, K/2, 16, 2] bfloat16 (the dpbf16 head), n_vocab = N (outputs past it are padding)
+// -> (argmax [M] int64, survivors [M] int64: the tokens pass 2 recomputed).
+std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch::Tensor meta, torch::Tensor packed,
+                                       int64_t n_vocab) {
+#ifdef KANGAROO_HEAD_ARGMAX
+    TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.device().is_cpu(), "head_argmax: x [M, K] bfloat16 on CPU");
+    TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.dim() == 4 && q8.size(2) == 16 && q8.size(3) == 2 && q8.is_contiguous(),
+                "head_argmax: q8 [N/16, K/2, 16, 2] int8");
+    TORCH_CHECK(packed.dtype() == torch::kBFloat16 && packed.sizes() == q8.sizes() && packed.is_contiguous(),
+                "head_argmax: packed [N/16, K/2, 16, 2] bfloat16 like q8");
+    TORCH_CHECK(x.size(1) == q8.size(1) * 2, "head_argmax: x has K = 2 * q8.size(1) columns");
+    const int64_t nblocks = q8.size(0), kp2 = q8.size(1), K = kp2 * 2, Npad = nblocks * 16, M = x.size(0);
+    TORCH_CHECK(meta.dtype() == torch::kFloat32 && meta.is_contiguous() && meta.numel() == Npad * 3, "head_argmax: meta [N, 3] float32");
+    TORCH_CHECK(n_vocab > 0 && n_vocab <= Npad, "head_argmax: 0 < n_vocab <= padded outputs");
+    x = x.contiguous();
+    auto tokens = torch::empty({M}, torch::kInt64);
+    auto survivors = torch::zeros({M}, torch::kInt64);
+    if (M == 0) return {tokens, survivors};
+
+    // rows -> int16 with one scale each, so that |x16| * 127 * K stays inside int32
+    RowPrep rp;
+    rp.x16.resize(M * kp2);
+    rp.scale.resize(M);
+    rp.xnorm.resize(M);
+    rp.dnorm.resize(M);
+    const double qmax = std::min(16383.0, std::floor(2147483647.0 / (127.0 * static_cast<double>(K))));
+    const auto* xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    std::vector<float> row(K);
+    for (int64_t m = 0; m < M; ++m) {
+        float amax = 0.f;
+        for (int64_t k = 0; k < K; ++k) {
+            uint32_t bits = static_cast<uint32_t>(xh[m * K + k]) << 16;
+            float v;
+            std::memcpy(&v, &bits, 4);
+            row[k] = v;
+            amax = std::max(amax, std::fabs(v));
+        }
+        TORCH_CHECK(std::isfinite(amax), "head_argmax: the head's input is not finite");
+        const float s = amax > 0.f ? static_cast<float>(amax / qmax) : 1.f;
+        double xx = 0., dd = 0.;
+        auto* pairs = reinterpret_cast<int16_t*>(rp.x16.data() + m * kp2);
+        for (int64_t k = 0; k < K; ++k) {
+            const double q = std::nearbyint(static_cast<double>(row[k]) / s);
+            pairs[k] = static_cast<int16_t>(std::max(-qmax, std::min(qmax, q)));
+            const double diff = static_cast<double>(row[k]) - static_cast<double>(s) * pairs[k];
+            xx += static_cast<double>(row[k]) * row[k];
+            dd += diff * diff;
+        }
+        rp.scale[m] = s;
+        rp.xnorm[m] = static_cast<float>(std::sqrt(xx) * (1 + 1e-6));
+        rp.dnorm[m] = static_cast<float>(std::sqrt(dd) * (1 + 1e-6) + 1e-30);
+    }
+
+    // pass 1: every thread screens a contiguous range of output blocks for all rows
+    std::vector<float> hi(M * Npad);
+    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+    std::vector<float> lo(nth * M, -std::numeric_limits<float>::infinity());
+    const auto* q8p = q8.data_ptr<int8_t>();
+    const float* mp = meta.data_ptr<float>();
+    at::parallel_for(0, nth, 1, [&](int64_t a, int64_t b) {
+        for (int64_t t = a; t < b; ++t) {
+            const int64_t s = nblocks * t / nth, e = nblocks * (t + 1) / nth;
+            for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+                const int64_t mm = std::min<int64_t>(ROWS, M - m0);
+                __m512 lo_max[ROWS];
+                for (int r = 0; r < ROWS; ++r) lo_max[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+                const int32_t* xr = rp.x16.data() + m0 * kp2;
+                float* hr = hi.data() + m0 * Npad;
+                switch (mm) {
+                    case 1: screen_rows<1>(q8p, kp2, xr, kp2, mp, rp, m0, s, e, n_vocab, hr, Npad, lo_max); break;
+                    case 2: screen_rows<2>(q8p, kp2, xr, kp2, mp, rp, m0, s, e, n_vocab, hr, Npad, lo_max); break;
+                    case 3: screen_rows<3>(q8p, kp2, xr, kp2, mp, rp, m0, s, e, n_vocab, hr, Npad, lo_max); break;
+                    case 4: screen_rows<4>(q8p, kp2, xr, kp2, mp, rp, m0, s, e, n_vocab, hr, Npad, lo_max); break;
+                    case 5: screen_rows<5>(q8p, kp2, xr, kp2, mp, rp, m0, s, e, n_vocab, hr, Npad, lo_max); break;
+                    case 6: screen_rows<6>(q8p, kp2, xr, kp2, mp, rp, m0, s, e, n_vocab, hr, Npad, lo_max); break;
+                    case 7: screen_rows<7>(q8p, kp2, xr, kp2, mp, rp, m0, s, e, n_vocab, hr, Npad, lo_max); break;
+                    default: screen_rows<8>(q8p, kp2, xr, kp2, mp, rp, m0, s, e, n_vocab, hr, Npad, lo_max); break;
+                }
+                for (int64_t r = 0; r < mm; ++r) lo[t * M + m0 + r] = _mm512_reduce_max_ps(lo_max[r]);
+            }
+        }
+    });
+
+    // pass 2: per row, the survivors' blocks recomputed exactly; the first index of the largest value
+    auto* tp = tokens.data_ptr<int64_t>();
+    auto* sp = survivors.data_ptr<int64_t>();
+    const auto* pk = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+    const auto* xpairs = reinterpret_cast<const int32_t*>(xh);
+    at::parallel_for(0, M, 1, [&](int64_t a, int64_t b) {
+        alignas(64) float exact[16];
+        for (int64_t m = a; m < b; ++m) {
+            const float* hm = hi.data() + m * Npad;
+            float best_lo = -std::numeric_limits<float>::infinity();
+            for (int64_t t = 0; t < nth; ++t) best_lo = std::max(best_lo, lo[t * M + m]);
+            int64_t arg = -1, count = 0;
+            float best = -std::numeric_limits<float>::infinity();
+            const __m512 threshold = _mm512_set1_ps(best_lo);
+            for (int64_t nb = 0; nb * 16 < n_vocab; ++nb) {
+                __mmask16 alive = _mm512_cmp_ps_mask(_mm512_loadu_ps(hm + nb * 16), threshold, _CMP_GE_OQ);
+                const int64_t valid = std::min<int64_t>(16, n_vocab - nb * 16);
+                if (valid < 16) alive &= static_cast<__mmask16>((1u << valid) - 1);
+                if (!alive) continue;
+                exact_block(pk, kp2, xpairs + m * kp2, nb, exact);
+                for (int j = 0; j < 16; ++j) {  // in index order: a tie keeps the first
+                    if (!((alive >> j) & 1)) continue;
+                    ++count;
+                    if (arg < 0 || exact[j] > best) {
+                        best = exact[j];
+                        arg = nb * 16 + j;
+                    }
+                }
+            }
+            TORCH_CHECK(arg >= 0, "head_argmax: no token survived the screen (non-finite logits?)");
+            tp[m] = arg;
+            sp[m] = count;
+        }
+    });
+    return {tokens, survivors};
+#else
+    (void)x; (void)q8; (void)meta; (void)packed; (void)n_vocab;
+    TORCH_CHECK(false, "head_argmax: this CPU (or compiler) has no AVX512-BF16 and AVX512-VNNI");
+    return {};
+#endif
+}

@@ -1,0 +1,84 @@
+"""Greedy tokens from the LM head without reading all of it in bfloat16: a screened argmax.
+
+Greedy decoding and greedy verification need only each row's argmax of the LM head's logits, and
+the head is the largest product of a step (SmolLM2: 49,152 × 576, 57 MB in bfloat16, a quarter of a
+one-token step). :class:`ScreenedHead` finds exactly that argmax in two passes
+(``csrc/head_argmax.cpp``):
+
+1. cheap logits ``ã`` from int8 weights (one scale per token) against the row in int16 (one scale
+   per row), integer sums, and per token a rigorous bound ``E`` on ``|a − ã|``, where ``a`` is the
+   logit the ``dpbf16`` head computes (its float32 chain and bfloat16 rounding included);
+2. the ``dpbf16`` head's own arithmetic, bit for bit, for the few tokens with ``ã + E`` at least the
+   best ``ã − E`` (1 in the median on the default model, docs/ENGINE.md §3); the first index of the
+   largest exact value wins, as ``torch.argmax`` picks.
+
+So the tokens are those of ``logits(h).argmax(-1)`` by construction, on every row, whatever the
+number of rows: greedy Kangaroo stays identical to plain greedy decoding, and the output is the
+same as without the screen. Sampling needs the whole distribution and keeps the full head.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.nn import functional as F
+
+from . import attention as native
+
+logger = logging.getLogger(__name__)
+
+
+def head_eps(k: int) -> float:
+    """Relative allowance for the ``dpbf16`` head's float32 chain over ``k`` inputs: a sequential sum
+    of ``k`` exact products errs by at most ``k 2⁻²⁴ Σ|x w| ≤ k 2⁻²⁴ ‖x‖ ‖w‖``; three times that, and
+    never less than 1e-4."""
+    return max(1e-4, 3 * k * 2.0 ** -24)
+
+
+class ScreenedHead:
+    """The argmax of a bias-free ``dpbf16`` LM head, screened through int8 weights.
+
+    Args:
+        weight: the head's weight ``[V, D]`` as the ``dpbf16`` head computes with it (rounded to
+            bfloat16 here, as :class:`~kangaroo.kernels.Linear` does).
+        packed: that head's packed weight ``[V/16, D/2, 16, 2]`` bfloat16 (``Linear.chunks[0][2]``),
+            which pass 2 reads for the surviving tokens.
+    """
+
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor) -> None:
+        w = weight.detach().to(torch.bfloat16).double()  # [V, D], exactly the head's weights
+        self.vocab, d_model = w.shape
+        if d_model % 2 or packed.shape[1] * 2 != d_model or packed.shape[0] * 16 < self.vocab:
+            raise ValueError(f"a packed head of {list(packed.shape)} does not match a weight of {list(w.shape)}")
+        scale = (w.abs().amax(1, keepdim=True) / 127).float().double()  # [V, 1], as the kernel reads it
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(w / scale).clamp(-127, 127)
+        quantised = q * scale
+        up = 1 + 1e-6  # norms rounded up before they become float32
+        err = ((w - quantised).norm(dim=1) + head_eps(d_model) * w.norm(dim=1)) * up
+        meta = torch.stack([scale[:, 0], err, quantised.norm(dim=1) * up], dim=1).float()  # [V, 3]
+        pad = packed.shape[0] * 16 - self.vocab
+        self.meta = F.pad(meta, (0, 0, 0, pad)).contiguous()
+        q = F.pad(q.to(torch.int8), (0, 0, 0, pad))
+        self.q8 = q.view(-1, 16, d_model // 2, 2).permute(0, 2, 1, 3).contiguous()  # as dpbf16's layout
+        self.packed = packed
+        self.last_survivors: torch.Tensor | None = None  # [T]: tokens the last call recomputed exactly
+
+    @classmethod
+    def for_head(cls, head, weight: torch.Tensor) -> "ScreenedHead | None":
+        """A screen for the engine's LM head (a :class:`~kangaroo.kernels.Linear`), or None where it
+        cannot run: another kernel than ``dpbf16``, a bias, a head split along its input, or a
+        compiled module without the kernel (no AVX512-VNNI)."""
+        module = native.load()
+        if (head.kernel != "dpbf16" or head.bias is not None or len(head.chunks) != 1 or head.pad_to
+                or module is None or not getattr(module, "head_argmax_available", lambda: False)()
+                or weight.shape[1] % 2):
+            return None
+        return cls(weight, head.chunks[0][2])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[T, D]`` (the final norm's output) -> ``[T]`` int64 greedy token ids."""
+        tokens, survivors = native.load().head_argmax(x.to(torch.bfloat16), self.q8, self.meta, self.packed, self.vocab)
+        self.last_survivors = survivors
+        return tokens
