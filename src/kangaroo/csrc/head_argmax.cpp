@@ -144,18 +144,25 @@ std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch:
     TORCH_CHECK(n_vocab > 0 && n_vocab <= Npad, "head_argmax: 0 < n_vocab <= padded outputs");
     x = x.contiguous();
     auto tokens = torch::empty({M}, torch::kInt64);
-    auto survivors = torch::zeros({M}, torch::kInt64);
+    auto survivors = torch::empty({M}, torch::kInt64);
     if (M == 0) return {tokens, survivors};
 
     // rows -> int16 with one scale each, so that |x16| * 127 * K stays inside int32
-    RowPrep rp;
+    // per-thread scratch kept between calls: a step's buffers (~200 KB a row) would otherwise be
+    // allocated, zeroed and returned to the system every call
+    // (the calling thread's: the workers below reach them through these references, not their own)
+    thread_local RowPrep tls_rp;
+    thread_local std::vector<float> tls_hi, tls_row;
+    RowPrep& rp = tls_rp;
+    std::vector<float>& hi = tls_hi;
+    std::vector<float>& row = tls_row;
     rp.x16.resize(M * kp2);
     rp.scale.resize(M);
     rp.xnorm.resize(M);
     rp.dnorm.resize(M);
     const double qmax = std::min(16383.0, std::floor(2147483647.0 / (127.0 * static_cast<double>(K))));
     const auto* xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
-    std::vector<float> row(K);
+    row.resize(K);
     for (int64_t m = 0; m < M; ++m) {
         float amax = 0.f;
         for (int64_t k = 0; k < K; ++k) {
@@ -182,7 +189,7 @@ std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch:
     }
 
     // pass 1: every thread screens a contiguous range of output blocks for all rows
-    std::vector<float> hi(M * Npad);
+    if (static_cast<int64_t>(hi.size()) < M * Npad) hi.resize(M * Npad);  // every entry is written in pass 1
     const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
     std::vector<float> lo(nth * M, -std::numeric_limits<float>::infinity());
     const auto* q8p = q8.data_ptr<int8_t>();
@@ -245,6 +252,10 @@ std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch:
             sp[m] = count;
         }
     });
+    if (M > 16) {  // keep a step's scratch, not a long teacher-forced call's
+        hi.clear();
+        hi.shrink_to_fit();
+    }
     return {tokens, survivors};
 #else
     (void)x; (void)q8; (void)meta; (void)packed; (void)n_vocab;
