@@ -169,20 +169,22 @@ torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor sc
     }
     auto y = torch::empty({M, N}, x.options());
     if (M == 0) return y;
-    // each row's block sums of x (its bfloat16 values, in order), for the minima
-    std::vector<float> sx(M * nb32);
+    // each row's block sums of x (its bfloat16 values, in order), for the minima: every block is one
+    // chain over its 32 values in order, and the blocks' chains advance side by side (one block at a
+    // time was a chain of K dependent adds, ~2 us a row for K = 1536, on the calling thread alone)
+    std::vector<float> sx(M * nb32, 0.0f);
     const auto* xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
-    for (int64_t m = 0; m < M; ++m)
-        for (int64_t bb = 0; bb < nb32; ++bb) {
-            float s = 0.0f;
-            for (int64_t i = 0; i < 32; ++i) {
-                const uint32_t bits = static_cast<uint32_t>(xh[m * K + bb * 32 + i]) << 16;
+    for (int64_t m = 0; m < M; ++m) {
+        float* s = sx.data() + m * nb32;
+        const uint16_t* xr = xh + m * K;
+        for (int64_t i = 0; i < 32; ++i)
+            for (int64_t bb = 0; bb < nb32; ++bb) {
+                const uint32_t bits = static_cast<uint32_t>(xr[bb * 32 + i]) << 16;
                 float f;
                 std::memcpy(&f, &bits, sizeof(f));
-                s = s + f;
+                s[bb] = s[bb] + f;
             }
-            sx[m * nb32 + bb] = s;
-        }
+    }
     const auto* qp = reinterpret_cast<const uint16_t*>(nibbles.data_ptr());
     const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
     const auto* xp = reinterpret_cast<const int32_t*>(x.data_ptr());
