@@ -1,6 +1,10 @@
 """Probe for a screened greedy LM head (docs/ENGINE.md §3): how many tokens a cheap head must hand
 back to the exact bfloat16 head so that the argmax stays exact.
 
+The engine's screen as built (``kangaroo.screened_head``: int8 weights with one scale per token, rows
+in int16) is run too, where this CPU has it: its tokens must be the exact argmax, and its survivors
+are printed as "built".
+
 For each position of a few greedy answers of the default model, logits from the LM head quantised
 in blocks of 32 (int8 with a float16 scale as GGUF's Q8_0, or Q4_1) are compared with the bfloat16
 head's. A token can be the exact argmax only if its screened logit plus its bound reaches the best
@@ -45,6 +49,9 @@ def main() -> None:
     screens = {"q8_0": q8_blocks(head), "q4_1": quantized.dequantize(*quantized.quantize_q4_1(head))}
     block_norms = {name: (head - w).reshape(head.shape[0], -1, 32).norm(dim=2) for name, w in screens.items()}
     survivors = {name: [] for name in screens}
+    built = engine.greedy_head  # the engine's own screen (None without AVX512-VNNI and BF16)
+    if built is not None:
+        survivors["built"] = []
     bounds = {name: [] for name in screens}
     for prompt in PROMPTS:
         ids = km.encode([{"role": "user", "content": prompt}])
@@ -54,6 +61,10 @@ def main() -> None:
             hidden = engine.run_layers(0, L, engine.embed(seq), KVCache(L, seq.shape[1] + 1), 0)
             x = engine.final_norm(hidden)[0, ids.shape[1] - 1:].to(torch.bfloat16).float()  # the head's input rows
         exact = x @ head.T
+        if built is not None:
+            logits = engine.lm_head(x).float()  # the bfloat16 head as the engine runs it
+            assert torch.equal(built(x), logits.argmax(-1)), "the built screen missed the argmax"
+            survivors["built"] += built.last_survivors.tolist()
         x_norms = x.reshape(x.shape[0], -1, 32).norm(dim=2)  # [T, K/32]
         for name, w in screens.items():
             approx = x @ w.T
@@ -63,9 +74,10 @@ def main() -> None:
             assert alive.gather(1, exact.argmax(1, keepdim=True)).all(), "the exact argmax was screened out"
             survivors[name] += alive.sum(dim=1).tolist()
             bounds[name] += bound.mean(dim=1).tolist()
-    for name in screens:
+    for name in survivors:
         s = np.array(survivors[name])
-        print(f"{name}: mean bound {np.mean(bounds[name]):.3f}; surviving tokens of {head.shape[0]}: "
+        bound = f"mean bound {np.mean(bounds[name]):.3f}; " if name in bounds else ""
+        print(f"{name}: {bound}surviving tokens of {head.shape[0]}: "
               f"median {np.median(s):.0f}, 90th percentile {np.percentile(s, 90):.0f}, max {s.max()} "
               f"({len(s)} positions)")
 

@@ -50,31 +50,11 @@ struct RowPrep {
     std::vector<float> dnorm;  // ||x̂_m - s_m x16_m||, rounded up
 };
 
-// Outputs nb*16 .. nb*16+15 of M rows: approximate logits and bounds -> hi = ã + E into hi_out rows,
-// running max of lo = ã - E into lo_max rows.
+// The approximate logits and bounds of output block nb (16 outputs) for M rows, from their int32
+// sums: hi = ã + E into the hi rows, the running max of lo = ã - E into lo_max.
 template <int M>
-inline void screen_block(const int8_t* w, int64_t kp2, const int32_t* x, int64_t xs, const float* meta, const RowPrep& rp,
-                         int64_t m0, int64_t nb, int64_t n_vocab, float* hi, int64_t hs, __m512* lo_max) {
-    // one row: four independent chains over p (int32 sums are exact in any order), so that the
-    // loop is not bound by vpdpwssd's latency; more rows are independent chains already
-    constexpr int C = M == 1 ? 4 : (M == 2 ? 2 : 1);
-    __m512i acc[M][C];
-    for (int m = 0; m < M; ++m)
-        for (int c = 0; c < C; ++c) acc[m][c] = _mm512_setzero_si512();
-    const int64_t body = kp2 - kp2 % C;
-    for (int64_t p = 0; p < body; p += C) {
-        for (int c = 0; c < C; ++c) {
-            const int8_t* wp = w + (p + c) * 32;
-            _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH * 32), _MM_HINT_T0);
-            const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp)));
-            for (int m = 0; m < M; ++m)
-                acc[m][c] = _mm512_dpwssd_epi32(acc[m][c], _mm512_set1_epi32(x[m * xs + p + c]), wv);
-        }
-    }
-    for (int64_t p = body; p < kp2; ++p) {
-        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * 32)));
-        for (int m = 0; m < M; ++m) acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], _mm512_set1_epi32(x[m * xs + p]), wv);
-    }
+inline void finish_block(const __m512i* sums, const float* meta, const RowPrep& rp, int64_t m0, int64_t nb,
+                         int64_t n_vocab, float* hi, int64_t hs, __m512* lo_max) {
     // meta rows nb*16 .. +15: d, e, g interleaved [16][3]
     alignas(64) float d[16], e[16], g[16];
     for (int j = 0; j < 16; ++j) {
@@ -88,9 +68,7 @@ inline void screen_block(const int8_t* w, int64_t kp2, const int32_t* x, int64_t
     const __mmask16 real = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(valid, 0)) - 1);
     const __m512 round_slack = _mm512_set1_ps(0x1p-7f), margin = _mm512_set1_ps(1.001f), tiny = _mm512_set1_ps(1e-6f);
     for (int m = 0; m < M; ++m) {
-        __m512i s = acc[m][0];
-        for (int c = 1; c < C; ++c) s = _mm512_add_epi32(s, acc[m][c]);
-        const __m512 approx = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dv, _mm512_set1_ps(rp.scale[m0 + m])));
+        const __m512 approx = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[m]), _mm512_mul_ps(dv, _mm512_set1_ps(rp.scale[m0 + m])));
         __m512 bound = _mm512_fmadd_ps(_mm512_set1_ps(rp.xnorm[m0 + m]), ev, _mm512_mul_ps(_mm512_set1_ps(rp.dnorm[m0 + m]), gv));
         bound = _mm512_mul_ps(bound, margin);
         bound = _mm512_add_ps(_mm512_fmadd_ps(_mm512_add_ps(_mm512_abs_ps(approx), bound), round_slack, bound), tiny);
@@ -99,11 +77,35 @@ inline void screen_block(const int8_t* w, int64_t kp2, const int32_t* x, int64_t
     }
 }
 
+// G consecutive output blocks from nb for M rows: G weight streams read side by side (more memory
+// requests in flight when few rows leave the loop waiting on memory), M x G independent int32
+// chains (integer sums are exact in any order).
+template <int M, int G>
+inline void screen_blocks(const int8_t* w, int64_t kp2, const int32_t* x, int64_t xs, const float* meta, const RowPrep& rp,
+                          int64_t m0, int64_t nb, int64_t n_vocab, float* hi, int64_t hs, __m512* lo_max) {
+    __m512i acc[G][M];
+    for (int gi = 0; gi < G; ++gi)
+        for (int m = 0; m < M; ++m) acc[gi][m] = _mm512_setzero_si512();
+    const int64_t stride = kp2 * 32;
+    for (int64_t p = 0; p < kp2; ++p) {
+        for (int gi = 0; gi < G; ++gi) {
+            const int8_t* wp = w + gi * stride + p * 32;
+            _mm_prefetch(reinterpret_cast<const char*>(wp + PREFETCH * 32), _MM_HINT_T0);
+            const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp)));
+            for (int m = 0; m < M; ++m) acc[gi][m] = _mm512_dpwssd_epi32(acc[gi][m], _mm512_set1_epi32(x[m * xs + p]), wv);
+        }
+    }
+    for (int gi = 0; gi < G; ++gi) finish_block<M>(acc[gi], meta, rp, m0, nb + gi, n_vocab, hi, hs, lo_max);
+}
+
 template <int M>
 void screen_rows(const int8_t* q8, int64_t kp2, const int32_t* x, int64_t xs, const float* meta, const RowPrep& rp,
                  int64_t m0, int64_t s, int64_t e, int64_t n_vocab, float* hi, int64_t hs, __m512* lo_max) {
-    for (int64_t nb = s; nb < e; ++nb)
-        screen_block<M>(q8 + nb * kp2 * 32, kp2, x, xs, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
+    constexpr int G = M == 1 ? 4 : (M == 2 ? 2 : 1);
+    int64_t nb = s;
+    for (; nb + G <= e; nb += G)
+        screen_blocks<M, G>(q8 + nb * kp2 * 32, kp2, x, xs, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
+    for (; nb < e; ++nb) screen_blocks<M, 1>(q8 + nb * kp2 * 32, kp2, x, xs, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
 }
 
 // The dpbf16 head's 16 outputs of block nb for one row, exactly as linear_bf16 computes them.
