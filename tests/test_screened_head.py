@@ -104,7 +104,20 @@ def test_screen_prunes_and_padding_never_wins():
     assert int(screen(x)[0]) < vocab
 
 
+def test_rows_that_are_not_finite_are_left_to_the_full_head():
+    weight = torch.randn(100, 32)
+    head, screen = _head(weight)
+    x = torch.randn(3, 32)
+    x[1, 5] = float("nan")
+    assert torch.equal(screen(x), _reference(head, x))  # torch's own rule for NaN, as before the screen
+    x[1, 5] = float("inf")
+    assert torch.equal(screen(x), _reference(head, x))
+
+
 def test_screen_is_only_built_for_a_bias_free_dpbf16_head():
     weight = torch.randn(64, 32)
+    broken = weight.clone()
+    broken[3, 3] = float("inf")
+    assert ScreenedHead.for_head(Linear(broken, None, torch.bfloat16, "dpbf16", check=False), broken) is None
     assert ScreenedHead.for_head(Linear(weight, torch.randn(64), torch.bfloat16, "dpbf16", check=False), weight) is None
     assert ScreenedHead.for_head(Linear(weight, None, torch.float32, "stock", check=False), weight) is None

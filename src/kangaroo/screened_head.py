@@ -42,11 +42,12 @@ class ScreenedHead:
     Args:
         weight: the head's weight ``[V, D]`` as the ``dpbf16`` head computes with it (rounded to
             bfloat16 here, as :class:`~kangaroo.kernels.Linear` does).
-        packed: that head's packed weight ``[V/16, D/2, 16, 2]`` bfloat16 (``Linear.chunks[0][2]``),
-            which pass 2 reads for the surviving tokens.
+        head: that :class:`~kangaroo.kernels.Linear` (``dpbf16``, no bias): pass 2 reads its packed
+            weight ``[V/16, D/2, 16, 2]`` for the surviving tokens, and it decides rows that are not finite.
     """
 
-    def __init__(self, weight: torch.Tensor, packed: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, head) -> None:
+        packed = head.chunks[0][2]
         w = weight.detach().to(torch.bfloat16).double()  # [V, D], exactly the head's weights
         self.vocab, d_model = w.shape
         if d_model % 2 or packed.shape[1] * 2 != d_model or packed.shape[0] * 16 < self.vocab:
@@ -62,23 +63,25 @@ class ScreenedHead:
         self.meta = F.pad(meta, (0, 0, 0, pad)).contiguous()
         q = F.pad(q.to(torch.int8), (0, 0, 0, pad))
         self.q8 = q.view(-1, 16, d_model // 2, 2).permute(0, 2, 1, 3).contiguous()  # as dpbf16's layout
-        self.packed = packed
+        self.packed, self.head = packed, head
         self.last_survivors: torch.Tensor | None = None  # [T]: tokens the last call recomputed exactly
 
     @classmethod
     def for_head(cls, head, weight: torch.Tensor) -> "ScreenedHead | None":
         """A screen for the engine's LM head (a :class:`~kangaroo.kernels.Linear`), or None where it
-        cannot run: another kernel than ``dpbf16``, a bias, a head split along its input, or a
-        compiled module without the kernel (no AVX512-VNNI)."""
+        cannot run: another kernel than ``dpbf16``, a bias, a head split along its input, weights
+        that are not finite, or a compiled module without the kernel (no AVX512-VNNI)."""
         module = native.load()
         if (head.kernel != "dpbf16" or head.bias is not None or len(head.chunks) != 1 or head.pad_to
                 or module is None or not getattr(module, "head_argmax_available", lambda: False)()
-                or weight.shape[1] % 2):
+                or weight.shape[1] % 2 or not bool(torch.isfinite(weight).all())):
             return None
-        return cls(weight, head.chunks[0][2])
+        return cls(weight, head)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[T, D]`` (the final norm's output) -> ``[T]`` int64 greedy token ids."""
         tokens, survivors = native.load().head_argmax(x.to(torch.bfloat16), self.q8, self.meta, self.packed, self.vocab)
+        if tokens.numel() != x.shape[0]:  # a row that is not finite: the full head decides, as it did
+            return self.head(x).float().argmax(-1)
         self.last_survivors = survivors
         return tokens

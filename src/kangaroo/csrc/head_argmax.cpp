@@ -131,7 +131,8 @@ bool head_argmax_available() {
 
 // x [M, K] bfloat16 (the head's input rows, K even), q8 [N/16, K/2, 16, 2] int8, meta [Npad, 3] float32,
 // packed [N/16, K/2, 16, 2] bfloat16 (the dpbf16 head), n_vocab = N (outputs past it are padding)
-// -> (argmax [M] int64, survivors [M] int64: the tokens pass 2 recomputed).
+// -> (argmax [M] int64, survivors [M] int64: the tokens pass 2 recomputed); argmax is empty when a row
+// is not finite (NaN or inf: no bound holds, and torch.argmax has its own rule for NaN).
 std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch::Tensor meta, torch::Tensor packed,
                                        int64_t n_vocab) {
 #ifdef KANGAROO_HEAD_ARGMAX
@@ -167,14 +168,16 @@ std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch:
     row.resize(K);
     for (int64_t m = 0; m < M; ++m) {
         float amax = 0.f;
+        bool finite = true;  // std::max skips a NaN, so amax alone would not show one
         for (int64_t k = 0; k < K; ++k) {
             uint32_t bits = static_cast<uint32_t>(xh[m * K + k]) << 16;
             float v;
             std::memcpy(&v, &bits, 4);
             row[k] = v;
             amax = std::max(amax, std::fabs(v));
+            finite = finite && std::isfinite(v);
         }
-        TORCH_CHECK(std::isfinite(amax), "head_argmax: the head's input is not finite");
+        if (!finite) return {torch::empty({0}, torch::kInt64), survivors};  // no bound holds: the caller takes the full head
         const float s = amax > 0.f ? static_cast<float>(amax / qmax) : 1.f;
         double xx = 0., dd = 0.;
         auto* pairs = reinterpret_cast<int16_t*>(rp.x16.data() + m * kp2);
