@@ -441,19 +441,70 @@ def test_q4_1_product_is_the_dequantised_product_and_row_invariant(shape):
     assert row_invariant(lin, K)
 
 
+def _q8_1_reference(x: torch.Tensor, q, d, m) -> torch.Tensor:
+    """llama.cpp's Q4_1 x Q8_1 product in float64: each 32-input block of a bfloat16 row as int8
+    (``dx = max |x| / 127``, ``qx = round(x / dx)``), then ``d dx (sum qx q) + m dx (sum qx)`` per block."""
+    M, K = x.shape
+    xb = x.to(torch.bfloat16).float().numpy().reshape(M, K // 32, 32)
+    dx = np.abs(xb).max(axis=2) / np.float32(127.0)
+    qx = np.rint(xb * np.where(dx > 0, np.float32(1.0) / np.where(dx > 0, dx, 1), 0)[..., None]).astype(np.int64)
+    qw = q.astype(np.int64).reshape(q.shape[0], K // 32, 32)
+    dots = np.einsum("mbi,nbi->mnb", qx, qw)  # exact integer block sums
+    out = (dots * d.astype(np.float64)[None] + m.astype(np.float64)[None] * qx.sum(axis=2)[:, None, :]) * dx[:, None, :]
+    return torch.from_numpy(out.sum(axis=2))
+
+
+@pytest.mark.skipif(not Q4, reason="needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("shape", [(32, 64), (960, 576), (576, 1536)])
+def test_q4_1_prompts_take_llama_cpp_int8_product_when_switched_on(shape):
+    """Prompts (more than MAX_ROWS rows) with the int8 path on compute llama.cpp's Q8_1 x Q4_1 product
+    (to float32 sums and bfloat16 rounding), each row as it would alone among any prompt's rows;
+    steps (up to MAX_ROWS rows) are untouched by the switch."""
+    from kangaroo import attention as native
+
+    module = native.load()
+    if not module.linear_q4_int8_available():
+        pytest.skip("needs AVX512-VNNI")
+    N, K = shape
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N)) * 0.05
+    q, d, m = quantized.quantize_q4_1(w)
+    lin = quantized.Q4Linear(q, d, m, bias=torch.randn(N))
+    x = torch.randn(MAX_ROWS + 23, K, generator=torch.Generator().manual_seed(K)) * 3
+    x[5, :32] = 0  # an all-zero block (dx = 0)
+    steps_before = lin(x[:MAX_ROWS])
+    old = module.linear_q4_prompt_int8(True)
+    try:
+        y = lin(x).float()
+        ref = _q8_1_reference(x, q, d, m) + lin.bias.double()
+        torch.testing.assert_close(y, ref.float(), rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+        bf16 = x.to(torch.bfloat16).float() @ quantized.dequantize(q, d, m).T + lin.bias
+        assert (y - ref.float()).abs().mean() < (bf16 - ref.float()).abs().mean()  # it is the int8 product, not bfloat16's
+        other = torch.cat([x[7:8], torch.randn(MAX_ROWS + 2, K) * 100])  # row 7 among other rows, at another place
+        assert torch.equal(lin(other)[0], lin(x)[7])
+        assert torch.equal(lin(x[:MAX_ROWS]), steps_before)  # steps keep bfloat16 activations
+    finally:
+        module.linear_q4_prompt_int8(old)
+    bf_rows = lin(x)
+    torch.testing.assert_close(bf_rows.float(), bf16, rtol=2e-2, atol=2e-2 * float(bf16.abs().max()))
+
+
 @pytest.mark.skipif(not Q4, reason="needs a CPU with AVX512-BF16")
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_kangaroo_equals_plain_greedy_on_q4_1_layers(arch, attention):
     """On Q4_1 layers (here quantised from a tiny model), Kangaroo's chains and trees, with lookup
-    drafts, give exactly the engine's plain greedy tokens."""
+    drafts, give exactly the engine's plain greedy tokens, prompts on bfloat16 or int8 activations."""
+    from kangaroo import attention as native
+
     rng = random.Random(f"q4-{arch}")
     model = tiny_model(arch, seed=2, damp_from=1)
     backbone = Backbone(model)
     engine = FusedEngine(backbone, torch.bfloat16, "q4_1", attention, q4_layers=q4_layers(backbone))
     assert engine.describe().startswith("fused/q4_1/bfloat16") and engine.lm_head.kernel == "dpbf16"
+    int8 = native.load().linear_q4_int8_available()
     accepted = 0
-    for ℓ, γ, width, lookup in itertools.product((1, NUM_LAYERS - 1), (3, 8), (1, 3), (0, 6)):
+    for i, (ℓ, γ, width, lookup) in enumerate(itertools.product((1, NUM_LAYERS - 1), (3, 8), (1, 3), (0, 6))):
+        engine.prompt_int8 = int8 and i % 2 == 1  # prompts of 4..78 tokens: most take the prompt product
         adapter = passthrough_adapter(Adapter.random(backbone, ℓ, seed=rng.randrange(1000)))
         config = KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=0.0, tree_width=width, lookup_tokens=lookup)
         base = torch.randint(0, VOCAB, (1, rng.randrange(2, 40)), generator=torch.Generator().manual_seed(rng.randrange(10**6)))

@@ -162,6 +162,8 @@ def _stats_line(r: dict) -> str:
            "fallback": "the fused engine cannot run this model"}[e["source"]]
     if e["kernel"] == "q4_1":  # the layers' weights are the file's own 4-bit blocks; activations bfloat16
         line = f"[engine]   {e['engine']}, the GGUF file's Q4_1 layers ({e['dtype']} activations), q4_1 kernel"
+        if e.get("prompt_product") == "int8":  # prompts' products on int8 activations, as llama.cpp computes them
+            line += " (prompts on int8 activations)"
     else:
         line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel"
     if "attention" in e:

@@ -193,6 +193,9 @@ class FusedEngine:
         if attention == "kernel" and attn_kernel.load() is None:
             raise ValueError(f"the decode-attention kernel is unavailable: {attn_kernel.status()['reason']}")
         self.attention = attention
+        # prompts on the Q4_1 products: int8 activations (llama.cpp's numerics, faster where
+        # measured so) or bfloat16 as steps; kangaroo.calibration sets it by measurement
+        self.prompt_int8 = False
         self.act_dtype = torch.float32
         self.num_layers = backbone.num_layers
         self.config = backbone.config
@@ -380,6 +383,8 @@ class FusedEngine:
         if tree is not None and (tree.rows != T or T > MAX_ROWS):
             raise ValueError(f"a tree of {tree.rows} rows over {T} states (at most {MAX_ROWS} rows)")
         depths = None if tree is None or tree.is_chain else torch.tensor(tree.depths, device=self.device)
+        if T > MAX_ROWS and self.kernel == "q4_1":  # a prompt: the module-wide switch follows this engine
+            attn_kernel.load().linear_q4_prompt_int8(self.prompt_int8)
         ropes, masks, norm = {}, {}, self.norm
         if self.fused_ops:
             # the compiled module's fused ops: the residual add and the next norm in one call, x

@@ -94,12 +94,52 @@ class Q4Linear:
         self._product = native.linear_q4
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``[M, K] -> [M, N]``; prompts (M > ``kernels.MAX_ROWS``) as the module's prompt setting says
+        (:func:`choose_prompt_product`; the engine sets it before each prompt)."""
         return self._product(x.to(torch.bfloat16), self.nibbles, self.scales, self.bias)
 
     def native(self) -> tuple:
         """This product as the compiled layer loop takes it (``csrc/layer_stack.cpp``):
         ``(nibbles, scales, bias or an empty tensor, out_features)``."""
         return self.nibbles, self.scales, torch.empty(0) if self.bias is None else self.bias, self.out_features
+
+
+#: how a Q4_1 product computes prompts (calls of more than ``kernels.MAX_ROWS`` rows): with bfloat16
+#: activations, as steps do, or with int8 activations (llama.cpp's Q8_1 blocks, ``csrc/linear_q4.cpp``)
+PROMPT_PRODUCTS = ("int8", "bfloat16")
+
+
+def choose_prompt_product(gate_up: Q4Linear, down: Q4Linear, cached: dict | None = None, rows: int = 128,
+                          repeats: int = 9) -> dict:
+    """How this machine's Q4_1 products should compute prompts: the faster of :data:`PROMPT_PRODUCTS`
+    on one layer's MLP products over ``rows`` prompt rows (an earlier measurement, ``cached``, is
+    reused). Steps and verification are not affected: they keep bfloat16 activations, so the
+    choice changes a prompt's numerics (as llama.cpp computes them) but never Kangaroo's identity
+    with plain decoding. Returns ``{"prompt_product", "prompt_product_source", "prompt_product_us"}``."""
+    from . import attention as native
+    from .kernels import MAX_ROWS
+
+    module = native.load()
+    if module.linear_q4_step_rows() != MAX_ROWS:
+        raise ValueError(f"the Q4_1 product keeps bfloat16 activations up to {module.linear_q4_step_rows()} rows, "
+                         f"steps have up to {MAX_ROWS}: rebuild the kernels")
+    if not module.linear_q4_int8_available():
+        return {"prompt_product": "bfloat16", "prompt_product_source": "unavailable"}
+    if cached and cached.get("prompt_product") in PROMPT_PRODUCTS:
+        return {"prompt_product": cached["prompt_product"], "prompt_product_source": "cache",
+                "prompt_product_us": cached.get("prompt_product_us")}
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, gate_up.in_features, generator=gen).to(torch.bfloat16)
+    h = torch.randn(rows, down.in_features, generator=gen).to(torch.bfloat16)
+    timings = {}
+    for name in PROMPT_PRODUCTS:
+        previous = module.linear_q4_prompt_int8(name == "int8")
+        try:
+            timings[name] = round(native.time_call(lambda: (gate_up(x), down(h)), repeats) * 1e6, 1)
+        finally:
+            module.linear_q4_prompt_int8(previous)
+    pick = min(PROMPT_PRODUCTS, key=lambda name: timings[name])
+    return {"prompt_product": pick, "prompt_product_source": "measured", "prompt_product_us": timings}
 
 
 #: ggml tensor type ids (ggml.h)

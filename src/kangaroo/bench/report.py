@@ -434,7 +434,8 @@ def _engine(machine: dict) -> str:
     """``fused bfloat16/packed``: the engine, weight dtype and kernel a run used."""
     e = machine.get("engine") or {}
     label = f"{e.get('engine', '?')} {e.get('dtype', '?')}/{e.get('kernel', '?')}"
-    return label + (f" + {e['attention']} attention" if "attention" in e else "")
+    label += f" + {e['attention']} attention" if "attention" in e else ""
+    return label + (" + int8 prompt products" if e.get("prompt_product") == "int8" else "")
 
 
 def main(argv: list[str] | None = None) -> int:

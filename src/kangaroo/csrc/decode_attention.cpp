@@ -599,6 +599,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("linear_bf16", &linear_bf16, "x W^T (+ b) over prepacked bfloat16 weights, row-invariant",
             py::arg("x"), py::arg("packed"), py::arg("bias") = py::none());
     mod.def("linear_q4_available", &linear_q4_available, "whether linear_q4 was built (AVX512-BF16)");
+    mod.def("linear_q4_int8_available", &linear_q4_int8_available, "whether linear_q4's int8 prompt path was built (AVX512-VNNI)");
+    mod.def("linear_q4_step_rows", &linear_q4_step_rows, "rows up to which linear_q4 keeps bfloat16 activations");
+    mod.def("linear_q4_prompt_int8", &linear_q4_prompt_int8, "switch linear_q4's int8 path for prompts on or off; returns the old setting");
     mod.def("linear_q4", &linear_q4, "x W^T (+ b) over GGUF Q4_1 weights, row-invariant",
             py::arg("x"), py::arg("nibbles"), py::arg("scales"), py::arg("bias") = py::none());
     mod.def("head_argmax_available", &head_argmax_available, "whether head_argmax was built (AVX512-BF16 and VNNI)");

@@ -11,11 +11,21 @@
 // Layout (packed in kangaroo/quantized.py): nibbles [N/16][K/32][4][32] 16-bit words: word 2o+s of
 // chunk c (output block n16, input block b) holds q[16 n16 + o][32 b + 2(4c + k) + s] in nibble k
 // (k = 0..3, lowest first); scales [N/16][K/32][2][16] float16 (d, then m, of the 16 outputs).
+//
+// Prompts (more than Q4_STEP_ROWS rows, i.e. kangaroo.kernels.MAX_ROWS) may instead take the int8 path
+// llama.cpp computes every Q4_1 product with: each row's 32-input block is quantised to int8 (Q8_1:
+// dx = max |x| / 127, qx = round(x / dx)), and vpdpbusd forms the block's sum qx q exactly in int32;
+// the block adds dw dx (sum qx q) + m (dx sum qx). vpdpbusd does 64 products per instruction against
+// vdpbf16ps's 32, so a prompt's products run ~1.5x faster (docs/ENGINE.md §9). It is only for
+// prompts: steps and verification keep bfloat16 activations, so Kangaroo's verification still
+// computes each row as plain decoding does. Rows stay independent (a row's bits depend only on it).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -23,6 +33,9 @@
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define KANGAROO_Q4 1
+#if defined(__AVX512VNNI__)
+#define KANGAROO_Q8 1
+#endif
 #endif
 
 namespace {
@@ -137,7 +150,151 @@ void q4_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t
 }
 #endif
 
+#ifdef KANGAROO_Q8
+// The int8 prompt path. x: M rows of K/4 int32 words, each 8 inputs of a block in the order
+// 0 4 1 5 2 6 3 7, which is how a chunk's nibbles fall into the bytes of a 32-bit lane: the low
+// nibbles of output o's two words are inputs {0, 4, 1, 5} + 8c, the high nibbles {2, 6, 3, 7} + 8c.
+// dx, sdx: per row and block the scale dx and dx (sum qx). Outputs n0 .. n0 + 16 GN of M rows.
+template <int M, int GN>
+inline void q8_block(const uint16_t* q, const uint16_t* sc, int64_t nb32, const int32_t* x, int64_t xs, const float* dx,
+                     const float* sdx, int64_t n0, const float* bias, uint16_t* y, int64_t ys) {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    const int64_t qstride = nb32 * 128, sstride = nb32 * 32;
+    __m512 acc[GN][M];
+    for (int g = 0; g < GN; ++g)
+        for (int m = 0; m < M; ++m) acc[g][m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb32; ++b) {
+        __m512i is[GN][M];
+        for (int g = 0; g < GN; ++g)
+            for (int m = 0; m < M; ++m) is[g][m] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; ++c) {
+            __m512i w0[GN], w1[GN];
+            for (int g = 0; g < GN; ++g) {
+                const __m512i raw = _mm512_loadu_si512(q + g * qstride + b * 128 + c * 32);
+                w0[g] = _mm512_and_si512(raw, low);
+                w1[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+            }
+            for (int m = 0; m < M; ++m) {
+                const int32_t* xr = x + m * xs + b * 8 + c * 2;
+                const __m512i x0 = _mm512_set1_epi32(xr[0]), x1 = _mm512_set1_epi32(xr[1]);
+                for (int g = 0; g < GN; ++g) {
+                    is[g][m] = _mm512_dpbusd_epi32(is[g][m], w0[g], x0);
+                    is[g][m] = _mm512_dpbusd_epi32(is[g][m], w1[g], x1);
+                }
+            }
+        }
+        for (int g = 0; g < GN; ++g) {
+            const uint16_t* s = sc + g * sstride + b * 32;
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+            const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16)));
+            for (int m = 0; m < M; ++m) {
+                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(dx[m * nb32 + b]));
+                acc[g][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is[g][m]), scale, acc[g][m]);
+                acc[g][m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sdx[m * nb32 + b]), acc[g][m]);
+            }
+        }
+    }
+    for (int g = 0; g < GN; ++g)
+        for (int m = 0; m < M; ++m) {
+            __m512 r = acc[g][m];
+            if (bias != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(bias + n0 + g * 16));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ys + n0 + g * 16), (__m256i)_mm512_cvtneps_pbh(r));
+        }
+}
+
+template <int GN, int MR>
+inline void q8_rows(int64_t mm, const uint16_t* q, const uint16_t* sc, int64_t nb32, const int32_t* x, int64_t xs,
+                    const float* dx, const float* sdx, int64_t n0, const float* bias, uint16_t* y, int64_t ys) {
+    switch (mm) {
+        case 1: q8_block<1, GN>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+        case 2: q8_block<2, GN>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+        case 3: q8_block<3, GN>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+        default: q8_block<MR, GN>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+    }
+}
+
+// rows per pass (two output blocks side by side: 2 x 4 int32 sums + 2 x 4 float sums in registers)
+// and rows per tile (each thread walks its output blocks over one tile of rows, then the next)
+constexpr int64_t Q8_ROWS = 4, Q8_TILE = 64;
+
+void q8_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t M, const uint16_t* xh, const float* bias,
+            uint16_t* y) {
+    const int64_t nb32 = K / 32, xs = K / 4, nblocks = N / 16;
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> dx(M * nb32), sdx(M * nb32);
+    // position of input i of each 8 in the order 0 4 1 5 2 6 3 7 (see q8_block)
+    static const int place[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m)
+            for (int64_t b = 0; b < nb32; ++b) {
+                float v[32], amax = 0.0f;
+                for (int i = 0; i < 32; ++i) {
+                    const uint32_t bits = static_cast<uint32_t>(xh[m * K + b * 32 + i]) << 16;
+                    std::memcpy(&v[i], &bits, sizeof(float));
+                    amax = std::max(amax, std::fabs(v[i]));
+                }
+                const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+                int sum = 0;
+                int8_t* o = xq.data() + m * K + b * 32;
+                for (int i = 0; i < 32; ++i) {
+                    const int qv = static_cast<int>(std::nearbyint(v[i] * id));
+                    sum += qv;
+                    o[(i / 8) * 8 + place[i % 8]] = static_cast<int8_t>(qv);
+                }
+                dx[m * nb32 + b] = d;
+                sdx[m * nb32 + b] = d * static_cast<float>(sum);
+            }
+    });
+    const auto* xp = reinterpret_cast<const int32_t*>(xq.data());
+    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+    at::parallel_for(0, nth, 1, [&](int64_t a, int64_t bth) {
+        for (int64_t t = a; t < bth; ++t) {
+            const int64_t s = nblocks * t / nth, e = nblocks * (t + 1) / nth;
+            for (int64_t mt = 0; mt < M; mt += Q8_TILE) {
+                const int64_t mend = std::min(M, mt + Q8_TILE);
+                for (int64_t nb = s; nb < e;) {
+                    const bool pair = nb + 1 < e;
+                    for (int64_t m0 = mt; m0 < mend; m0 += Q8_ROWS) {
+                        const int64_t mm = std::min<int64_t>(Q8_ROWS, mend - m0);
+                        const uint16_t* qb = q + nb * nb32 * 128;
+                        const uint16_t* sb = sc + nb * nb32 * 32;
+                        if (pair) q8_rows<2, Q8_ROWS>(mm, qb, sb, nb32, xp + m0 * xs, xs, dx.data() + m0 * nb32, sdx.data() + m0 * nb32, nb * 16, bias, y + m0 * N, N);
+                        else q8_rows<1, Q8_ROWS>(mm, qb, sb, nb32, xp + m0 * xs, xs, dx.data() + m0 * nb32, sdx.data() + m0 * nb32, nb * 16, bias, y + m0 * N, N);
+                    }
+                    nb += pair ? 2 : 1;
+                }
+            }
+        }
+    });
+}
+#endif
+
 }  // namespace
+
+// rows up to which products keep bfloat16 activations (kangaroo.kernels.MAX_ROWS: every decoding step
+// and verification); larger calls are prompts, which take the int8 path when it is switched on
+constexpr int64_t Q4_STEP_ROWS = 16;
+static std::atomic<bool> q4_prompt_int8{false};
+
+int64_t linear_q4_step_rows() { return Q4_STEP_ROWS; }
+
+bool linear_q4_int8_available() {
+#ifdef KANGAROO_Q8
+    return true;
+#else
+    return false;
+#endif
+}
+
+// Whether prompts take the int8 path (the engine decides by measurement, kangaroo.calibration); returns the old value.
+bool linear_q4_prompt_int8(bool on) {
+#ifdef KANGAROO_Q8
+    return q4_prompt_int8.exchange(on);
+#else
+    TORCH_CHECK(!on, "linear_q4: this CPU (or compiler) has no AVX512-VNNI for the int8 prompt path");
+    return false;
+#endif
+}
 
 bool linear_q4_available() {
 #ifdef KANGAROO_Q4
@@ -169,6 +326,13 @@ torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor sc
     }
     auto y = torch::empty({M, N}, x.options());
     if (M == 0) return y;
+#ifdef KANGAROO_Q8
+    if (M > Q4_STEP_ROWS && q4_prompt_int8.load()) {
+        q8_run(reinterpret_cast<const uint16_t*>(nibbles.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()), K, N, M,
+               reinterpret_cast<const uint16_t*>(x.data_ptr()), b, reinterpret_cast<uint16_t*>(y.data_ptr()));
+        return y;
+    }
+#endif
     // each row's block sums of x (its bfloat16 values, in order), for the minima: every block is one
     // chain over its 32 values in order, and the blocks' chains advance side by side (one block at a
     // time was a chain of K dependent adds, ~2 us a row for K = 1536, on the calling thread alone)

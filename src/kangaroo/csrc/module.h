@@ -19,6 +19,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 bool linear_bf16_available();
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
 bool linear_q4_available();
+bool linear_q4_int8_available();
+int64_t linear_q4_step_rows();
+bool linear_q4_prompt_int8(bool on);
 torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, c10::optional<torch::Tensor> bias);
 
 // head_argmax.cpp
