@@ -169,22 +169,38 @@ def test_fused_step_ops_match_the_torch_ops_they_replace(kernel):
     (17, 300, 6, 2, 64, 100),
     (70, 5, 6, 3, 24, 20),     # a head size without a tile: the decode kernel, 64 rows a call
 ])
-def test_prompt_attention_computes_causal_attention(kernel, T, start, heads, kv_heads, head_dim, window):
+@pytest.mark.parametrize("tiles", attention.PROMPT_TILES)
+def test_prompt_attention_computes_causal_attention(kernel, T, start, heads, kv_heads, head_dim, window, tiles):
     """The prompt tiles attend each row over exactly its causal (windowed) key range: against per-row
-    SDPA to rounding, with keys past the rows left unread, and strided query rows read in place."""
+    SDPA to rounding, with keys past the rows left unread, and strided query rows read in place. In
+    bfloat16 tiles, to the rounding of queries, keys, values and probabilities to bfloat16."""
+    module = attention.load()
+    if tiles == "bfloat16" and not module.prompt_attention_bf16_available():
+        pytest.skip("needs AVX512-BF16")
     gen = torch.Generator().manual_seed(T)
     S = start + T
     qkv = torch.randn(T, heads + 2, head_dim, generator=gen)  # rows strided as the engine's QKV output
     q = qkv[:, :heads]
     keys = torch.randn(kv_heads, S + 7, head_dim, generator=gen)
     values = torch.randn(kv_heads, S + 7, head_dim, generator=gen)
-    out = attention.prompt_attention(q, keys, values, start, window, 0.1)
     ends = list(range(start + 1, S + 1))
     begins = [max(0, e - window) if window else 0 for e in ends]
     ref = attention.sdpa_rows(q.contiguous(), keys, values, begins, ends, 0.1)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    keys[:, S:], values[:, S:] = float("nan"), float("nan")  # never read
-    assert torch.equal(attention.prompt_attention(q, keys, values, start, window, 0.1), out)
+    old = module.prompt_attention_bf16(tiles == "bfloat16")
+    try:
+        out = attention.prompt_attention(q, keys, values, start, window, 0.1)
+        if tiles == "float32" or head_dim not in (64, 128, 256):  # no bfloat16 tile for other head sizes
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        else:
+            rounded = [t.to(torch.bfloat16).float() for t in (q.contiguous(), keys, values)]
+            ref_bf16 = attention.sdpa_rows(*rounded, begins, ends, 0.1)
+            torch.testing.assert_close(out, ref_bf16, rtol=0, atol=1e-2)  # what is left: the probabilities' rounding
+            torch.testing.assert_close(out, ref, rtol=0, atol=3e-2)
+            assert not torch.allclose(out, ref, rtol=1e-4, atol=1e-5)  # it did compute in bfloat16
+        keys[:, S:], values[:, S:] = float("nan"), float("nan")  # never read
+        assert torch.equal(attention.prompt_attention(q, keys, values, start, window, 0.1), out)
+    finally:
+        module.prompt_attention_bf16(old)
 
 
 def test_prompt_rows_go_to_the_tiles_and_first_out_skips_rows(kernel):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from tiny import ARCHITECTURES, NUM_LAYERS, VOCAB, hf_greedy, passthrough_adapter, q4_layers, tiny_model
 
+from kangaroo import attention as attn_kernel
 from kangaroo import calibration
 from kangaroo.adapter import Adapter, EarlyExitHead
 from kangaroo.config import EngineConfig, KangarooConfig
@@ -134,9 +135,11 @@ def test_kangaroo_equals_plain_greedy_on_the_same_engine(arch, dtype, kernel, at
     rng = random.Random(f"engine-{arch}-{dtype}-{kernel}")
     models = {False: tiny_model(arch, seed=1), True: tiny_model(arch, seed=2, damp_from=1)}
     engines = {f: FusedEngine(Backbone(m), dtype, kernel, attention) for f, m in models.items()}
+    bf16_tiles = attention == "kernel" and attn_kernel.load().prompt_attention_bf16_available()
     accepted = all_accepted = rejected = 0
     for ℓ, η, γ, friendly in itertools.product((1, NUM_LAYERS - 1), (0.0, 0.5), (3, 8), (False, True)):
         engine = engines[friendly]
+        engine.prompt_bf16_tiles = bf16_tiles and γ == 8  # prompts' tiles in bfloat16 (tiles exist for head size 64: the Mistral model)
         # half the cases draft with an MLP adapter (--adapter-mlp), random in the unfriendly ones
         adapter = Adapter.random(engine.backbone, ℓ, seed=rng.randrange(1000), mlp_hidden=16 if η else 0)
         if friendly:
@@ -505,6 +508,7 @@ def test_kangaroo_equals_plain_greedy_on_q4_1_layers(arch, attention):
     accepted = 0
     for i, (ℓ, γ, width, lookup) in enumerate(itertools.product((1, NUM_LAYERS - 1), (3, 8), (1, 3), (0, 6))):
         engine.prompt_int8 = int8 and i % 2 == 1  # prompts of 4..78 tokens: most take the prompt product
+        engine.prompt_bf16_tiles = attention == "kernel" and native.load().prompt_attention_bf16_available() and i % 4 >= 2
         adapter = passthrough_adapter(Adapter.random(backbone, ℓ, seed=rng.randrange(1000)))
         config = KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=0.0, tree_width=width, lookup_tokens=lookup)
         base = torch.randint(0, VOCAB, (1, rng.randrange(2, 40)), generator=torch.Generator().manual_seed(rng.randrange(10**6)))

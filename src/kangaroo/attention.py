@@ -22,7 +22,8 @@ fixed summation order per row, and ~1 Âµs a call where ``F.rms_norm`` takes ~8 Â
 
 Prompts (more than 16 rows, which no step recomputes) attend in flash-attention tiles instead
 (:func:`prompt_attention`): keys transposed once per call, broadcast FMAs, an online softmax; not
-row-invariant, and faster (an 810-token prompt: 4.98 -> 2.72 ms a layer).
+row-invariant, and faster (an 810-token prompt: 4.98 -> 2.72 ms a layer); where measured faster, with
+bfloat16 products (:func:`choose_prompt_tiles`).
 
 The kernel is C++ compiled at first use for the machine at hand (``-march=native``), in one module
 with the engine's bfloat16 and Q4_1 products (``csrc/linear_bf16.cpp``, ``csrc/linear_q4.cpp``) and
@@ -216,7 +217,9 @@ def prompt_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     """A prompt's causal attention: rows ``q`` ``[T, H, d]`` at positions ``start ..`` over ``keys`` /
     ``values`` ``[H_kv, S, d]`` (the last ``window`` keys when > 0), in flash-attention tiles
     (``csrc/decode_attention.cpp``; head sizes other than 64, 128, 256 through the decode kernel). Faster than :func:`decode_attention` on many rows, but a row's
-    bits depend on its tile: only for rows that no step re-computes (prompts). ``[T, H, d]``."""
+    bits depend on its tile: only for rows that no step re-computes (prompts). The module's prompt
+    setting (:func:`choose_prompt_tiles`, set by the engine before each prompt) decides whether the
+    tiles compute in float32 or bfloat16. ``[T, H, d]``."""
     return _state["module"].prompt_attention(q, keys, values, start, window, scale)
 
 
@@ -310,6 +313,37 @@ def choose(choice: str, heads: int, kv_heads: int, head_dim: int, device: torch.
     timings = _time_both(heads, kv_heads, head_dim)
     pick = "kernel" if timings["kernel"] <= timings["sdpa"] else "sdpa"
     return pick, {**info, "attention": pick, "attention_source": "measured", "attention_us": timings}
+
+
+#: how prompt tiles compute (:func:`prompt_attention`): float32, or bfloat16 products (``vdpbf16ps``
+#: on bfloat16 queries, keys, values and probabilities; float32 sums and softmax)
+PROMPT_TILES = ("bfloat16", "float32")
+
+
+def choose_prompt_tiles(heads: int, kv_heads: int, head_dim: int, cached: dict | None = None, rows: int = 512,
+                        repeats: int = 7) -> dict:
+    """The faster of :data:`PROMPT_TILES` for a ``rows``-token prompt of these attention shapes (an
+    earlier measurement, ``cached``, is reused). Only prompts change numerics: steps and verification
+    keep the row-invariant float32 kernel, so Kangaroo stays identical to plain decoding.
+    Returns ``{"prompt_tiles", "prompt_tiles_source", "prompt_tiles_us"}``."""
+    module = load()
+    if module is None or not module.prompt_attention_bf16_available() or head_dim not in (64, 128, 256):
+        return {"prompt_tiles": "float32", "prompt_tiles_source": "unavailable"}
+    if cached and cached.get("prompt_tiles") in PROMPT_TILES:
+        return {"prompt_tiles": cached["prompt_tiles"], "prompt_tiles_source": "cache",
+                "prompt_tiles_us": cached.get("prompt_tiles_us")}
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(rows, heads, head_dim, generator=gen)
+    keys, values = (torch.randn(kv_heads, rows, head_dim, generator=gen) for _ in range(2))
+    timings = {}
+    for name in PROMPT_TILES:
+        previous = module.prompt_attention_bf16(name == "bfloat16")
+        try:
+            timings[name] = round(time_call(lambda: prompt_attention(q, keys, values, 0, 0, head_dim ** -0.5), repeats) * 1e6, 1)
+        finally:
+            module.prompt_attention_bf16(previous)
+    pick = min(PROMPT_TILES, key=lambda name: timings[name])
+    return {"prompt_tiles": pick, "prompt_tiles_source": "measured", "prompt_tiles_us": timings}
 
 
 def _time_both(heads: int, kv_heads: int, head_dim: int, context: int = 512, repeats: int = 30) -> dict:

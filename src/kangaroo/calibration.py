@@ -189,9 +189,16 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     engine.attention = attention  # loaded and checked by choose()
     prompt_info = {}
+    if attention == "kernel":  # prompts' attention tiles: float32 or bfloat16, measured once per machine
+        key_tiles = key + "|prompt tiles"
+        prompt_info = attn_kernel.choose_prompt_tiles(a.heads, a.kv_heads, a.head_dim, _read_cache().get(key_tiles))
+        engine.prompt_bf16_tiles = prompt_info["prompt_tiles"] == "bfloat16"
+        if prompt_info["prompt_tiles_source"] == "measured":
+            _write_cache(key_tiles, {k: prompt_info[k] for k in ("prompt_tiles", "prompt_tiles_us")} | {
+                "machine": machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     if choice[1] == "q4_1":  # how its products compute prompts: measured once per machine, like the rest
         key = _key(backbone, config) + "|q4_1 prompt product"
-        prompt_info = quantized.choose_prompt_product(engine.layers[0].gate_up, engine.layers[0].down, _read_cache().get(key))
+        prompt_info |= quantized.choose_prompt_product(engine.layers[0].gate_up, engine.layers[0].down, _read_cache().get(key))
         engine.prompt_int8 = prompt_info["prompt_product"] == "int8"
         if prompt_info["prompt_product_source"] == "measured":
             _write_cache(key, {k: prompt_info[k] for k in ("prompt_product", "prompt_product_us")} | {

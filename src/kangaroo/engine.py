@@ -196,6 +196,7 @@ class FusedEngine:
         # prompts on the Q4_1 products: int8 activations (llama.cpp's numerics, faster where
         # measured so) or bfloat16 as steps; kangaroo.calibration sets it by measurement
         self.prompt_int8 = False
+        self.prompt_bf16_tiles = False  # prompts' attention tiles in bfloat16 (also set by calibration)
         self.act_dtype = torch.float32
         self.num_layers = backbone.num_layers
         self.config = backbone.config
@@ -383,8 +384,9 @@ class FusedEngine:
         if tree is not None and (tree.rows != T or T > MAX_ROWS):
             raise ValueError(f"a tree of {tree.rows} rows over {T} states (at most {MAX_ROWS} rows)")
         depths = None if tree is None or tree.is_chain else torch.tensor(tree.depths, device=self.device)
-        if T > MAX_ROWS and self.kernel == "q4_1":  # a prompt: the module-wide switch follows this engine
+        if T > MAX_ROWS and attn_kernel.load() is not None:  # a prompt: the module-wide switches follow this engine
             attn_kernel.load().linear_q4_prompt_int8(self.prompt_int8)
+            attn_kernel.load().prompt_attention_bf16(self.prompt_bf16_tiles)
         ropes, masks, norm = {}, {}, self.norm
         if self.fused_ops:
             # the compiled module's fused ops: the residual add and the next norm in one call, x

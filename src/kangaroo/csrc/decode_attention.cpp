@@ -21,6 +21,7 @@
 #include <cstring>
 #include <limits>
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #ifdef __AVX512F__
@@ -28,6 +29,12 @@
 #endif
 #include "exp512.h"
 #include "module.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define KANGAROO_BF16_TILES 1
+#else
+#define KANGAROO_BF16_TILES 0
+#endif
 
 namespace {
 
@@ -274,16 +281,25 @@ std::vector<std::vector<int64_t>> plan_items(const std::vector<int64_t>& cost, i
 constexpr int64_t PR = 16;  // prompt rows per work item
 constexpr int QT = 6;       // query vectors per score tile (x 32 keys: 12 accumulators)
 
-template <int D>
-void prompt_item(const float* q, int64_t qs0, int64_t G, int64_t h0, const float* ktg, int64_t kts, const float* vg,
+// BF (AVX512-BF16 only): scores and value sums with vdpbf16ps on bfloat16 queries, keys, values and
+// probabilities (float32 sums, softmax in float32), two dimensions or two keys per product: ktg is
+// then [D/2][kts][2] bfloat16 (a key's dimensions e, e+1 side by side), vg [S/2][D][2] (keys j, j+1
+// side by side per dimension), and chunks start at even positions.
+template <int D, bool BF>
+void prompt_item(const float* q, int64_t qs0, int64_t G, int64_t h0, const void* ktv, int64_t kts, const void* vv_,
                  int64_t t0, int64_t R, int64_t start, int64_t window, float scale, float* out, int64_t H,
                  std::vector<float>& buf) {
     constexpr int C = D / W;
     constexpr int QP = C >= 16 ? 1 : 16 / C;  // query vectors per value tile (16 accumulators)
     static const float zeros[D] = {};
+    const float* ktg = static_cast<const float*>(ktv);
+    const float* vg = static_cast<const float*>(vv_);
     const int64_t NQ = R * G, NQP = (NQ + QT - 1) / QT * QT;
-    buf.resize(NQP * CHUNK + 2 * NQP + NQP * D);
+    // BF: + the queries' bfloat16 pairs [NQP][D/2] and the probabilities' [NQP][CHUNK/2], as 32-bit words
+    buf.resize(NQP * CHUNK + 2 * NQP + NQP * D + (BF ? NQP * (D / 2 + CHUNK / 2) : 0));
     float *s = buf.data(), *mq = s + NQP * CHUNK, *lq = mq + NQP, *o = lq + NQP;
+    uint32_t* qb = reinterpret_cast<uint32_t*>(o + NQP * D);
+    uint32_t* pb = qb + NQP * D / 2;
     const float neg = -std::numeric_limits<float>::infinity();
     std::vector<const float*> qrow(NQP);
     std::vector<int64_t> qpos(NQP), qlo(NQP);
@@ -294,10 +310,18 @@ void prompt_item(const float* q, int64_t qs0, int64_t G, int64_t h0, const float
         qlo[i] = window > 0 ? std::max<int64_t>(0, qpos[i] + 1 - window) : 0;
         mq[i] = neg;
         lq[i] = 0.0f;
+#if KANGAROO_BF16_TILES
+        if constexpr (BF)  // the query's bfloat16 pairs (round to nearest even)
+            for (int c = 0; c < C; c += 2) {
+                const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qrow[i] + (c + 1) * W), _mm512_loadu_ps(qrow[i] + c * W));
+                _mm512_storeu_si512(qb + i * (D / 2) + c * W / 2, (__m512i)b);
+            }
+#endif
     }
     std::memset(o, 0, NQP * D * sizeof(float));
     const int64_t hi = start + t0 + R;  // keys [lo, hi) cover every row of the tile
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, start + t0 + 1 - window) : 0;
+    int64_t lo = window > 0 ? std::max<int64_t>(0, start + t0 + 1 - window) : 0;
+    if (BF) lo &= ~int64_t{1};  // key pairs start at even positions (a key before a window's start scores -inf)
     const vf lane = vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
         const int64_t n = std::min(CHUNK, hi - c0), npad = (n + W - 1) / W * W;
@@ -307,15 +331,34 @@ void prompt_item(const float* q, int64_t qs0, int64_t G, int64_t h0, const float
                 vf acc[QT][2];
 #pragma GCC unroll 8
                 for (int i = 0; i < QT; ++i) acc[i][0] = acc[i][1] = splat(0.0f);
-                const float* kc = ktg + c0 + jb;
-                for (int e = 0; e < D; ++e) {
-                    const vf k0 = load(kc + e * kts), k1 = load(kc + e * kts + W);
+                if constexpr (!BF) {
+                    const float* kc = ktg + c0 + jb;
+                    for (int e = 0; e < D; ++e) {
+                        const vf k0 = load(kc + e * kts), k1 = load(kc + e * kts + W);
 #pragma GCC unroll 8
-                    for (int i = 0; i < QT; ++i) {
-                        const vf qe = splat(qrow[i0 + i][e]);
-                        acc[i][0] = acc[i][0] + qe * k0;
-                        acc[i][1] = acc[i][1] + qe * k1;
+                        for (int i = 0; i < QT; ++i) {
+                            const vf qe = splat(qrow[i0 + i][e]);
+                            acc[i][0] = acc[i][0] + qe * k0;
+                            acc[i][1] = acc[i][1] + qe * k1;
+                        }
                     }
+                } else {
+#if KANGAROO_BF16_TILES
+                    const uint16_t* kc = static_cast<const uint16_t*>(ktv) + (c0 + jb) * 2;
+                    __m512 a0[QT], a1[QT];
+                    for (int i = 0; i < QT; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+                    for (int e2 = 0; e2 < D / 2; ++e2) {
+                        const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kc + e2 * kts * 2);
+                        const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kc + e2 * kts * 2 + 2 * W);
+#pragma GCC unroll 8
+                        for (int i = 0; i < QT; ++i) {
+                            const __m512bh qe = (__m512bh)_mm512_set1_epi32(static_cast<int>(qb[(i0 + i) * (D / 2) + e2]));
+                            a0[i] = _mm512_dpbf16_ps(a0[i], qe, k0);
+                            a1[i] = _mm512_dpbf16_ps(a1[i], qe, k1);
+                        }
+                    }
+                    for (int i = 0; i < QT; ++i) { acc[i][0] = u(a0[i]); acc[i][1] = u(a1[i]); }
+#endif
                 }
                 for (int half = 0; half < 2 && jb + half * W < npad; ++half) {
                     const vf pos = lane + splat((float)(c0 + jb + half * W));
@@ -349,6 +392,39 @@ void prompt_item(const float* q, int64_t qs0, int64_t G, int64_t h0, const float
             if (corr != 1.0f)
                 for (int c = 0; c < C; ++c) store(o + i * D + c * W, load(o + i * D + c * W) * splat(corr));
         }
+#if KANGAROO_BF16_TILES
+        if constexpr (BF) {
+            // 4'. values in bfloat16: o[i] += sum over key pairs of (p[i][j], p[i][j+1]) . (v[j], v[j+1])
+            const int64_t n2 = (n + 1) / 2;
+            for (int64_t i = 0; i < NQ; ++i)
+                for (int64_t j = 0; j < npad; j += 2 * W) {
+                    const float* sr = s + i * CHUNK + j;
+                    const __m512 lo16 = _mm512_loadu_ps(sr), hi16 = j + W < npad ? _mm512_loadu_ps(sr + W) : _mm512_setzero_ps();
+                    _mm512_storeu_si512(pb + i * (CHUNK / 2) + j / 2, (__m512i)_mm512_cvtne2ps_pbh(hi16, lo16));
+                }
+            const uint16_t* vc = static_cast<const uint16_t*>(vv_) + c0 * D;  // pair c0 / 2, each D x 2 values
+            for (int64_t i0 = 0; i0 < NQ; i0 += QP) {
+                const int np = (int)std::min<int64_t>(QP, NQ - i0);
+                __m512 acc[QP][C];
+                for (int i = 0; i < QP; ++i)
+                    for (int c = 0; c < C; ++c) acc[i][c] = i < np ? _mm512_loadu_ps(o + (i0 + i) * D + c * W) : _mm512_setzero_ps();
+                for (int64_t j2 = 0; j2 < n2; ++j2) {
+                    __m512bh vv[C];
+#pragma GCC unroll 16
+                    for (int c = 0; c < C; ++c) vv[c] = (__m512bh)_mm512_loadu_si512(vc + j2 * 2 * D + c * 2 * W);
+#pragma GCC unroll 16
+                    for (int i = 0; i < QP; ++i) {
+                        const __m512bh p = (__m512bh)_mm512_set1_epi32(i < np ? static_cast<int>(pb[(i0 + i) * (CHUNK / 2) + j2]) : 0);
+#pragma GCC unroll 16
+                        for (int c = 0; c < C; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], p, vv[c]);
+                    }
+                }
+                for (int i = 0; i < np; ++i)
+                    for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + (i0 + i) * D + c * W, acc[i][c]);
+            }
+            continue;
+        }
+#endif
         // 4. values: o[i] += sum_j p[i][j] v[j], QP queries a tile, each value row loaded once per tile
         for (int64_t i0 = 0; i0 < NQ; i0 += QP) {
             const int np = (int)std::min<int64_t>(QP, NQ - i0);
@@ -379,7 +455,17 @@ void prompt_item(const float* q, int64_t qs0, int64_t G, int64_t h0, const float
     }
 }
 
+// Whether prompts' tiles compute in bfloat16 (set by the engine, kangaroo.attention.prompt_modes).
+std::atomic<bool> prompt_bf16{false};
+
 }  // namespace
+
+bool prompt_attention_bf16_available() { return KANGAROO_BF16_TILES; }
+
+bool prompt_attention_bf16(bool on) {
+    TORCH_CHECK(!on || KANGAROO_BF16_TILES, "prompt_attention: this CPU (or compiler) has no AVX512-BF16 for bfloat16 tiles");
+    return prompt_bf16.exchange(on);
+}
 
 // A prompt's rows at positions start .. start+T-1 over k/v [H_kv, S, D] (each over its prefix, its
 // last `window` keys when window > 0): q [T, H, D] (heads contiguous). Tiles for D in {64, 128, 256},
@@ -421,9 +507,47 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     }
     const auto plan = plan_items(cost, 0);
     const int64_t nthreads = static_cast<int64_t>(plan.size());
+    const int64_t S = start + T, kts = (S + CHUNK + 2 * W - 1) / W * W;
+#if KANGAROO_BF16_TILES
+    if (prompt_bf16.load()) {
+        // bfloat16 copies: keys kb[g][e/2][j][2] (dimension pairs), values vb[g][j/2][e][2] (key
+        // pairs), zeros past position S (so padding reads no NaN a cache may hold there)
+        std::vector<uint16_t> kb(Hkv * D * kts, 0), vb(Hkv * D * kts, 0);
+        auto bf = [](float f) {  // round to nearest even, as vcvtneps2bf16 (finite inputs)
+            uint32_t bits;
+            std::memcpy(&bits, &f, sizeof(bits));
+            return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+        };
+        at::parallel_for(0, Hkv * S, 64, [&](int64_t a, int64_t b) {
+            for (int64_t x = a; x < b; ++x) {
+                const int64_t g = x / S, j = x % S;
+                const float *kr = kp + g * ks0 + j * D, *vr = vp + g * ks0 + j * D;
+                uint16_t *kd = kb.data() + g * D * kts + j * 2, *vd = vb.data() + g * D * kts + (j / 2) * 2 * D + (j % 2);
+                for (int64_t e = 0; e < D; ++e) {
+                    kd[(e / 2) * kts * 2 + (e % 2)] = bf(kr[e]);
+                    vd[e * 2] = bf(vr[e]);
+                }
+            }
+        });
+        at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
+            std::vector<float> buf;
+            for (int64_t worker = a; worker < b; ++worker)
+                for (int64_t i : plan[worker]) {
+                    const int64_t g = i % Hkv, blk = i / Hkv, t0 = blk * PR, R = std::min(PR, T - t0);
+                    const uint16_t *ktg = kb.data() + g * D * kts, *vg = vb.data() + g * D * kts;
+                    if (D == 64)
+                        prompt_item<64, true>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+                    else if (D == 128)
+                        prompt_item<128, true>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+                    else
+                        prompt_item<256, true>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+                }
+        });
+        return out;
+    }
+#endif
     // keys transposed once, kt[g][e][j] for positions j < start + T (padded with zeros to a vector
     // and a chunk past the end): every tile's scores are then broadcast FMAs over contiguous keys
-    const int64_t S = start + T, kts = (S + CHUNK + 2 * W - 1) / W * W;
     std::vector<float> kt(Hkv * D * kts, 0.0f);
     at::parallel_for(0, Hkv * ((S + W - 1) / W), 8, [&](int64_t a, int64_t b) {
         const int64_t nb = (S + W - 1) / W;
@@ -443,11 +567,11 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                 const int64_t g = i % Hkv, blk = i / Hkv, t0 = blk * PR, R = std::min(PR, T - t0);
                 const float *ktg = kt.data() + g * D * kts, *vg = vp + g * ks0;
                 if (D == 64)
-                    prompt_item<64>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+                    prompt_item<64, false>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
                 else if (D == 128)
-                    prompt_item<128>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+                    prompt_item<128, false>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
                 else
-                    prompt_item<256>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+                    prompt_item<256, false>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
             }
     });
     return out;
@@ -594,6 +718,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("decode_attention", &decode_attention, "decode attention with row-invariant arithmetic");
     mod.def("prompt_attention", &prompt_attention, "a prompt's causal attention, flash tiles (not row-invariant)");
+    mod.def("prompt_attention_bf16_available", &prompt_attention_bf16_available, "whether the bfloat16 prompt tiles were built (AVX512-BF16)");
+    mod.def("prompt_attention_bf16", &prompt_attention_bf16, "switch the prompt tiles to bfloat16 on or off; returns the old setting");
     mod.def("rms_norm", &rms_norm, "row-wise RMSNorm in a fixed summation order");
     mod.def("linear_bf16_available", &linear_bf16_available, "whether linear_bf16 was built (AVX512-BF16)");
     mod.def("linear_bf16", &linear_bf16, "x W^T (+ b) over prepacked bfloat16 weights, row-invariant",

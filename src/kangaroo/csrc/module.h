@@ -19,6 +19,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 bool linear_bf16_available();
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
 bool linear_q4_available();
+bool prompt_attention_bf16_available();
+bool prompt_attention_bf16(bool on);
 bool linear_q4_int8_available();
 int64_t linear_q4_step_rows();
 bool linear_q4_prompt_int8(bool on);
