@@ -485,6 +485,10 @@ def test_q4_1_prompts_take_llama_cpp_int8_product_when_switched_on(shape):
         other = torch.cat([x[7:8], torch.randn(MAX_ROWS + 2, K) * 100])  # row 7 among other rows, at another place
         assert torch.equal(lin(other)[0], lin(x)[7])
         assert torch.equal(lin(x[:MAX_ROWS]), steps_before)  # steps keep bfloat16 activations
+        bad = x.clone()
+        bad[3, 40] = float("nan")  # a row that is not finite gives NaN, and leaves the other rows alone
+        y_bad = lin(bad)
+        assert y_bad[3].isnan().all() and torch.equal(y_bad[4:], lin(x)[4:])
     finally:
         module.linear_q4_prompt_int8(old)
     bf_rows = lin(x)

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
@@ -220,32 +221,44 @@ constexpr int64_t Q8_ROWS = 4, Q8_TILE = 64;
 void q8_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t M, const uint16_t* xh, const float* bias,
             uint16_t* y) {
     const int64_t nb32 = K / 32, xs = K / 4, nblocks = N / 16;
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> dx(M * nb32), sdx(M * nb32);
-    // position of input i of each 8 in the order 0 4 1 5 2 6 3 7 (see q8_block)
-    static const int place[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+    // buffers kept between calls (grown, never cleared: every byte used is written first), so a
+    // prompt's 120 products do not each allocate and fault in fresh pages
+    thread_local std::vector<int8_t> xq;
+    thread_local std::vector<float> dx, sdx;
+    if (static_cast<int64_t>(xq.size()) < M * K) xq.resize(M * K);
+    if (static_cast<int64_t>(dx.size()) < M * nb32) dx.resize(M * nb32), sdx.resize(M * nb32);
+    // (the worker threads see their own thread_locals: they get this thread's buffers as pointers)
+    int8_t* const xqp = xq.data();
+    float* const dxp = dx.data();
+    float* const sdxp = sdx.data();
+    // each row's blocks as int8, in AVX-512: 32 bfloat16 -> float32, dx = max |x| / 127, qx = x (1 / dx)
+    // rounded to nearest even (the default rounding, as np.rint), then each 8 bytes put in the order
+    // 0 4 1 5 2 6 3 7 (see q8_block) with one in-lane byte shuffle. A block holding a NaN gets
+    // dx = NaN (and infinities give 0 * inf), so its outputs are NaN, as the bfloat16 path's would be.
+    const __m256i order = _mm256_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15,
+                                           0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; ++m)
             for (int64_t b = 0; b < nb32; ++b) {
-                float v[32], amax = 0.0f;
-                for (int i = 0; i < 32; ++i) {
-                    const uint32_t bits = static_cast<uint32_t>(xh[m * K + b * 32 + i]) << 16;
-                    std::memcpy(&v[i], &bits, sizeof(float));
-                    amax = std::max(amax, std::fabs(v[i]));
-                }
-                const float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
-                int sum = 0;
-                int8_t* o = xq.data() + m * K + b * 32;
-                for (int i = 0; i < 32; ++i) {
-                    const int qv = static_cast<int>(std::nearbyint(v[i] * id));
-                    sum += qv;
-                    o[(i / 8) * 8 + place[i % 8]] = static_cast<int8_t>(qv);
-                }
-                dx[m * nb32 + b] = d;
-                sdx[m * nb32 + b] = d * static_cast<float>(sum);
+                const uint16_t* src = xh + m * K + b * 32;
+                const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
+                const __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16))), 16));
+                const bool nan = (_mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q)) != 0;
+                const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+                const float d = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
+                const float id = d > 0.0f ? 1.0f / d : 0.0f;
+                const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+                const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+                const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+                const __m256i bytes = _mm256_set_m128i(_mm512_cvtepi32_epi8(q1), _mm512_cvtepi32_epi8(q0));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(xqp + m * K + b * 32), _mm256_shuffle_epi8(bytes, order));
+                dxp[m * nb32 + b] = d;
+                sdxp[m * nb32 + b] = d * static_cast<float>(sum);
             }
     });
-    const auto* xp = reinterpret_cast<const int32_t*>(xq.data());
+    const auto* xp = reinterpret_cast<const int32_t*>(xqp);
     const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
     at::parallel_for(0, nth, 1, [&](int64_t a, int64_t bth) {
         for (int64_t t = a; t < bth; ++t) {
@@ -258,8 +271,8 @@ void q8_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t
                         const int64_t mm = std::min<int64_t>(Q8_ROWS, mend - m0);
                         const uint16_t* qb = q + nb * nb32 * 128;
                         const uint16_t* sb = sc + nb * nb32 * 32;
-                        if (pair) q8_rows<2, Q8_ROWS>(mm, qb, sb, nb32, xp + m0 * xs, xs, dx.data() + m0 * nb32, sdx.data() + m0 * nb32, nb * 16, bias, y + m0 * N, N);
-                        else q8_rows<1, Q8_ROWS>(mm, qb, sb, nb32, xp + m0 * xs, xs, dx.data() + m0 * nb32, sdx.data() + m0 * nb32, nb * 16, bias, y + m0 * N, N);
+                        if (pair) q8_rows<2, Q8_ROWS>(mm, qb, sb, nb32, xp + m0 * xs, xs, dxp + m0 * nb32, sdxp + m0 * nb32, nb * 16, bias, y + m0 * N, N);
+                        else q8_rows<1, Q8_ROWS>(mm, qb, sb, nb32, xp + m0 * xs, xs, dxp + m0 * nb32, sdxp + m0 * nb32, nb * 16, bias, y + m0 * N, N);
                     }
                     nb += pair ? 2 : 1;
                 }
