@@ -105,7 +105,7 @@ def test_costs_only_writes_step_costs(tiny_model_dir, tmp_path, monkeypatch):
     for name in ("chosen", "float32 eager"):
         e = costs[name]
         assert set(e["forward_ms"]) == {"1", "2", "4", "8", "16"} and all(v > 0 for v in e["forward_ms"].values())
-        assert e["draft_step_ms"] > 0 and e["lm_head_ms"] > 0 and e["engine"]["dtype"]
+        assert e["draft_step_ms"] > 0 and e["lm_head_ms"] > 0 and e["prefill_ms"] > 0 and e["engine"]["dtype"]
         assert e["forward_ratio_8_to_1"] == pytest.approx(e["forward_ms"]["8"] / e["forward_ms"]["1"], abs=1e-3)
     assert costs["chosen"]["engine"]["engine"] == "fused" and costs["float32 eager"]["engine"]["engine"] == "eager"
     assert set(costs["chosen"]["tree_extra_ms"]) == {"1", "2"} and "tree_extra_ms" not in costs["float32 eager"]

@@ -17,6 +17,8 @@ eager engine (HF's own modules):
   as many rows (a 3-token chain plus ``n`` siblings at depth 1; engines with trees only): each branch
   is written to the cache and attended as its own segment, and :mod:`kangaroo.tune` prices trees
   with it;
+* ``prefill_ms``: a fresh ``context``-token prompt through every layer + the greedy head (what a
+  question's first token costs before any step; the median of 3 after one untimed call);
 * ``build_s``: building the engine (weight packing, row-invariance checks, loading the attention kernel);
 * ``compile s`` (in the table): what the decode-attention kernel's first compile on this machine took
   (:mod:`kangaroo.attention`; later runs load it from the cache).
@@ -119,6 +121,11 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
         calls.update({("tree", n): verify_tree(parents) for n, parents in tree_rows.items()})
         calls.update({("verify", len(p) + 1): verify(len(p) + 1) for p in tree_rows.values()})
     ms = _interleaved_ms(calls, repeats, best)
+
+    def prefill():
+        fresh = KVCache(L, context + 1)
+        engine.greedy(engine.run_layers(0, L, engine.embed(prompt), fresh, 0)[:, -1:])
+    prefill_ms = _interleaved_ms({"prefill": prefill}, 3, best)["prefill"]
     trees = {"tree_extra_ms": {n: round(max(ms[("tree", n)] - ms[("verify", len(p) + 1)], 0.0), 3)
                                for n, p in tree_rows.items()}} if engine.supports_trees else {}
     return {
@@ -129,6 +136,7 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
         "draft_step_ms": round(ms[("draft", 0)] / DRAFT_STEPS, 3),
         "draft_vocab": None if vocab is None else int(vocab.numel()),
         "lm_head_ms": round(ms[("lm_head", 0)], 3),
+        "prefill_ms": round(prefill_ms, 3),
         "full_head_ms": round(ms[("full_head", 0)], 3),
         **trees,
     }
@@ -162,8 +170,8 @@ def measure_run(km, repeats: int = 15) -> dict:
 
 def table(costs: dict) -> str:
     """The Markdown table of ``costs.json`` (one row per engine)."""
-    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | tree +1 / +2 branches ms | draft step ms | draft ÷ forward | LM head ms (greedy / full) | build s | compile s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | tree +1 / +2 branches ms | draft step ms | draft ÷ forward | LM head ms (greedy / full) | prefill ms | build s | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in costs.items():
         if not isinstance(e, dict) or "forward_ms" not in e:
             continue
@@ -175,7 +183,8 @@ def table(costs: dict) -> str:
         tree = {int(k): ms for k, ms in e.get("tree_extra_ms", {}).items()}
         tree = f"{tree[1]:.2f} / {tree[2]:.2f}" if tree else "–"
         head = f"{e['lm_head_ms']:.2f}" + (f" / {e['full_head_ms']:.2f}" if "full_head_ms" in e else "")
+        prefill = f"{e['prefill_ms']:.0f} ({e['context']} tokens)" if "prefill_ms" in e else "–"  # older files have none
         rows.append(f"| {name}: {cfg['engine']} {cfg['dtype']}/{cfg['kernel']}{attention} | {' / '.join(f'{f[k]:.1f}' for k in ROWS)} | "
                     f"{e['forward_ratio_8_to_1']:.2f} | {v[1]:.1f} / {v[8]:.1f} | {tree} | {e['draft_step_ms']:.2f} | "
-                    f"{e['draft_to_forward']:.2f} | {head} | {cfg.get('build_s', 0):.1f} | {compiled:.0f} |")
+                    f"{e['draft_to_forward']:.2f} | {head} | {prefill} | {cfg.get('build_s', 0):.1f} | {compiled:.0f} |")
     return "\n".join(rows)
