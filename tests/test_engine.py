@@ -228,8 +228,18 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     assert info2["source"] == "cache" and (again.weight_dtype, again.kernel) == (engine.weight_dtype, engine.kernel)
     # the attention choice too: every later process runs the same engine, so tuned settings keep applying
     assert info2["attention_source"] == "cache" and again.attention == engine.attention
-    _, given = calibration.build_engine(backbone, EngineConfig(dtype="float32", kernel="stock"))
+    # bfloat16 weights with the kernel attention: prompts' tiles measured (then cached) like the rest
+    mistral = Backbone(tiny_model("mistral", seed=0))  # heads of 64: the tiles' sizes
+    bf, bf_info = calibration.build_engine(mistral, EngineConfig(dtype="bfloat16", kernel="dpbf16", attention="kernel"))
+    if attn_kernel.load().prompt_attention_bf16_available():
+        assert bf_info["prompt_tiles_source"] == "measured" and set(bf_info["prompt_tiles_us"]) == set(attn_kernel.PROMPT_TILES)
+        assert bf.prompt_bf16_tiles == (bf_info["prompt_tiles"] == "bfloat16")
+        _, again_info = calibration.build_engine(mistral, EngineConfig(dtype="bfloat16", kernel="dpbf16", attention="kernel"))
+        assert again_info["prompt_tiles_source"] == "cache" and again_info["prompt_tiles"] == bf_info["prompt_tiles"]
+    given_engine, given = calibration.build_engine(backbone, EngineConfig(dtype="float32", kernel="stock"))
     assert given["source"] == "given" and given["dtype"] == "float32"
+    # float32 weights keep float32 prompts: no bfloat16 tiles, no int8 products
+    assert "prompt_tiles" not in given and not given_engine.prompt_bf16_tiles and not given_engine.prompt_int8
     eager, e = calibration.build_engine(backbone, EngineConfig(engine="eager"))
     assert eager is backbone and e["engine"] == "eager"
 

@@ -189,7 +189,9 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     engine.attention = attention  # loaded and checked by choose()
     prompt_info = {}
-    if attention == "kernel":  # prompts' attention tiles: float32 or bfloat16, measured once per machine
+    if attention == "kernel" and choice[0] == torch.bfloat16:
+        # prompts' attention tiles: float32 or bfloat16, measured once per machine; only where the
+        # weights are bfloat16 already (a float32 engine keeps float32's accuracy on prompts too)
         key_tiles = key + "|prompt tiles"
         prompt_info = attn_kernel.choose_prompt_tiles(a.heads, a.kv_heads, a.head_dim, _read_cache().get(key_tiles))
         engine.prompt_bf16_tiles = prompt_info["prompt_tiles"] == "bfloat16"

@@ -435,7 +435,8 @@ def _engine(machine: dict) -> str:
     e = machine.get("engine") or {}
     label = f"{e.get('engine', '?')} {e.get('dtype', '?')}/{e.get('kernel', '?')}"
     label += f" + {e['attention']} attention" if "attention" in e else ""
-    return label + (" + int8 prompt products" if e.get("prompt_product") == "int8" else "")
+    label += " + int8 prompt products" if e.get("prompt_product") == "int8" else ""
+    return label + (" + bfloat16 prompt tiles" if e.get("prompt_tiles") == "bfloat16" else "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -508,11 +508,14 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     const auto plan = plan_items(cost, 0);
     const int64_t nthreads = static_cast<int64_t>(plan.size());
     const int64_t S = start + T, kts = (S + CHUNK + 2 * W - 1) / W * W;
-#if KANGAROO_BF16_TILES
-    if (prompt_bf16.load()) {
+    const bool bf16 = KANGAROO_BF16_TILES && prompt_bf16.load();
+    std::vector<float> kt;
+    std::vector<uint16_t> kb, vb;
+    if (bf16) {
         // bfloat16 copies: keys kb[g][e/2][j][2] (dimension pairs), values vb[g][j/2][e][2] (key
         // pairs), zeros past position S (so padding reads no NaN a cache may hold there)
-        std::vector<uint16_t> kb(Hkv * D * kts, 0), vb(Hkv * D * kts, 0);
+        kb.assign(Hkv * D * kts, 0);
+        vb.assign(Hkv * D * kts, 0);
         auto bf = [](float f) {  // round to nearest even, as vcvtneps2bf16 (finite inputs)
             uint32_t bits;
             std::memcpy(&bits, &f, sizeof(bits));
@@ -529,49 +532,35 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                 }
             }
         });
-        at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
-            std::vector<float> buf;
-            for (int64_t worker = a; worker < b; ++worker)
-                for (int64_t i : plan[worker]) {
-                    const int64_t g = i % Hkv, blk = i / Hkv, t0 = blk * PR, R = std::min(PR, T - t0);
-                    const uint16_t *ktg = kb.data() + g * D * kts, *vg = vb.data() + g * D * kts;
-                    if (D == 64)
-                        prompt_item<64, true>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
-                    else if (D == 128)
-                        prompt_item<128, true>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
-                    else
-                        prompt_item<256, true>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+    } else {
+        // keys transposed once, kt[g][e][j] for positions j < start + T (padded with zeros to a vector
+        // and a chunk past the end): every tile's scores are then broadcast FMAs over contiguous keys
+        kt.assign(Hkv * D * kts, 0.0f);
+        at::parallel_for(0, Hkv * ((S + W - 1) / W), 8, [&](int64_t a, int64_t b) {
+            const int64_t nb = (S + W - 1) / W;
+            for (int64_t x = a; x < b; ++x) {
+                const int64_t g = x / nb, j0 = (x % nb) * W, n = std::min<int64_t>(W, S - j0);
+                float* dst = kt.data() + g * D * kts + j0;
+                for (int64_t j = 0; j < n; ++j) {
+                    const float* kr = kp + g * ks0 + (j0 + j) * D;
+                    for (int64_t e = 0; e < D; ++e) dst[e * kts + j] = kr[e];
                 }
-        });
-        return out;
-    }
-#endif
-    // keys transposed once, kt[g][e][j] for positions j < start + T (padded with zeros to a vector
-    // and a chunk past the end): every tile's scores are then broadcast FMAs over contiguous keys
-    std::vector<float> kt(Hkv * D * kts, 0.0f);
-    at::parallel_for(0, Hkv * ((S + W - 1) / W), 8, [&](int64_t a, int64_t b) {
-        const int64_t nb = (S + W - 1) / W;
-        for (int64_t x = a; x < b; ++x) {
-            const int64_t g = x / nb, j0 = (x % nb) * W, n = std::min<int64_t>(W, S - j0);
-            float* dst = kt.data() + g * D * kts + j0;
-            for (int64_t j = 0; j < n; ++j) {
-                const float* kr = kp + g * ks0 + (j0 + j) * D;
-                for (int64_t e = 0; e < D; ++e) dst[e * kts + j] = kr[e];
             }
-        }
-    });
+        });
+    }
+    using Item = void (*)(const float*, int64_t, int64_t, int64_t, const void*, int64_t, const void*, int64_t, int64_t,
+                          int64_t, int64_t, float, float*, int64_t, std::vector<float>&);
+    const Item item = D == 64 ? (bf16 ? &prompt_item<64, true> : &prompt_item<64, false>)
+                    : D == 128 ? (bf16 ? &prompt_item<128, true> : &prompt_item<128, false>)
+                               : (bf16 ? &prompt_item<256, true> : &prompt_item<256, false>);
     at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
         std::vector<float> buf;
         for (int64_t worker = a; worker < b; ++worker)
             for (int64_t i : plan[worker]) {
                 const int64_t g = i % Hkv, blk = i / Hkv, t0 = blk * PR, R = std::min(PR, T - t0);
-                const float *ktg = kt.data() + g * D * kts, *vg = vp + g * ks0;
-                if (D == 64)
-                    prompt_item<64, false>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
-                else if (D == 128)
-                    prompt_item<128, false>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
-                else
-                    prompt_item<256, false>(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
+                const void* ktg = bf16 ? static_cast<const void*>(kb.data() + g * D * kts) : kt.data() + g * D * kts;
+                const void* vg = bf16 ? static_cast<const void*>(vb.data() + g * D * kts) : vp + g * ks0;
+                item(qp, qs0, G, g * G, ktg, kts, vg, t0, R, start, window, scale, outp, H, buf);
             }
     });
     return out;
