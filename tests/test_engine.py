@@ -236,6 +236,9 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
         assert bf.prompt_bf16_tiles == (bf_info["prompt_tiles"] == "bfloat16")
         _, again_info = calibration.build_engine(mistral, EngineConfig(dtype="bfloat16", kernel="dpbf16", attention="kernel"))
         assert again_info["prompt_tiles_source"] == "cache" and again_info["prompt_tiles"] == bf_info["prompt_tiles"]
+    exact, exact_info = calibration.build_engine(mistral, EngineConfig(dtype="bfloat16", kernel="dpbf16", attention="kernel",
+                                                                      prefill="exact"))
+    assert exact_info["prefill"] == "exact" and "prompt_tiles" not in exact_info and not exact.prompt_bf16_tiles
     given_engine, given = calibration.build_engine(backbone, EngineConfig(dtype="float32", kernel="stock"))
     assert given["source"] == "given" and given["dtype"] == "float32"
     # float32 weights keep float32 prompts: no bfloat16 tiles, no int8 products
@@ -257,8 +260,10 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     (dict(kernel="dpbf16", dtype="float32"), "the dpbf16 kernel computes with bfloat16 activations: use --dtype bfloat16 or auto"),
     (dict(kernel="q4_1", dtype="float32"), "the q4_1 kernel computes with bfloat16 activations: use --dtype bfloat16 or auto"),
     (dict(device="cuda", kernel="q4_1"), "the q4_1 kernel is CPU only"),
-    (dict(engine="eager", kernel="packed"), "--kernel and --attention apply to the fused engine"),
-    (dict(engine="eager", attention="sdpa"), "--kernel and --attention apply to the fused engine"),
+    (dict(engine="eager", kernel="packed"), "--kernel, --attention and --prefill apply to the fused engine"),
+    (dict(engine="eager", attention="sdpa"), "--kernel, --attention and --prefill apply to the fused engine"),
+    (dict(engine="eager", prefill="exact"), "--kernel, --attention and --prefill apply to the fused engine"),
+    (dict(prefill="fast"), "unknown prefill 'fast': use one of auto, exact"),
     (dict(attention="flash"), "unknown attention 'flash': use one of auto, kernel, sdpa"),
     (dict(device="cuda", attention="kernel"), "the decode-attention kernel is CPU only"),
 ])

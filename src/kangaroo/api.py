@@ -101,6 +101,7 @@ class KangarooModel:
         engine: str = EngineConfig.engine,
         kernel: str = EngineConfig.kernel,
         attention: str = EngineConfig.attention,
+        prefill: str = EngineConfig.prefill,
         threads: int | None = EngineConfig.threads,
         lookup_tokens: int | None = None,
         lookup_ngram: int | None = None,
@@ -129,9 +130,12 @@ class KangarooModel:
                 for a GGUF model with Q4_1 layers, or ``"auto"``: measured, see :mod:`kangaroo.calibration`).
             attention: the fused engine's attention for steps of up to 16 rows (``"kernel"``, ``"sdpa"``,
                 ``"auto"``; see :mod:`kangaroo.attention`).
+            prefill: how the fused engine computes prompts of more than 16 tokens: ``"auto"`` (int8
+                products on ``q4_1`` and bfloat16 attention tiles on bfloat16 weights, where measured
+                faster) or ``"exact"`` (the decoding steps' arithmetic); see docs/ENGINE.md §3.
             threads: torch CPU threads (None = torch's choice).
         """
-        engine_config = EngineConfig(engine=engine, dtype=_dtype_name(dtype), kernel=kernel, attention=attention, device=device,
+        engine_config = EngineConfig(engine=engine, dtype=_dtype_name(dtype), kernel=kernel, attention=attention, prefill=prefill, device=device,
                                      threads=threads)
         engine_config.check_device()
         if threads is not None:

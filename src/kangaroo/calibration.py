@@ -189,7 +189,7 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
                            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     engine.attention = attention  # loaded and checked by choose()
     prompt_info = {}
-    if attention == "kernel" and choice[0] == torch.bfloat16:
+    if attention == "kernel" and choice[0] == torch.bfloat16 and config.prefill == "auto":
         # prompts' attention tiles: float32 or bfloat16, measured once per machine; only where the
         # weights are bfloat16 already (a float32 engine keeps float32's accuracy on prompts too)
         key_tiles = key + "|prompt tiles"
@@ -198,7 +198,7 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
         if prompt_info["prompt_tiles_source"] == "measured":
             _write_cache(key_tiles, {k: prompt_info[k] for k in ("prompt_tiles", "prompt_tiles_us")} | {
                 "machine": machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    if choice[1] == "q4_1":  # how its products compute prompts: measured once per machine, like the rest
+    if choice[1] == "q4_1" and config.prefill == "auto":  # how its products compute prompts: measured once per machine, like the rest
         key = _key(backbone, config) + "|q4_1 prompt product"
         prompt_info |= quantized.choose_prompt_product(engine.layers[0].gate_up, engine.layers[0].down, _read_cache().get(key))
         engine.prompt_int8 = prompt_info["prompt_product"] == "int8"
@@ -206,7 +206,8 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
             _write_cache(key, {k: prompt_info[k] for k in ("prompt_product", "prompt_product_us")} | {
                 "machine": machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     info = {"engine": "fused", "dtype": str(choice[0]).removeprefix("torch."), "kernel": choice[1], "source": source,
-            "step_ms": timings, **attention_info, **prompt_info, "build_s": round(time.perf_counter() - start, 2)}
+            "step_ms": timings, **attention_info, "prefill": config.prefill, **prompt_info,
+            "build_s": round(time.perf_counter() - start, 2)}
     logger.info("engine: %s (%s)", engine.describe(), source)
     return engine, info
 

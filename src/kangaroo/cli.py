@@ -56,6 +56,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=e.dtype, help=f"weight dtype of the steps: float32, bfloat16, float16 (CUDA) or auto = the fastest plain decoding here, measured once and cached (default {e.dtype})")
     p.add_argument("--kernel", default=e.kernel, help=f"fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU), dpbf16 (ours, CPUs with AVX512-BF16), q4_1 (the layers as a Q4_1 GGUF file stores them, e.g. the default model; CPUs with AVX512-BF16) or auto = measured (default {e.kernel})")
     p.add_argument("--attention", default=e.attention, help=f"fused engine's attention for steps of up to 16 tokens: kernel (compiled here once, all rows in one call, same bits per row), sdpa (one call per row) or auto = measured (default {e.attention})")
+    p.add_argument("--prefill", default=e.prefill, help=f"how the fused engine computes prompts (more than 16 tokens): auto = int8-activation products (q4_1 kernel, as llama.cpp computes them) and bfloat16 attention tiles (bfloat16 weights) where measured faster, or exact = the decoding steps' own arithmetic (default {e.prefill}); decoding and Kangaroo's output identity are the same either way")
     p.add_argument("--device", default=e.device, help=f"torch device: cpu or cuda[:N] (default {e.device})")
     p.add_argument("--threads", type=int, default=e.threads, help="torch CPU threads, >= 1 (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random adapter and of sampling (default 0)")
@@ -74,7 +75,7 @@ def load_from_args(args):
         args.model, adapter=args.adapter, exit_layer=args.exit_layer, max_steps=args.max_steps,
         threshold=args.threshold, dtype=args.dtype, device=args.device, seed=args.seed,
         verify_low_confidence=args.verify_low_confidence, engine=args.engine, kernel=args.kernel,
-        attention=args.attention, threads=args.threads, lookup_tokens=args.lookup_tokens, lookup_ngram=args.lookup_ngram,
+        attention=args.attention, prefill=args.prefill, threads=args.threads, lookup_tokens=args.lookup_tokens, lookup_ngram=args.lookup_ngram,
         tree_width=args.tree_width, tree_threshold=args.tree_threshold, lookup_branch=args.lookup_branch,
         tuned=not getattr(args, "no_tuned", False),
     )

@@ -99,6 +99,7 @@ ENGINES = ("auto", "fused", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNEL_CHOICES = ("auto", "stock", "packed", "dpbf16", "q4_1")
 ATTENTIONS = ("auto", "kernel", "sdpa")
+PREFILLS = ("auto", "exact")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,9 @@ class EngineConfig:
     dtype: str = "auto"  # weight dtype of the products; auto = the fastest plain decoding step here
     kernel: str = "auto"  # stock (F.linear), packed (oneDNN prepacked, CPU), dpbf16 (ours, AVX512-BF16 CPUs) or q4_1 (a GGUF's own Q4_1 layers, AVX512-BF16 CPUs); auto = measured
     attention: str = "auto"  # steps of <= 16 rows: kernel (kangaroo.attention, CPU) or sdpa (per row); auto = measured
+    # prompts (> 16 tokens, which no step re-computes): auto = int8-activation products (q4_1) and
+    # bfloat16 attention tiles (bfloat16 weights) where measured faster; exact = the steps' own arithmetic
+    prefill: str = "auto"
     device: str = "cpu"  # torch device
     threads: int | None = None  # torch CPU threads (None = torch's choice)
 
@@ -117,7 +121,8 @@ class EngineConfig:
         from .errors import KangarooError
 
         for name, value, allowed in (("engine", self.engine, ENGINES), ("dtype", self.dtype, DTYPES),
-                                     ("kernel", self.kernel, KERNEL_CHOICES), ("attention", self.attention, ATTENTIONS)):
+                                     ("kernel", self.kernel, KERNEL_CHOICES), ("attention", self.attention, ATTENTIONS),
+                                     ("prefill", self.prefill, PREFILLS)):
             if value not in allowed:
                 raise KangarooError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -131,8 +136,8 @@ class EngineConfig:
             raise KangarooError(f"the {self.kernel} kernel is CPU only: on cuda use --kernel stock or auto")
         if self.kernel in ("dpbf16", "q4_1") and self.dtype not in ("auto", "bfloat16"):
             raise KangarooError(f"the {self.kernel} kernel computes with bfloat16 activations: use --dtype bfloat16 or auto, not {self.dtype}")
-        if self.engine == "eager" and (self.kernel != "auto" or self.attention != "auto"):
-            raise KangarooError("--kernel and --attention apply to the fused engine: drop them or use --engine fused")
+        if self.engine == "eager" and (self.kernel != "auto" or self.attention != "auto" or self.prefill != "auto"):
+            raise KangarooError("--kernel, --attention and --prefill apply to the fused engine: drop them or use --engine fused")
         if cuda and self.attention == "kernel":
             raise KangarooError("the decode-attention kernel is CPU only: on cuda use --attention sdpa or auto")
 
