@@ -335,13 +335,8 @@ def choose_prompt_tiles(heads: int, kv_heads: int, head_dim: int, cached: dict |
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(rows, heads, head_dim, generator=gen)
     keys, values = (torch.randn(kv_heads, rows, head_dim, generator=gen) for _ in range(2))
-    timings = {}
-    for name in PROMPT_TILES:
-        previous = module.prompt_attention_bf16(name == "bfloat16")
-        try:
-            timings[name] = round(time_call(lambda: prompt_attention(q, keys, values, 0, 0, head_dim ** -0.5), repeats) * 1e6, 1)
-        finally:
-            module.prompt_attention_bf16(previous)
+    timings = time_switch(module.prompt_attention_bf16, {name: name == "bfloat16" for name in PROMPT_TILES},
+                          lambda: prompt_attention(q, keys, values, 0, 0, head_dim ** -0.5), repeats)
     pick = min(PROMPT_TILES, key=lambda name: timings[name])
     return {"prompt_tiles": pick, "prompt_tiles_source": "measured", "prompt_tiles_us": timings}
 
@@ -360,6 +355,19 @@ def _time_both(heads: int, kv_heads: int, head_dim: int, context: int = 512, rep
             fn(q, keys, values, [0] * 8, [context + t + 1 for t in range(8)], scale)
         out[name] = round(time_call(once, repeats) * 1e6, 1)
     return out
+
+
+def time_switch(switch, settings: dict, fn, repeats: int) -> dict:
+    """Microseconds of ``fn`` under each of ``settings`` (``{name: value}``) of a module-wide
+    ``switch`` (which returns its old value; restored after each), e.g. the prompt paths' switches."""
+    timings = {}
+    for name, value in settings.items():
+        previous = switch(value)
+        try:
+            timings[name] = round(time_call(fn, repeats) * 1e6, 1)
+        finally:
+            switch(previous)
+    return timings
 
 
 def time_call(fn, repeats: int, quantile: float = 0.5) -> float:

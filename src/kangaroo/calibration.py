@@ -184,32 +184,34 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
     key = _key(backbone, config) + f"|attention {a.heads}x{a.kv_heads}x{a.head_dim}"
     attention, attention_info = attn_kernel.choose(config.attention, a.heads, a.kv_heads, a.head_dim, engine.device,
                                                    cached=_read_cache().get(key))
-    if attention_info["attention_source"] == "measured":  # cached like the dtype and kernel: one engine per machine
-        _write_cache(key, {"attention": attention, "attention_us": attention_info["attention_us"], "machine": machine(),
-                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    _remember(key, attention_info, "attention")  # cached like the dtype and kernel: one engine per machine
     engine.attention = attention  # loaded and checked by choose()
     prompt_info = {}
     if attention == "kernel" and choice[0] == torch.bfloat16 and config.prefill == "auto":
         # prompts' attention tiles: float32 or bfloat16, measured once per machine; only where the
         # weights are bfloat16 already (a float32 engine keeps float32's accuracy on prompts too)
-        key_tiles = key + "|prompt tiles"
-        prompt_info = attn_kernel.choose_prompt_tiles(a.heads, a.kv_heads, a.head_dim, _read_cache().get(key_tiles))
-        engine.prompt_bf16_tiles = prompt_info["prompt_tiles"] == "bfloat16"
-        if prompt_info["prompt_tiles_source"] == "measured":
-            _write_cache(key_tiles, {k: prompt_info[k] for k in ("prompt_tiles", "prompt_tiles_us")} | {
-                "machine": machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        tiles = attn_kernel.choose_prompt_tiles(a.heads, a.kv_heads, a.head_dim, _read_cache().get(key + "|prompt tiles"))
+        _remember(key + "|prompt tiles", tiles, "prompt_tiles")
+        engine.prompt_bf16_tiles = tiles["prompt_tiles"] == "bfloat16"
+        prompt_info |= tiles
     if choice[1] == "q4_1" and config.prefill == "auto":  # how its products compute prompts: measured once per machine, like the rest
-        key = _key(backbone, config) + "|q4_1 prompt product"
-        prompt_info |= quantized.choose_prompt_product(engine.layers[0].gate_up, engine.layers[0].down, _read_cache().get(key))
-        engine.prompt_int8 = prompt_info["prompt_product"] == "int8"
-        if prompt_info["prompt_product_source"] == "measured":
-            _write_cache(key, {k: prompt_info[k] for k in ("prompt_product", "prompt_product_us")} | {
-                "machine": machine(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        product_key = _key(backbone, config) + "|q4_1 prompt product"
+        product = quantized.choose_prompt_product(engine.layers[0].gate_up, engine.layers[0].down, _read_cache().get(product_key))
+        _remember(product_key, product, "prompt_product")
+        engine.prompt_int8 = product["prompt_product"] == "int8"
+        prompt_info |= product
     info = {"engine": "fused", "dtype": str(choice[0]).removeprefix("torch."), "kernel": choice[1], "source": source,
             "step_ms": timings, **attention_info, "prefill": config.prefill, **prompt_info,
             "build_s": round(time.perf_counter() - start, 2)}
     logger.info("engine: %s (%s)", engine.describe(), source)
     return engine, info
+
+
+def _remember(key: str, info: dict, name: str) -> None:
+    """Cache a choice ``info[name]`` (with its timings ``info[name + "_us"]``) that was measured now."""
+    if info[name + "_source"] == "measured":
+        _write_cache(key, {name: info[name], f"{name}_us": info[f"{name}_us"], "machine": machine(),
+                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def _measure(backbone: Backbone, options: list[tuple[torch.dtype, str]]):

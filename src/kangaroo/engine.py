@@ -384,9 +384,10 @@ class FusedEngine:
         if tree is not None and (tree.rows != T or T > MAX_ROWS):
             raise ValueError(f"a tree of {tree.rows} rows over {T} states (at most {MAX_ROWS} rows)")
         depths = None if tree is None or tree.is_chain else torch.tensor(tree.depths, device=self.device)
-        if T > MAX_ROWS and attn_kernel.load() is not None:  # a prompt: the module-wide switches follow this engine
-            attn_kernel.load().linear_q4_prompt_int8(self.prompt_int8)
-            attn_kernel.load().prompt_attention_bf16(self.prompt_bf16_tiles)
+        module = attn_kernel.load() if T > MAX_ROWS else None
+        if module is not None:  # a prompt: the module-wide switches follow this engine
+            module.linear_q4_prompt_int8(self.prompt_int8)
+            module.prompt_attention_bf16(self.prompt_bf16_tiles)
         ropes, masks, norm = {}, {}, self.norm
         if self.fused_ops:
             # the compiled module's fused ops: the residual add and the next norm in one call, x

@@ -131,13 +131,8 @@ def choose_prompt_product(gate_up: Q4Linear, down: Q4Linear, cached: dict | None
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(rows, gate_up.in_features, generator=gen).to(torch.bfloat16)
     h = torch.randn(rows, down.in_features, generator=gen).to(torch.bfloat16)
-    timings = {}
-    for name in PROMPT_PRODUCTS:
-        previous = module.linear_q4_prompt_int8(name == "int8")
-        try:
-            timings[name] = round(native.time_call(lambda: (gate_up(x), down(h)), repeats) * 1e6, 1)
-        finally:
-            module.linear_q4_prompt_int8(previous)
+    timings = native.time_switch(module.linear_q4_prompt_int8, {name: name == "int8" for name in PROMPT_PRODUCTS},
+                                 lambda: (gate_up(x), down(h)), repeats)
     pick = min(PROMPT_PRODUCTS, key=lambda name: timings[name])
     return {"prompt_product": pick, "prompt_product_source": "measured", "prompt_product_us": timings}
 

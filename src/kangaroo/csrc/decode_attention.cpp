@@ -516,19 +516,14 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         // pairs), zeros past position S (so padding reads no NaN a cache may hold there)
         kb.assign(Hkv * D * kts, 0);
         vb.assign(Hkv * D * kts, 0);
-        auto bf = [](float f) {  // round to nearest even, as vcvtneps2bf16 (finite inputs)
-            uint32_t bits;
-            std::memcpy(&bits, &f, sizeof(bits));
-            return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-        };
         at::parallel_for(0, Hkv * S, 64, [&](int64_t a, int64_t b) {
             for (int64_t x = a; x < b; ++x) {
                 const int64_t g = x / S, j = x % S;
                 const float *kr = kp + g * ks0 + j * D, *vr = vp + g * ks0 + j * D;
                 uint16_t *kd = kb.data() + g * D * kts + j * 2, *vd = vb.data() + g * D * kts + (j / 2) * 2 * D + (j % 2);
                 for (int64_t e = 0; e < D; ++e) {
-                    kd[(e / 2) * kts * 2 + (e % 2)] = bf(kr[e]);
-                    vd[e * 2] = bf(vr[e]);
+                    kd[(e / 2) * kts * 2 + (e % 2)] = float_to_bf16(kr[e]);
+                    vd[e * 2] = float_to_bf16(vr[e]);
                 }
             }
         });

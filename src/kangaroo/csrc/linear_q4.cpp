@@ -44,6 +44,17 @@ namespace {
 #ifdef KANGAROO_Q4
 constexpr int64_t Q4_PF = 8;  // blocks (320 bytes each) prefetched ahead
 
+// The outputs n0 .. n0 + 16 GN of M rows from their float32 sums: + bias, rounded to bfloat16 (nearest even).
+template <int M, int GN>
+inline void store_rows(const __m512 (&acc)[GN][M], const float* bias, int64_t n0, uint16_t* y, int64_t ys) {
+    for (int g = 0; g < GN; ++g)
+        for (int m = 0; m < M; ++m) {
+            __m512 r = acc[g][m];
+            if (bias != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(bias + n0 + g * 16));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ys + n0 + g * 16), (__m256i)_mm512_cvtneps_pbh(r));
+        }
+}
+
 // Outputs n0 .. n0 + 16 GN of M rows. A 64-byte chunk holds 4 input pairs of a block's 16 outputs,
 // one 16-bit word per (output, input of the pair) with the 4 pairs' q in its 4 nibbles; OR-ing a
 // nibble into 0x4300 makes the bfloat16 number 128 + q, so the weights need no shuffles, only a
@@ -98,12 +109,7 @@ inline void q4_block(const uint16_t* q, const uint16_t* sc, int64_t nb32, const 
             }
         }
     }
-    for (int g = 0; g < GN; ++g)
-        for (int m = 0; m < M; ++m) {
-            __m512 r = acc[g][m];
-            if (bias != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(bias + n0 + g * 16));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ys + n0 + g * 16), (__m256i)_mm512_cvtneps_pbh(r));
-        }
+    store_rows<M, GN>(acc, bias, n0, y, ys);
 }
 
 constexpr int64_t Q4_ROWS = 8;  // rows per pass over a loaded block (registers: 3 M + 4 + 2 <= 32, one output block at a time)
@@ -195,12 +201,7 @@ inline void q8_block(const uint16_t* q, const uint16_t* sc, int64_t nb32, const 
             }
         }
     }
-    for (int g = 0; g < GN; ++g)
-        for (int m = 0; m < M; ++m) {
-            __m512 r = acc[g][m];
-            if (bias != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(bias + n0 + g * 16));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ys + n0 + g * 16), (__m256i)_mm512_cvtneps_pbh(r));
-        }
+    store_rows<M, GN>(acc, bias, n0, y, ys);
 }
 
 template <int GN, int MR>

@@ -5,8 +5,19 @@
 
 #include <torch/extension.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
+
+// torch's float -> bfloat16 rounding (c10::BFloat16: round to nearest even, NaN kept quiet).
+inline uint16_t float_to_bf16(float f) {
+    if (std::isnan(f)) return 0x7FC0;
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    const uint32_t bias = ((bits >> 16) & 1u) + 0x7FFFu;
+    return static_cast<uint16_t>((bits + bias) >> 16);
+}
 
 // decode_attention.cpp
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> begin,
@@ -14,13 +25,13 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start, int64_t window,
                                double scale_);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+bool prompt_attention_bf16_available();
+bool prompt_attention_bf16(bool on);
 
 // linear_bf16.cpp, linear_q4.cpp
 bool linear_bf16_available();
 torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias);
 bool linear_q4_available();
-bool prompt_attention_bf16_available();
-bool prompt_attention_bf16(bool on);
 bool linear_q4_int8_available();
 int64_t linear_q4_step_rows();
 bool linear_q4_prompt_int8(bool on);

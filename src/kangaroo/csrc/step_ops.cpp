@@ -28,15 +28,6 @@ inline float bf16_to_float(uint16_t h) {
     return f;
 }
 
-// torch's float -> bfloat16 rounding (c10::BFloat16: round to nearest even, NaN kept quiet).
-inline uint16_t float_to_bf16(float f) {
-    if (std::isnan(f)) return 0x7FC0;
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof(bits));
-    const uint32_t bias = ((bits >> 16) & 1u) + 0x7FFFu;
-    return static_cast<uint16_t>((bits + bias) >> 16);
-}
-
 // Rotate one head's interleaved pairs (x_i, y_i) by (c_i, s_i): x c - y s, x s + y c. The engine's
 // RoPE everywhere the module is loaded (the same expression in one place, so every path agrees).
 inline void rotate(const float* in, const float* cs, float* out, int64_t half) {
