@@ -1,8 +1,9 @@
 """How far the step engine's greedy output is from transformers' own, per dtype, and why.
 
-usage: python scripts/divergence.py [N_PROMPTS] [MAX_NEW_TOKENS]
+usage: python scripts/divergence.py [N_PROMPTS] [MAX_NEW_TOKENS] [ENGINE ...]
 
-For each dtype (float32, bfloat16) it decodes the packaged tuning prompts (kangaroo/data/tune_prompts.json)
+ENGINE: dtype/kernel/HF dtype, e.g. bfloat16/q4_1_int8/float32 (default: float32/auto/float32 and
+bfloat16/auto/bfloat16). For each it decodes the packaged tuning prompts (kangaroo/data/tune_prompts.json)
 and the 6 prompts of scripts/prompts.json greedily twice: with transformers' ``generate`` on the model
 loaded in that dtype (HF eager), and with our plain decoding on the fused engine of that dtype. It
 prints the share of answers that are identical and, at each first differing token, the top-2 logit
@@ -31,11 +32,12 @@ prompts = [p for _, p in default_prompts()]
 prompts += [p for _, p in json.loads(Path(__file__).with_name("prompts.json").read_text())]
 prompts = prompts[:n_prompts]
 
-for dtype in ("float32", "bfloat16"):
-    km = KangarooModel.from_pretrained(engine="eager", dtype=dtype)  # HF model in this dtype
+engines = [e.split("/") for e in sys.argv[3:]] or [("float32", "auto", "float32"), ("bfloat16", "auto", "bfloat16")]
+for dtype, kernel, hf_dtype in engines:
+    km = KangarooModel.from_pretrained(engine="eager", dtype=hf_dtype)  # HF model in this dtype
     hf_model = km.model
     master = KangarooModel.from_pretrained(engine="eager", dtype="float32")  # fp32 master weights for the engine
-    engine, info = build_engine(Backbone(master.model), EngineConfig(engine="fused", dtype=dtype))
+    engine, info = build_engine(Backbone(master.model), EngineConfig(engine="fused", dtype=dtype, kernel=kernel))
     ours = AutoregressiveDecoder(engine)
     same, gaps = 0, []
     for prompt in prompts:
@@ -56,7 +58,7 @@ for dtype in ("float32", "bfloat16"):
         with torch.no_grad():
             g_hf = hf_model(context).logits[0, -1].float().topk(2).values
         gaps.append((k, round(float(g_ours[0] - g_ours[1]), 4), round(float(g_hf[0] - g_hf[1]), 4)))
-    print(f"{dtype}: fused {info['kernel']} engine vs transformers generate ({dtype} model): "
+    print(f"{dtype}: fused {info['kernel']} engine vs transformers generate ({hf_dtype} model): "
           f"{same}/{len(prompts)} answers identical ({max_new} tokens)")
     for k, a, b in gaps:
         print(f"   first difference at token {k}: top-2 logit gap ours {a}, HF {b}")

@@ -27,6 +27,8 @@ from kangaroo.tree import TreeLayout
 
 CONFIGS = [(d, k) for d in (torch.float32, torch.bfloat16) for k in KERNELS if kernel_available(k, d, "cpu")]
 Q4 = kernel_available("q4_1", torch.bfloat16, "cpu")
+Q4_INT8 = kernel_available("q4_1_int8", torch.bfloat16, "cpu")
+Q4_KERNELS = ["q4_1"] * Q4 + ["q4_1_int8"] * Q4_INT8
 ATTENTIONS = ("kernel", "sdpa")  # the decode-attention kernel (tests/test_attention.py proves it builds) and per-row SDPA
 
 
@@ -171,7 +173,7 @@ def test_early_exit_drafter_on_the_fused_engine():
 
 
 STACK_CONFIGS = ([(arch, "dpbf16") for arch in ARCHITECTURES] if (torch.bfloat16, "dpbf16") in CONFIGS else []) + \
-                ([("llama", "q4_1"), ("mistral", "q4_1")] if Q4 else [])
+                [(arch, kernel) for kernel in Q4_KERNELS for arch in ("llama", "mistral")]
 
 
 @pytest.mark.parametrize("arch,kernel", STACK_CONFIGS)
@@ -180,7 +182,7 @@ def test_compiled_layer_loop_is_the_python_loop_bit_for_bit(arch, kernel):
     entries bit for bit: a prompt past the 16-row steps and the 48-token windows, steps of 1, 5
     and 16 rows over split layer ranges, then a token tree; Qwen3's per-head norms keep to the Python loop."""
     backbone = Backbone(tiny_model(arch, seed=5))
-    q4 = dict(q4_layers=q4_layers(backbone)) if kernel == "q4_1" else {}
+    q4 = dict(q4_layers=q4_layers(backbone)) if kernel.startswith("q4_1") else {}
     engines = [FusedEngine(backbone, torch.bfloat16, kernel, "kernel", **q4) for _ in range(2)]
     engines[1]._stack = (None, [])  # the Python loop
     if arch == "qwen3":
@@ -260,6 +262,8 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     (dict(kernel="dpbf16", dtype="float32"), "the dpbf16 kernel computes with bfloat16 activations: use --dtype bfloat16 or auto"),
     (dict(kernel="q4_1", dtype="float32"), "the q4_1 kernel computes with bfloat16 activations: use --dtype bfloat16 or auto"),
     (dict(device="cuda", kernel="q4_1"), "the q4_1 kernel is CPU only"),
+    (dict(kernel="q4_1_int8", dtype="float32"), "the q4_1_int8 kernel computes with bfloat16 activations: use --dtype bfloat16 or auto"),
+    (dict(device="cuda", kernel="q4_1_int8"), "the q4_1_int8 kernel is CPU only"),
     (dict(engine="eager", kernel="packed"), "--kernel, --attention and --prefill apply to the fused engine"),
     (dict(engine="eager", attention="sdpa"), "--kernel, --attention and --prefill apply to the fused engine"),
     (dict(engine="eager", prefill="exact"), "--kernel, --attention and --prefill apply to the fused engine"),
@@ -490,6 +494,7 @@ def test_q4_1_prompts_take_llama_cpp_int8_product_when_switched_on(shape):
     x = torch.randn(MAX_ROWS + 23, K, generator=torch.Generator().manual_seed(K)) * 3
     x[5, :32] = 0  # an all-zero block (dx = 0)
     steps_before = lin(x[:MAX_ROWS])
+    old_amx = module.linear_q4_prompt_amx(0) if module.linear_q4_amx_available() else 0
     old = module.linear_q4_prompt_int8(True)
     try:
         y = lin(x).float()
@@ -506,43 +511,153 @@ def test_q4_1_prompts_take_llama_cpp_int8_product_when_switched_on(shape):
         assert y_bad[3].isnan().all() and torch.equal(y_bad[4:], lin(x)[4:])
     finally:
         module.linear_q4_prompt_int8(old)
+        if module.linear_q4_amx_available():
+            module.linear_q4_prompt_amx(old_amx)
     bf_rows = lin(x)
     torch.testing.assert_close(bf_rows.float(), bf16, rtol=2e-2, atol=2e-2 * float(bf16.abs().max()))
 
 
-@pytest.mark.skipif(not Q4, reason="needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("kernel", Q4_KERNELS)
 @pytest.mark.parametrize("attention", ATTENTIONS)
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_kangaroo_equals_plain_greedy_on_q4_1_layers(arch, attention):
+def test_kangaroo_equals_plain_greedy_on_q4_1_layers(arch, attention, kernel):
     """On Q4_1 layers (here quantised from a tiny model), Kangaroo's chains and trees, with lookup
-    drafts, give exactly the engine's plain greedy tokens, prompts on bfloat16 or int8 activations."""
+    drafts, give exactly the engine's plain greedy tokens: on q4_1, prompts on bfloat16 or int8
+    activations; on q4_1_int8, steps of several rows on AVX-512 or (where the CPU has them) AMX tiles."""
     from kangaroo import attention as native
 
+    module = native.load()
     rng = random.Random(f"q4-{arch}")
     model = tiny_model(arch, seed=2, damp_from=1)
     backbone = Backbone(model)
-    engine = FusedEngine(backbone, torch.bfloat16, "q4_1", attention, q4_layers=q4_layers(backbone))
-    assert engine.describe().startswith("fused/q4_1/bfloat16") and engine.lm_head.kernel == "dpbf16"
-    int8 = native.load().linear_q4_int8_available()
+    engine = FusedEngine(backbone, torch.bfloat16, kernel, attention, q4_layers=q4_layers(backbone))
+    assert engine.describe().startswith(f"fused/{kernel}/bfloat16") and engine.lm_head.kernel == "dpbf16"
+    int8 = module.linear_q4_int8_available()
+    amx = module.linear_q4_amx_available()
     accepted = 0
+    old_amx = module.linear_q4_amx_rows(0)
     for i, (ℓ, γ, width, lookup) in enumerate(itertools.product((1, NUM_LAYERS - 1), (3, 8), (1, 3), (0, 6))):
         engine.prompt_int8 = int8 and i % 2 == 1  # prompts of 4..78 tokens: most take the prompt product
+        module.linear_q4_amx_rows((2, 0, 5, 1)[i % 4] if amx else 0)  # which rows take AMX tiles changes no bit
+        engine.prompt_amx_rows = 17 if amx and i % 3 == 0 else 0  # prompts as a bfloat16 AMX GEMM
         engine.prompt_bf16_tiles = attention == "kernel" and native.load().prompt_attention_bf16_available() and i % 4 >= 2
         adapter = passthrough_adapter(Adapter.random(backbone, ℓ, seed=rng.randrange(1000)))
         config = KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=0.0, tree_width=width, lookup_tokens=lookup)
         base = torch.randint(0, VOCAB, (1, rng.randrange(2, 40)), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
         ids = torch.cat([base, base], dim=1)  # repeats: lookup proposes drafts
         expected = AutoregressiveDecoder(engine).generate(ids, 30).token_ids
+        module.linear_q4_amx_rows((0, 3, 1, 2)[i % 4] if amx else 0)
         result = KangarooDecoder(engine, adapter, config).generate(ids, 30)
         assert result.token_ids == expected, (arch, attention, ℓ, γ, width, lookup)
         accepted += result.accepted
+    module.linear_q4_amx_rows(old_amx)
     assert accepted
+
+
+@pytest.mark.skipif(not Q4_INT8, reason="needs a CPU with AVX512-BF16 and AVX512-VNNI")
+@pytest.mark.parametrize("shape", [(32, 64), (960, 576), (576, 1536), (48, 96)])
+def test_q4_1_int8_is_llama_cpp_product_at_every_row_count_on_either_unit(shape):
+    """The q4_1_int8 product computes llama.cpp's Q8_1 x Q4_1 product for steps and prompts alike,
+    row-invariant, and on AMX tiles (where the CPU has them) with exactly the AVX-512 path's bits,
+    whatever the row count from which tiles are used (an odd number of input blocks included)."""
+    from kangaroo import attention as native
+
+    module = native.load()
+    N, K = shape
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N + 1)) * 0.05
+    q, d, m = quantized.quantize_q4_1(w)
+    lin = quantized.Q4Linear(q, d, m, bias=torch.randn(N), int8=True)
+    x = torch.randn(MAX_ROWS + 21, K, generator=torch.Generator().manual_seed(K + 1)) * 3
+    x[2, :32] = 0  # an all-zero block (dx = 0)
+    ref = (_q8_1_reference(x, q, d, m) + lin.bias.double()).float()
+    old = module.linear_q4_amx_rows(0)
+    old_prompt = module.linear_q4_prompt_amx(0)  # (module-wide: an engine's last prompt may have left it on)
+    try:
+        outputs = {}
+        for amx_rows in [0] + ([1, 4, MAX_ROWS] if module.linear_q4_amx_available() else []):
+            module.linear_q4_amx_rows(amx_rows)
+            full = lin(x)
+            torch.testing.assert_close(full.float(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+            for rows in (1, 2, 3, 7, 8, MAX_ROWS):  # steps: each row as it is alone, and as in a prompt
+                assert torch.equal(lin(x[:rows]), full[:rows]), (amx_rows, rows)
+            assert torch.equal(torch.cat([lin(x[i:i + 1]) for i in range(x.shape[0])]), full)
+            outputs[amx_rows] = full
+        assert all(torch.equal(y, outputs[0]) for y in outputs.values())
+    finally:
+        module.linear_q4_amx_rows(old)
+        module.linear_q4_prompt_amx(old_prompt)
+    if not module.linear_q4_amx_available():
+        with pytest.raises(RuntimeError, match="no AMX-INT8 tiles"):
+            module.linear_q4_amx_rows(1)
+
+
+@pytest.mark.skipif(not Q4, reason="needs a CPU with AVX512-BF16")
+@pytest.mark.parametrize("shape", [(32, 64), (960, 576), (576, 1536), (48, 96)])
+def test_prompts_as_a_bfloat16_amx_gemm(shape):
+    """With the AMX prompt GEMM on from some row count, prompts at least that long compute with the
+    weights de-quantised to bfloat16 (float32 sums), each row independent of the others; shorter
+    calls and every step keep their own product."""
+    from kangaroo import attention as native
+
+    module = native.load()
+    if not module.linear_q4_amx_available():
+        with pytest.raises(RuntimeError, match="no AMX tiles"):
+            module.linear_q4_prompt_amx(32)
+        pytest.skip("needs AMX tiles")
+    N, K = shape
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(N + 2)) * 0.05
+    q, d, m = quantized.quantize_q4_1(w)
+    for int8 in (False, True):
+        lin = quantized.Q4Linear(q, d, m, bias=torch.randn(N), int8=int8)
+        x = torch.randn(2 * MAX_ROWS + 19, K, generator=torch.Generator().manual_seed(K + 2)) * 3
+        module.linear_q4_prompt_amx(0)
+        before = {n: lin(x[:n]) for n in (MAX_ROWS, MAX_ROWS + 5, x.shape[0])}
+        old = module.linear_q4_prompt_amx(MAX_ROWS + 10)
+        try:
+            y = lin(x)
+            ref = x.to(torch.bfloat16).float() @ quantized.dequantize(q, d, m).to(torch.bfloat16).float().T + lin.bias
+            torch.testing.assert_close(y.float(), ref, rtol=1e-2, atol=1e-3 * float(ref.abs().max()))
+            assert not torch.equal(y, before[x.shape[0]])  # it is another product than the prompt's default
+            other = torch.cat([x[9:10], torch.randn(MAX_ROWS + 30, K) * 100])  # row 9 elsewhere among other rows
+            assert torch.equal(lin(other)[0], y[9])
+            for n in (MAX_ROWS, MAX_ROWS + 5):  # steps and prompts shorter than the setting: untouched
+                assert torch.equal(lin(x[:n]), before[n])
+        finally:
+            module.linear_q4_prompt_amx(old)
+
+
+@pytest.mark.skipif(not Q4_INT8, reason="needs a CPU with AVX512-BF16 and AVX512-VNNI")
+def test_amx_rows_are_measured_then_cached():
+    from kangaroo import attention as native
+
+    module = native.load()
+    backbone = Backbone(tiny_model("llama", seed=0))
+    engine = FusedEngine(backbone, torch.bfloat16, "q4_1_int8", "kernel", q4_layers=q4_layers(backbone))
+    products = [p for layer in engine.layers for p in (layer.gate_up, layer.down)]
+    old = module.linear_q4_amx_rows(0)
+    try:
+        first = quantized.choose_amx_rows(products, repeats=2)
+        if not module.linear_q4_amx_available():
+            assert first == {"amx_rows": 0, "amx_rows_source": "unavailable"}
+            return
+        assert first["amx_rows_source"] == "measured" and first["amx_rows"] in (0,) + quantized.AMX_ROWS
+        assert set(first["amx_rows_us"]) == {str(r) for r in quantized.AMX_ROWS}
+        assert module.linear_q4_amx_rows(0) == first["amx_rows"]  # it also set the module
+        again = quantized.choose_amx_rows(products, cached={"amx_rows": 3, "amx_rows_us": {}})
+        assert again["amx_rows"] == 3 and again["amx_rows_source"] == "cache" and module.linear_q4_amx_rows(0) == 3
+        prompts = quantized.choose_prompt_amx_rows(engine.layers[0].gate_up, engine.layers[0].down, repeats=2)
+        assert prompts["prompt_amx_rows_source"] == "measured"
+        assert prompts["prompt_amx_rows"] in (0,) + quantized.PROMPT_AMX_ROWS
+        assert quantized.choose_prompt_amx_rows(engine.layers[0].gate_up, engine.layers[0].down,
+                                                cached={"prompt_amx_rows": 64})["prompt_amx_rows_source"] == "cache"
+    finally:
+        module.linear_q4_amx_rows(old)
 
 
 def test_q4_1_needs_a_gguf_model_with_q4_1_layers():
     backbone = Backbone(tiny_model("llama", seed=0))
     assert backbone.gguf_path is None and not quantized.has_q4_1_layers(None)
-    assert all(k != "q4_1" for _, k in calibration.candidates(EngineConfig(), backbone))
+    assert all(k not in ("q4_1", "q4_1_int8") for _, k in calibration.candidates(EngineConfig(), backbone))
     with pytest.raises(KangarooError, match=r"^the q4_1 kernel cannot run here \(it needs a CPU with AVX512-BF16 and a model loaded from a GGUF file with Q4_1 layers\): use --kernel stock or auto$"):
         calibration.build_engine(backbone, EngineConfig(kernel="q4_1"))
 

@@ -85,6 +85,8 @@ def test_autoregressive_loop_on_real_model(km, references):
     ("float32", "auto"), ("bfloat16", "auto"),
     pytest.param("bfloat16", "q4_1", marks=pytest.mark.skipif(not kernel_available("q4_1", torch.bfloat16, "cpu"),
                                                                 reason="needs a CPU with AVX512-BF16")),
+    pytest.param("bfloat16", "q4_1_int8", marks=pytest.mark.skipif(not kernel_available("q4_1_int8", torch.bfloat16, "cpu"),
+                                                                     reason="needs a CPU with AVX512-BF16 and AVX512-VNNI")),
 ])
 def test_fused_engine_kangaroo_equals_its_plain_greedy(km, references, dtype, kernel):
     """Every engine configuration, the GGUF file's own Q4_1 layers included (the embedded model is a

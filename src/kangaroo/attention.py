@@ -177,11 +177,13 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
     return _state["module"].linear_bf16(x, packed, bias)
 
 
-def linear_q4(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_q4(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+              int8: bool = False) -> torch.Tensor:
     """``x W^T (+ b)`` over Q4_1 weights (``csrc/linear_q4.cpp``): ``x`` ``[M, K]`` bfloat16, ``nibbles``
-    ``[N/16, K/32, 8, 32]`` uint8 and ``scales`` ``[N/16, K/32, 2, 16]`` float16 (see
-    :mod:`kangaroo.quantized`), ``bias`` ``[N]`` float32 -> ``[M, N]`` bfloat16."""
-    return _state["module"].linear_q4(x, nibbles, scales, bias)
+    ``[N/16, K/32, 4, 32]`` int16 and ``scales`` ``[N/16, K/32, 2, 16]`` float16 (see
+    :mod:`kangaroo.quantized`), ``bias`` ``[N]`` float32 -> ``[M, N]`` bfloat16; ``int8``: on int8
+    activations at every row count (llama.cpp's product), else bfloat16 ones for steps."""
+    return _state["module"].linear_q4(x, nibbles, scales, bias, int8)
 
 
 def rope(x: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:

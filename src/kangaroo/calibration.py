@@ -73,7 +73,8 @@ def candidates(config: EngineConfig, backbone: Backbone | None = None) -> list[t
         dtypes = [torch.bfloat16] if cuda else [torch.float32, torch.bfloat16]
     kernels = KERNELS + QUANTIZED_KERNELS if config.kernel == "auto" else (config.kernel,)
     q4 = backbone is not None and quantized.has_q4_1_layers(backbone.gguf_path)
-    options = [(d, k) for d in dtypes for k in kernels if kernel_available(k, d, config.device) and (k != "q4_1" or q4)]
+    options = [(d, k) for d in dtypes for k in kernels
+               if kernel_available(k, d, config.device) and (k not in QUANTIZED_KERNELS or q4)]
     if not options and config.kernel != "auto":
         needs = f" (it needs {REQUIRES[config.kernel]})" if config.kernel in REQUIRES else ""
         raise KangarooError(f"the {config.kernel} kernel cannot run here{needs}: use --kernel stock or auto")
@@ -200,6 +201,26 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
         _remember(product_key, product, "prompt_product")
         engine.prompt_int8 = product["prompt_product"] == "int8"
         prompt_info |= product
+    if choice[1] == "q4_1_int8":  # AVX-512 or AMX tiles, the same bits: from how many rows AMX is faster, measured once
+        amx_key = _key(backbone, config) + "|q4_1_int8 amx rows"
+        amx = quantized.choose_amx_rows([p for layer in engine.layers for p in (layer.gate_up, layer.down)],
+                                        _read_cache().get(amx_key))
+        _remember(amx_key, amx, "amx_rows")
+        engine.amx_rows = amx["amx_rows"]
+        prompt_info |= amx
+    if choice[1] in QUANTIZED_KERNELS and config.prefill == "auto":
+        # long prompts as a bfloat16 GEMM on AMX tiles, from the prompt length where measured faster
+        prompt_key = _key(backbone, config) + f"|{choice[1]} prompt amx rows"
+        module = attn_kernel.load()
+        before = module.linear_q4_prompt_int8(engine.prompt_int8)  # AMX against the prompt product chosen above
+        try:
+            prompt_amx = quantized.choose_prompt_amx_rows(engine.layers[0].gate_up, engine.layers[0].down,
+                                                          _read_cache().get(prompt_key))
+        finally:
+            module.linear_q4_prompt_int8(before)
+        _remember(prompt_key, prompt_amx, "prompt_amx_rows")
+        engine.prompt_amx_rows = prompt_amx["prompt_amx_rows"]
+        prompt_info |= prompt_amx
     info = {"engine": "fused", "dtype": str(choice[0]).removeprefix("torch."), "kernel": choice[1], "source": source,
             "step_ms": timings, **attention_info, "prefill": config.prefill, **prompt_info,
             "build_s": round(time.perf_counter() - start, 2)}

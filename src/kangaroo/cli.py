@@ -54,7 +54,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="also verify the drafted token that fell below η, as the authors' code does (default: off)")
     p.add_argument("--engine", default=e.engine, help=f"fused (lean steps on measured kernels), eager (HF's own modules, the reference) or auto (= fused) (default {e.engine})")
     p.add_argument("--dtype", default=e.dtype, help=f"weight dtype of the steps: float32, bfloat16, float16 (CUDA) or auto = the fastest plain decoding here, measured once and cached (default {e.dtype})")
-    p.add_argument("--kernel", default=e.kernel, help=f"fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU), dpbf16 (ours, CPUs with AVX512-BF16), q4_1 (the layers as a Q4_1 GGUF file stores them, e.g. the default model; CPUs with AVX512-BF16) or auto = measured (default {e.kernel})")
+    p.add_argument("--kernel", default=e.kernel, help=f"fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU), dpbf16 (ours, CPUs with AVX512-BF16), q4_1 (the layers as a Q4_1 GGUF file stores them, e.g. the default model; CPUs with AVX512-BF16), q4_1_int8 (the same blocks on int8 activations, as llama.cpp computes them; CPUs with AVX512-VNNI, AMX tiles where faster) or auto = measured (default {e.kernel})")
     p.add_argument("--attention", default=e.attention, help=f"fused engine's attention for steps of up to 16 tokens: kernel (compiled here once, all rows in one call, same bits per row), sdpa (one call per row) or auto = measured (default {e.attention})")
     p.add_argument("--prefill", default=e.prefill, help=f"how the fused engine computes prompts (more than 16 tokens): auto = int8-activation products (q4_1 kernel, as llama.cpp computes them) and bfloat16 attention tiles (bfloat16 weights) where measured faster, or exact = the decoding steps' own arithmetic (default {e.prefill}); decoding and Kangaroo's output identity are the same either way")
     p.add_argument("--device", default=e.device, help=f"torch device: cpu or cuda[:N] (default {e.device})")
@@ -165,7 +165,13 @@ def _stats_line(r: dict) -> str:
         line = f"[engine]   {e['engine']}, the GGUF file's Q4_1 layers ({e['dtype']} activations), q4_1 kernel"
         if e.get("prompt_product") == "int8":  # prompts' products on int8 activations, as llama.cpp computes them
             line += " (prompts on int8 activations)"
-    else:
+    elif e["kernel"] == "q4_1_int8":  # the file's blocks on int8 activations, steps and prompts: llama.cpp's arithmetic
+        line = f"[engine]   {e['engine']}, the GGUF file's Q4_1 layers (int8 activations), q4_1_int8 kernel"
+        if e.get("amx_rows"):  # steps of several rows on AMX tiles (the same bits as AVX-512)
+            line += f" (AMX tiles from {e['amx_rows']} rows)"
+    if e["kernel"] in ("q4_1", "q4_1_int8") and e.get("prompt_amx_rows"):  # long prompts: de-quantised to bfloat16, AMX tiles
+        line += f" (prompts from {e['prompt_amx_rows']} tokens as a bfloat16 AMX GEMM)"
+    if e["kernel"] not in ("q4_1", "q4_1_int8"):
         line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel"
     if "attention" in e:
         line += f", {e['attention']} attention"

@@ -97,7 +97,7 @@ class SamplingConfig:
 
 ENGINES = ("auto", "fused", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KERNEL_CHOICES = ("auto", "stock", "packed", "dpbf16", "q4_1")
+KERNEL_CHOICES = ("auto", "stock", "packed", "dpbf16", "q4_1", "q4_1_int8")
 ATTENTIONS = ("auto", "kernel", "sdpa")
 PREFILLS = ("auto", "exact")
 
@@ -109,7 +109,7 @@ class EngineConfig:
 
     engine: str = "auto"  # fused (lean steps, chosen kernels) where the architecture allows; eager = HF's modules
     dtype: str = "auto"  # weight dtype of the products; auto = the fastest plain decoding step here
-    kernel: str = "auto"  # stock (F.linear), packed (oneDNN prepacked, CPU), dpbf16 (ours, AVX512-BF16 CPUs) or q4_1 (a GGUF's own Q4_1 layers, AVX512-BF16 CPUs); auto = measured
+    kernel: str = "auto"  # stock (F.linear), packed (oneDNN prepacked, CPU), dpbf16 (ours, AVX512-BF16 CPUs) q4_1 (a GGUF's own Q4_1 layers, AVX512-BF16 CPUs) or q4_1_int8 (the same on int8 activations, as llama.cpp computes them; AVX512-VNNI, AMX tiles where faster); auto = measured
     attention: str = "auto"  # steps of <= 16 rows: kernel (kangaroo.attention, CPU) or sdpa (per row); auto = measured
     # prompts (> 16 tokens, which no step re-computes): auto = int8-activation products (q4_1) and
     # bfloat16 attention tiles (bfloat16 weights) where measured faster; exact = the steps' own arithmetic
@@ -132,9 +132,9 @@ class EngineConfig:
         cuda = self.device.startswith("cuda")
         if not cuda and self.dtype == "float16":
             raise KangarooError("float16 runs on CUDA only: on cpu use float32, bfloat16 or auto")
-        if cuda and self.kernel in ("packed", "dpbf16", "q4_1"):
+        if cuda and self.kernel in ("packed", "dpbf16", "q4_1", "q4_1_int8"):
             raise KangarooError(f"the {self.kernel} kernel is CPU only: on cuda use --kernel stock or auto")
-        if self.kernel in ("dpbf16", "q4_1") and self.dtype not in ("auto", "bfloat16"):
+        if self.kernel in ("dpbf16", "q4_1", "q4_1_int8") and self.dtype not in ("auto", "bfloat16"):
             raise KangarooError(f"the {self.kernel} kernel computes with bfloat16 activations: use --dtype bfloat16 or auto, not {self.dtype}")
         if self.engine == "eager" and (self.kernel != "auto" or self.attention != "auto" or self.prefill != "auto"):
             raise KangarooError("--kernel, --attention and --prefill apply to the fused engine: drop them or use --engine fused")

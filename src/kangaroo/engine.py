@@ -84,9 +84,10 @@ class _Attention:
     scaling: float
 
     @classmethod
-    def build(cls, w: dict, dtype: torch.dtype, kernel: str, q4: dict | None = None) -> "_Attention":
+    def build(cls, w: dict, dtype: torch.dtype, kernel: str, q4: dict | None = None, int8: bool = False) -> "_Attention":
         """From HF's weights ``w`` (:func:`kangaroo.model.attention_weights`), or with the products over
-        Q4_1 blocks ``q4`` (``{name: (q, d, m)}``, rows already in RoPE-pair order)."""
+        Q4_1 blocks ``q4`` (``{name: (q, d, m)}``, rows already in RoPE-pair order; ``int8``: on int8
+        activations, :class:`~kangaroo.quantized.Q4Linear`)."""
         H, Hkv, d = w["heads"], w["kv_heads"], w["head_dim"]
         norms = [None if n is None else (_interleave_rope_rows(n[0].detach().float(), 1, d), n[1])
                  for n in (w["q_norm"], w["k_norm"])]
@@ -94,7 +95,8 @@ class _Attention:
             if any(w[b] is not None for b in ("q_bias", "k_bias", "v_bias", "o_bias")):
                 raise ValueError("the q4_1 kernel runs attention without biases")
             qkv = [np.concatenate(parts) for parts in zip(q4["q"], q4["k"], q4["v"])]
-            return cls(quantized.Q4Linear(*qkv), quantized.Q4Linear(*q4["o"]), norms[0], norms[1], H, Hkv, d, w["scaling"])
+            return cls(quantized.Q4Linear(*qkv, int8=int8), quantized.Q4Linear(*q4["o"], int8=int8), norms[0], norms[1], H, Hkv, d,
+                       w["scaling"])
         q = _interleave_rope_rows(w["q"].detach(), H, d)
         k = _interleave_rope_rows(w["k"].detach(), Hkv, d)
         weight = torch.cat([q, k, w["v"].detach()])
@@ -163,11 +165,12 @@ class FusedEngine:
         dtype: weight dtype of the products (``torch.float32`` or ``torch.bfloat16``; float16 on CUDA).
         kernel: product kernel (:data:`kangaroo.kernels.KERNELS`), or ``q4_1``: the decoder layers'
             products over the Q4_1 blocks of the GGUF file the model came from (or ``q4_layers``), the
-            LM head and adapter on ``dpbf16`` (:mod:`kangaroo.quantized`).
+            LM head and adapter on ``dpbf16`` (:mod:`kangaroo.quantized`); ``q4_1_int8``: the same
+            blocks on int8 activations (llama.cpp's arithmetic) for steps and prompts alike.
         attention: how steps of up to :data:`~kangaroo.kernels.MAX_ROWS` rows attend over the cache:
             ``"kernel"`` (:mod:`kangaroo.attention`, all rows in one call, row-invariant by
             construction; CPU, must be loaded) or ``"sdpa"`` (one SDPA call per row).
-        q4_layers: with ``q4_1``, each layer's ``{name: (q, d, m)}`` (tests quantise tiny models);
+        q4_layers: with ``q4_1`` or ``q4_1_int8``, each layer's ``{name: (q, d, m)}`` (tests quantise tiny models);
             None = read them from the model's GGUF file.
     """
 
@@ -181,12 +184,13 @@ class FusedEngine:
         self.weight_dtype, self.kernel = dtype, kernel
         # the kernel of every product that is not a decoder layer's quantised matrix
         self.dense_kernel = "dpbf16" if kernel in QUANTIZED_KERNELS else kernel
-        if kernel == "q4_1":
+        self.int8 = kernel == "q4_1_int8"  # every product of the layers on int8 activations
+        if kernel in QUANTIZED_KERNELS:
             if dtype != torch.bfloat16:
-                raise ValueError("the q4_1 kernel computes with bfloat16 activations")
+                raise ValueError(f"the {kernel} kernel computes with bfloat16 activations")
             if q4_layers is None:
                 if backbone.gguf_path is None:
-                    raise ValueError("the q4_1 kernel reads a GGUF file's Q4_1 layers; this model was not loaded from one")
+                    raise ValueError(f"the {kernel} kernel reads a GGUF file's Q4_1 layers; this model was not loaded from one")
                 q4_layers = quantized.gguf_layers(backbone.gguf_path, backbone)
         if attention not in ("kernel", "sdpa"):
             raise ValueError(f"attention must be 'kernel' or 'sdpa', got {attention!r}")
@@ -197,6 +201,8 @@ class FusedEngine:
         # measured so) or bfloat16 as steps; kangaroo.calibration sets it by measurement
         self.prompt_int8 = False
         self.prompt_bf16_tiles = False  # prompts' attention tiles in bfloat16 (also set by calibration)
+        self.amx_rows = 0  # q4_1_int8: steps of this many rows or more on AMX tiles (same bits; set by calibration)
+        self.prompt_amx_rows = 0  # Q4_1 kernels: prompts of this many rows or more as a bfloat16 AMX GEMM (calibration)
         self.act_dtype = torch.float32
         self.num_layers = backbone.num_layers
         self.config = backbone.config
@@ -217,14 +223,14 @@ class FusedEngine:
 
     def _build_layer(self, w: dict, q4: dict | None = None) -> _Layer:
         if q4 is not None:
-            gate_up = quantized.Q4Linear(*[np.concatenate(parts) for parts in zip(q4["gate"], q4["up"])])
-            down = quantized.Q4Linear(*q4["down"])
+            gate_up = quantized.Q4Linear(*[np.concatenate(parts) for parts in zip(q4["gate"], q4["up"])], int8=self.int8)
+            down = quantized.Q4Linear(*q4["down"], int8=self.int8)
         else:
             gate_up = Linear(torch.cat([w["gate"].detach(), w["up"].detach()]), None, self.weight_dtype, self.kernel)
             down = Linear(w["down"].detach(), None, self.weight_dtype, self.kernel)
         return _Layer(
             input_norm=tuple_float(w["input_norm"]),
-            attention=_Attention.build(w["attention"], self.weight_dtype, self.kernel, q4),
+            attention=_Attention.build(w["attention"], self.weight_dtype, self.kernel, q4, self.int8),
             post_norm=tuple_float(w["post_norm"]),
             gate_up=gate_up,
             down=down,
@@ -248,7 +254,7 @@ class FusedEngine:
                 return None, []
             rope = types.setdefault(layer.layer_type, len(types))
             stack.add_layer(*layer.input_norm, *layer.post_norm, [t for spec in specs for t in spec[:3]],
-                            [spec[3] for spec in specs], a.heads, a.kv_heads, a.scaling, layer.window or 0, rope)
+                            [spec[3] for spec in specs], a.heads, a.kv_heads, a.scaling, layer.window or 0, rope, self.int8)
         self._kv_shapes = [(layer.attention.kv_heads, layer.attention.head_dim) for layer in self.layers]
         return stack, list(types)
 
@@ -318,16 +324,16 @@ class FusedEngine:
 
     def _draft_linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         """A product only drafting uses (adapter, draft head): drafts need no bit-exactness, so with
-        the q4_1 kernel it runs on Q4_1 blocks quantised here (a quarter of bfloat16's bytes; a
+        the Q4_1 kernels it runs on Q4_1 blocks quantised here (a quarter of bfloat16's bytes; a
         drafted token then costs less next to the cheaper target step), else on the dense kernel."""
         N, K = weight.shape
-        if self.kernel == "q4_1" and bias is None and N % 16 == 0 and K % quantized.BLOCK == 0:
-            return quantized.Q4Linear(*quantized.quantize_q4_1(weight))
+        if self.kernel in QUANTIZED_KERNELS and bias is None and N % 16 == 0 and K % quantized.BLOCK == 0:
+            return quantized.Q4Linear(*quantized.quantize_q4_1(weight), int8=self.int8)
         return Linear(weight, bias, self.weight_dtype, self.dense_kernel, check=False)
 
     def _draft_q4(self, w: dict) -> dict | None:
         """The adapter attention's Q4_1 blocks (see :meth:`_draft_linear`), or None where it runs dense."""
-        if self.kernel != "q4_1" or any(w[b] is not None for b in ("q_bias", "k_bias", "v_bias", "o_bias")):
+        if self.kernel not in QUANTIZED_KERNELS or any(w[b] is not None for b in ("q_bias", "k_bias", "v_bias", "o_bias")):
             return None
         mats = quantized.attention_matrices(w)
         if any(m.shape[1] % quantized.BLOCK for m in mats.values()) or sum(mats[n].shape[0] for n in "qkv") % 16 \
@@ -387,6 +393,7 @@ class FusedEngine:
         module = attn_kernel.load() if T > MAX_ROWS else None
         if module is not None:  # a prompt: the module-wide switches follow this engine
             module.linear_q4_prompt_int8(self.prompt_int8)
+            module.linear_q4_prompt_amx(self.prompt_amx_rows)
             module.prompt_attention_bf16(self.prompt_bf16_tiles)
         ropes, masks, norm = {}, {}, self.norm
         if self.fused_ops:
@@ -525,7 +532,7 @@ class FusedEngine:
         if fused is None or fused[0] is not adapter:
             with torch.no_grad():
                 w = attention_weights(adapter.self_attn)
-                attn = _Attention.build(w, self.weight_dtype, self.dense_kernel, self._draft_q4(w))
+                attn = _Attention.build(w, self.weight_dtype, self.dense_kernel, self._draft_q4(w), self.int8)
                 norms = tuple_float(norm_weights(adapter.input_norm)), tuple_float(norm_weights(adapter.post_norm))
                 mlp = None
                 if getattr(adapter, "mlp_hidden", 0):  # (norm, [gate; up], down), as a target layer's MLP

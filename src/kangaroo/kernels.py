@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 KERNELS = ("stock", "packed", "dpbf16")
 #: products over a file's own quantised blocks (kangaroo.quantized), for a model loaded from GGUF:
 #: the decoder layers' matrices only; the engine's other products run on dpbf16
-QUANTIZED_KERNELS = ("q4_1",)
+#: q4_1 keeps bfloat16 activations for steps; q4_1_int8 computes every step as llama.cpp does (int8
+#: activations, exact int32 block sums; on AMX tiles for steps of several rows where measured faster)
+QUANTIZED_KERNELS = ("q4_1", "q4_1_int8")
 #: largest number of rows a step engine forward passes through a product (verification of a
 #: 16-node tree); row invariance is checked for every count in 1..MAX_ROWS.
 MAX_ROWS = 16
@@ -54,7 +56,8 @@ def packed_available(device: torch.device | str) -> bool:
 
 #: what a kernel needs, for the errors that refuse it
 REQUIRES = {"packed": "a CPU build of torch with oneDNN", "dpbf16": "a CPU with AVX512-BF16",
-            "q4_1": "a CPU with AVX512-BF16 and a model loaded from a GGUF file with Q4_1 layers"}
+            "q4_1": "a CPU with AVX512-BF16 and a model loaded from a GGUF file with Q4_1 layers",
+            "q4_1_int8": "a CPU with AVX512-BF16 and AVX512-VNNI and a model loaded from a GGUF file with Q4_1 layers"}
 
 
 def dpbf16_available(device: torch.device | str) -> bool:
@@ -72,6 +75,8 @@ def kernel_available(kernel: str, dtype: torch.dtype, device: torch.device | str
         return packed_available(device)
     if kernel in ("dpbf16", "q4_1"):  # q4_1 also needs the model's Q4_1 blocks (kangaroo.quantized)
         return dtype == torch.bfloat16 and dpbf16_available(device)
+    if kernel == "q4_1_int8":
+        return dtype == torch.bfloat16 and dpbf16_available(device) and bool(native.load().linear_q4_int8_available())
     return kernel == "stock"
 
 

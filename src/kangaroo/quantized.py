@@ -74,17 +74,23 @@ GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
 class Q4Linear:
     """``y = x Wᵀ (+ b)`` for ``W`` held as Q4_1 blocks, on the compiled ``linear_q4`` product:
     ``x`` ``[M, K]`` (any float dtype, cast to bfloat16) -> ``[M, N]`` bfloat16. Row-invariant by
-    construction (``csrc/linear_q4.cpp``); N must be a multiple of 16 and K of 32."""
+    construction (``csrc/linear_q4.cpp``); N must be a multiple of 16 and K of 32. With ``int8``
+    (the ``q4_1_int8`` kernel) every call computes llama.cpp's Q8_1 x Q4_1 product (int8 activations,
+    exact int32 block sums), on AMX tiles from :func:`choose_amx_rows` rows on, with the same bits."""
 
-    kernel = "q4_1"
     dtype = torch.bfloat16
 
-    def __init__(self, q: np.ndarray, d: np.ndarray, m: np.ndarray, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, q: np.ndarray, d: np.ndarray, m: np.ndarray, bias: torch.Tensor | None = None,
+                 int8: bool = False) -> None:
         from . import attention as native
 
         module = native.load()
         if module is None or not module.linear_q4_available():
             raise ValueError("the q4_1 product needs a CPU with AVX512-BF16 (and the compiled module)")
+        if int8 and not module.linear_q4_int8_available():
+            raise ValueError("the q4_1_int8 product needs a CPU with AVX512-VNNI (and the compiled module)")
+        self.int8 = int8
+        self.kernel = "q4_1_int8" if int8 else "q4_1"
         self.out_features, self.in_features = q.shape
         if self.out_features % 16 or self.in_features % BLOCK:
             raise ValueError(f"a Q4_1 product needs N % 16 == 0 and K % 32 == 0, got [{self.out_features} x {self.in_features}]")
@@ -96,7 +102,7 @@ class Q4Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``[M, K] -> [M, N]``; prompts (M > ``kernels.MAX_ROWS``) as the module's prompt setting says
         (:func:`choose_prompt_product`; the engine sets it before each prompt)."""
-        return self._product(x.to(torch.bfloat16), self.nibbles, self.scales, self.bias)
+        return self._product(x.to(torch.bfloat16), self.nibbles, self.scales, self.bias, self.int8)
 
     def native(self) -> tuple:
         """This product as the compiled layer loop takes it (``csrc/layer_stack.cpp``):
@@ -135,6 +141,72 @@ def choose_prompt_product(gate_up: Q4Linear, down: Q4Linear, cached: dict | None
                                  lambda: (gate_up(x), down(h)), repeats)
     pick = min(PROMPT_PRODUCTS, key=lambda name: timings[name])
     return {"prompt_product": pick, "prompt_product_source": "measured", "prompt_product_us": timings}
+
+
+#: the row counts :func:`choose_amx_rows` times: steps of plain decoding (1) to 16-node verifications
+AMX_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)
+#: the prompt lengths :func:`choose_prompt_amx_rows` times
+PROMPT_AMX_ROWS = (17, 32, 64, 128, 256)
+
+
+def _amx_from(switch, products: list[Q4Linear], counts: tuple[int, ...], repeats: int) -> tuple[int, dict]:
+    """Time ``products`` on ``counts`` rows each with a module ``switch`` (``switch(rows)``: AMX from
+    ``rows`` rows on, 0 = never) off and on, two alternating rounds, best of each; return the smallest
+    count from which AMX was faster at every larger measured count (0: never) and the timings (µs)."""
+    from . import attention as native
+
+    gen = torch.Generator().manual_seed(3)
+    timings = {}
+    for rows in counts:
+        xs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for k in {p.in_features for p in products}}
+        rounds = [native.time_switch(switch, {"without": 0, "amx": 1}, lambda: [p(xs[p.in_features]) for p in products], repeats)
+                  for _ in range(2)]
+        timings[str(rows)] = {name: min(r[name] for r in rounds) for name in ("without", "amx")}
+    pick = 0
+    for rows in reversed(counts):
+        if timings[str(rows)]["amx"] >= timings[str(rows)]["without"]:
+            break
+        pick = rows
+    return pick, timings
+
+
+def choose_amx_rows(products: list[Q4Linear], cached: dict | None = None, repeats: int = 7) -> dict:
+    """From how many rows this machine's int8-activation products (``q4_1_int8``) should run on AMX
+    tiles instead of AVX-512 VNNI: both give the same bits (exact int32 block sums, then the same
+    float operations), so this is a choice of speed only. Times ``products`` (e.g. every layer's
+    MLP products, so that the weights stream from memory as in a step) on each of :data:`AMX_ROWS`
+    both ways (:func:`_amx_from`); sets the module and returns ``{"amx_rows", "amx_rows_source",
+    "amx_rows_us"}``; an earlier measurement, ``cached``, is reused."""
+    from . import attention as native
+
+    module = native.load()
+    if module is None or not module.linear_q4_amx_available():
+        return {"amx_rows": 0, "amx_rows_source": "unavailable"}
+    if cached and isinstance(cached.get("amx_rows"), int):
+        module.linear_q4_amx_rows(cached["amx_rows"])
+        return {"amx_rows": cached["amx_rows"], "amx_rows_source": "cache", "amx_rows_us": cached.get("amx_rows_us")}
+    pick, timings = _amx_from(module.linear_q4_amx_rows, products, AMX_ROWS, repeats)
+    module.linear_q4_amx_rows(pick)
+    return {"amx_rows": pick, "amx_rows_source": "measured", "amx_rows_us": timings}
+
+
+def choose_prompt_amx_rows(gate_up: Q4Linear, down: Q4Linear, cached: dict | None = None, repeats: int = 5) -> dict:
+    """From how many rows prompts should run as a bfloat16 GEMM on AMX tiles (weights de-quantised to
+    bfloat16 once per prompt, ``csrc/linear_q4.cpp``) instead of the prompt product otherwise chosen
+    (set it first): timed on one layer's MLP products over :data:`PROMPT_AMX_ROWS` rows. Prompts only
+    (never a step), so Kangaroo's identity with plain decoding does not depend on it. The engine sets
+    the module before each prompt; returns ``{"prompt_amx_rows", "prompt_amx_rows_source",
+    "prompt_amx_rows_us"}``."""
+    from . import attention as native
+
+    module = native.load()
+    if module is None or not module.linear_q4_amx_available():
+        return {"prompt_amx_rows": 0, "prompt_amx_rows_source": "unavailable"}
+    if cached and isinstance(cached.get("prompt_amx_rows"), int):
+        return {"prompt_amx_rows": cached["prompt_amx_rows"], "prompt_amx_rows_source": "cache",
+                "prompt_amx_rows_us": cached.get("prompt_amx_rows_us")}
+    pick, timings = _amx_from(module.linear_q4_prompt_amx, [gate_up, down], PROMPT_AMX_ROWS, repeats)
+    return {"prompt_amx_rows": pick, "prompt_amx_rows_source": "measured", "prompt_amx_rows_us": timings}
 
 
 #: ggml tensor type ids (ggml.h)

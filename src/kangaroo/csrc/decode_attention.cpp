@@ -712,8 +712,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("linear_q4_int8_available", &linear_q4_int8_available, "whether linear_q4's int8 prompt path was built (AVX512-VNNI)");
     mod.def("linear_q4_step_rows", &linear_q4_step_rows, "rows up to which linear_q4 keeps bfloat16 activations");
     mod.def("linear_q4_prompt_int8", &linear_q4_prompt_int8, "switch linear_q4's int8 path for prompts on or off; returns the old setting");
+    mod.def("linear_q4_amx_available", &linear_q4_amx_available, "whether int8-activation products can use AMX tiles (AMX-INT8, granted by the kernel)");
+    mod.def("linear_q4_prompt_amx", &linear_q4_prompt_amx, "from how many rows prompts take linear_q4's bfloat16 AMX GEMM (0: never); returns the old setting");
+    mod.def("linear_q4_amx_rows", &linear_q4_amx_rows, "from how many rows int8-activation products use AMX tiles (0: never); returns the old setting");
     mod.def("linear_q4", &linear_q4, "x W^T (+ b) over GGUF Q4_1 weights, row-invariant",
-            py::arg("x"), py::arg("nibbles"), py::arg("scales"), py::arg("bias") = py::none());
+            py::arg("x"), py::arg("nibbles"), py::arg("scales"), py::arg("bias") = py::none(), py::arg("int8") = false);
     mod.def("head_argmax_available", &head_argmax_available, "whether head_argmax was built (AVX512-BF16 and VNNI)");
     mod.def("head_argmax", &head_argmax, "greedy tokens of a dpbf16 LM head, screened through int8 weights");
     mod.def("rope", &rope, "RoPE over interleaved pairs, row by row");

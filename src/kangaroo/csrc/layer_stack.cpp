@@ -20,14 +20,14 @@ namespace {
 // One product, as kangaroo.quantized.Q4Linear (nibbles int16, scales float16) or as kangaroo.kernels.
 // Linear on the dpbf16 kernel (packed bfloat16 weights, outputs padded to a multiple of 16) calls it.
 struct Product {
-    bool q4 = false;
+    bool q4 = false, int8 = false;  // int8: Q4_1 on int8 activations at every row count (q4_1_int8 kernel)
     torch::Tensor a, b;
     c10::optional<torch::Tensor> bias;
     int64_t out = 0;
 
     torch::Tensor operator()(const torch::Tensor& x) const {
         const torch::Tensor xb = x.scalar_type() == torch::kBFloat16 ? x : x.to(torch::kBFloat16);
-        if (q4) return linear_q4(xb, a, b, bias);
+        if (q4) return linear_q4(xb, a, b, bias, int8);
         torch::Tensor y = linear_bf16(xb, a, bias);
         return y.size(1) == out ? y : y.narrow(1, 0, out);
     }
@@ -48,8 +48,9 @@ class LayerStack {
     // mats: for qkv, o, gate_up, down in turn, (weights a, weights b, bias): a int16 = Q4_1 nibbles
     // with b their scales, a bfloat16 = dpbf16-packed weights (b unused); a bias of no elements = none.
     // outs: the four products' output features. rope: index of this layer's RoPE rows in run()'s list.
+    // int8: the Q4_1 products on int8 activations at every row count (the q4_1_int8 kernel).
     void add_layer(torch::Tensor in_w, double in_eps, torch::Tensor post_w, double post_eps, std::vector<torch::Tensor> mats,
-                   std::vector<int64_t> outs, int64_t H, int64_t Hkv, double scale, int64_t window, int64_t rope) {
+                   std::vector<int64_t> outs, int64_t H, int64_t Hkv, double scale, int64_t window, int64_t rope, bool int8) {
         TORCH_CHECK(mats.size() == 12 && outs.size() == 4, "LayerStack.add_layer: four products of (a, b, bias)");
         TORCH_CHECK(in_w.dtype() == torch::kFloat32 && post_w.dtype() == torch::kFloat32, "LayerStack.add_layer: float32 norms");
         Layer l;
@@ -63,6 +64,7 @@ class LayerStack {
             p.a = mats[3 * i];
             p.b = mats[3 * i + 1];
             p.q4 = p.a.scalar_type() == torch::kShort;
+            p.int8 = p.q4 && int8;
             TORCH_CHECK(p.q4 || p.a.scalar_type() == torch::kBFloat16, "LayerStack.add_layer: Q4_1 or dpbf16 products only");
             if (mats[3 * i + 2].numel() > 0) p.bias = mats[3 * i + 2].to(torch::kFloat32).contiguous();
             p.out = outs[i];

@@ -35,7 +35,11 @@ bool linear_q4_available();
 bool linear_q4_int8_available();
 int64_t linear_q4_step_rows();
 bool linear_q4_prompt_int8(bool on);
-torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, c10::optional<torch::Tensor> bias);
+bool linear_q4_amx_available();
+int64_t linear_q4_amx_rows(int64_t rows);
+int64_t linear_q4_prompt_amx(int64_t rows);
+torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor scales, c10::optional<torch::Tensor> bias,
+                        bool int8);
 
 // head_argmax.cpp
 bool head_argmax_available();
