@@ -658,6 +658,8 @@ def test_q4_1_needs_a_gguf_model_with_q4_1_layers():
     backbone = Backbone(tiny_model("llama", seed=0))
     assert backbone.gguf_path is None and not quantized.has_q4_1_layers(None)
     assert all(k not in ("q4_1", "q4_1_int8") for _, k in calibration.candidates(EngineConfig(), backbone))
+    with pytest.raises(KangarooError, match=r"^the q4_1_int8 kernel cannot run here \(it needs a CPU with AVX512-BF16 and AVX512-VNNI and a model loaded from a GGUF file with Q4_1 layers\): use --kernel stock or auto$"):
+        calibration.build_engine(backbone, EngineConfig(kernel="q4_1_int8"))
     with pytest.raises(KangarooError, match=r"^the q4_1 kernel cannot run here \(it needs a CPU with AVX512-BF16 and a model loaded from a GGUF file with Q4_1 layers\): use --kernel stock or auto$"):
         calibration.build_engine(backbone, EngineConfig(kernel="q4_1"))
 

@@ -169,10 +169,10 @@ def _stats_line(r: dict) -> str:
         line = f"[engine]   {e['engine']}, the GGUF file's Q4_1 layers (int8 activations), q4_1_int8 kernel"
         if e.get("amx_rows"):  # steps of several rows on AMX tiles (the same bits as AVX-512)
             line += f" (AMX tiles from {e['amx_rows']} rows)"
-    if e["kernel"] in ("q4_1", "q4_1_int8") and e.get("prompt_amx_rows"):  # long prompts: de-quantised to bfloat16, AMX tiles
-        line += f" (prompts from {e['prompt_amx_rows']} tokens as a bfloat16 AMX GEMM)"
-    if e["kernel"] not in ("q4_1", "q4_1_int8"):
+    else:
         line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel"
+    if e.get("prompt_amx_rows"):  # Q4_1 kernels' long prompts: de-quantised to bfloat16, on AMX tiles
+        line += f" (prompts from {e['prompt_amx_rows']} tokens as a bfloat16 AMX GEMM)"
     if "attention" in e:
         line += f", {e['attention']} attention"
         if e.get("prompt_tiles") == "bfloat16":  # prompts' attention tiles computed in bfloat16

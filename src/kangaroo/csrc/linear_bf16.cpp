@@ -19,6 +19,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "module.h"  // store_rows
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define KANGAROO_DPBF16 1
@@ -52,12 +54,7 @@ inline void block(const uint16_t* w, int64_t kp2, const int32_t* x, int64_t xs, 
             for (int g = 0; g < GN; ++g) acc[g][m] = _mm512_dpbf16_ps(acc[g][m], xb, wv[g]);
         }
     }
-    for (int g = 0; g < GN; ++g)
-        for (int m = 0; m < M; ++m) {
-            __m512 r = acc[g][m];
-            if (bias != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(bias + n0 + g * 16));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ys + n0 + g * 16), (__m256i)_mm512_cvtneps_pbh(r));
-        }
+    store_rows<M, GN>(acc, bias, n0, y, ys);
 }
 
 template <int GN>

@@ -34,6 +34,8 @@
 #include <limits>
 #include <vector>
 
+#include "module.h"  // store_rows
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define KANGAROO_Q4 1
@@ -51,28 +53,6 @@ namespace {
 
 #ifdef KANGAROO_Q4
 constexpr int64_t Q4_PF = 8;  // blocks (320 bytes each) prefetched ahead
-
-// The outputs n0 .. n0 + 16 GN of M rows from their float32 sums: + bias, rounded to bfloat16 (nearest even).
-template <int M, int GN>
-inline void store_rows(const __m512 (&acc)[GN][M], const float* bias, int64_t n0, uint16_t* y, int64_t ys) {
-    for (int g = 0; g < GN; ++g)
-        for (int m = 0; m < M; ++m) {
-            __m512 r = acc[g][m];
-            if (bias != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(bias + n0 + g * 16));
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ys + n0 + g * 16), (__m256i)_mm512_cvtneps_pbh(r));
-        }
-}
-
-// As store_rows for one output block, writing only the first `valid` of the M rows (a prompt's last
-// tile of rows is padded to M).
-template <int M>
-inline void store_valid_rows(const __m512 (&acc)[1][M], const float* bias, int64_t n0, uint16_t* y, int64_t ys, int64_t valid) {
-    for (int m = 0; m < M && m < valid; ++m) {
-        __m512 r = acc[0][m];
-        if (bias != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(bias + n0));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ys + n0), (__m256i)_mm512_cvtneps_pbh(r));
-    }
-}
 
 // Outputs n0 .. n0 + 16 GN of M rows. A 64-byte chunk holds 4 input pairs of a block's 16 outputs,
 // one 16-bit word per (output, input of the pair) with the 4 pairs' q in its 4 nibbles; OR-ing a
@@ -307,7 +287,7 @@ inline void amx_tile(const uint16_t* q, uint8_t* w, const uint16_t* sc, int64_t 
             }
         }
     }
-    store_valid_rows<M>(acc, bias, n0, y, ys, valid);
+    store_rows<M, 1>(acc, bias, n0, y, ys, valid);
 }
 
 // xq: Mp rows (M rounded up to 16 when M > 16, the padding rows zero) of K int8 in q8_block's order.
@@ -376,12 +356,12 @@ constexpr int64_t AMX_PANEL = 64;  // prompt rows per panel (their bfloat16 rows
 
 void q4_amx_bf16_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t M, const uint16_t* xh,
                      const float* bias, uint16_t* y) {
-    const int64_t nb32 = K / 32, nblocks = N / 16, Mp = (M + 31) / 32 * 32;  // two tiles of 16 rows at a time
-    thread_local std::vector<uint16_t> xpad;  // the rows, zero-padded to whole pairs of tiles
-    if (static_cast<int64_t>(xpad.size()) < Mp * K) xpad.resize(Mp * K);
-    uint16_t* const xp = xpad.data();
-    std::memcpy(xp, xh, M * K * sizeof(uint16_t));
-    std::memset(xp + M * K, 0, (Mp - M) * K * sizeof(uint16_t));
+    const int64_t nb32 = K / 32, nblocks = N / 16, Mfull = M / 32 * 32;  // two tiles of 16 rows at a time
+    // the tiles read whole pairs of tiles: the rows past the last whole pair, copied once, zero-padded
+    thread_local std::vector<uint16_t> tail;
+    tail.assign(32 * K, 0);
+    std::memcpy(tail.data(), xh + Mfull * K, (M - Mfull) * K * sizeof(uint16_t));
+    const uint16_t* const tp = tail.data();
     const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
     at::parallel_for(0, nth, 1, [&](int64_t a, int64_t bth) {
         alignas(64) float cbuf[512];
@@ -424,12 +404,13 @@ void q4_amx_bf16_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N
                 for (int64_t nb = s; nb < e; ++nb) {
                     const uint16_t* wn = w + (nb - s) * nb32 * 512;
                     for (int64_t m0 = p0; m0 < std::min(M, p0 + AMX_PANEL); m0 += 32) {
+                        const uint16_t* xr = m0 < Mfull ? xh + m0 * K : tp;
                         _tile_zero(0);
                         _tile_zero(1);
                         for (int64_t b = 0; b < nb32; ++b) {
                             _tile_loadd(4, wn + b * 512, 64);
-                            _tile_loadd(2, xp + m0 * K + b * 32, K * 2);
-                            _tile_loadd(3, xp + (m0 + 16) * K + b * 32, K * 2);
+                            _tile_loadd(2, xr + b * 32, K * 2);
+                            _tile_loadd(3, xr + 16 * K + b * 32, K * 2);
                             _tile_dpbf16ps(0, 2, 4);
                             _tile_dpbf16ps(1, 3, 4);
                         }

@@ -19,6 +19,24 @@ inline uint16_t float_to_bf16(float f) {
     return static_cast<uint16_t>((bits + bias) >> 16);
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+
+// The outputs n0 .. n0 + 16 GN of the first `valid` of M rows (all of them by default; a prompt's last
+// tile may be padded) from their float32 sums: + bias, rounded to bfloat16 (nearest even), as the
+// dpbf16 and Q4_1 products store them.
+template <int M, int GN>
+inline void store_rows(const __m512 (&acc)[GN][M], const float* bias, int64_t n0, uint16_t* y, int64_t ys,
+                       int64_t valid = M) {
+    for (int g = 0; g < GN; ++g)
+        for (int m = 0; m < M && m < valid; ++m) {
+            __m512 r = acc[g][m];
+            if (bias != nullptr) r = _mm512_add_ps(r, _mm512_loadu_ps(bias + n0 + g * 16));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ys + n0 + g * 16), (__m256i)_mm512_cvtneps_pbh(r));
+        }
+}
+#endif
+
 // decode_attention.cpp
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> begin,
                                std::vector<int64_t> end, double scale_);
