@@ -173,10 +173,10 @@ def test_fused_step_ops_match_the_torch_ops_they_replace(kernel):
 def test_prompt_attention_computes_causal_attention(kernel, T, start, heads, kv_heads, head_dim, window, tiles):
     """The prompt tiles attend each row over exactly its causal (windowed) key range: against per-row
     SDPA to rounding, with keys past the rows left unread, and strided query rows read in place. In
-    bfloat16 tiles, to the rounding of queries, keys, values and probabilities to bfloat16."""
-    module = attention.load()
-    if tiles == "bfloat16" and not module.prompt_attention_bf16_available():
-        pytest.skip("needs AVX512-BF16")
+    bfloat16 tiles (vdpbf16ps or AMX), to the rounding of queries, keys, values and probabilities to
+    bfloat16."""
+    if not attention.prompt_tiles_available(tiles):
+        pytest.skip(f"no {tiles} prompt tiles on this machine")
     gen = torch.Generator().manual_seed(T)
     S = start + T
     qkv = torch.randn(T, heads + 2, head_dim, generator=gen)  # rows strided as the engine's QKV output
@@ -186,7 +186,7 @@ def test_prompt_attention_computes_causal_attention(kernel, T, start, heads, kv_
     ends = list(range(start + 1, S + 1))
     begins = [max(0, e - window) if window else 0 for e in ends]
     ref = attention.sdpa_rows(q.contiguous(), keys, values, begins, ends, 0.1)
-    old = module.prompt_attention_bf16(tiles == "bfloat16")
+    old = attention.set_prompt_tiles(tiles)
     try:
         out = attention.prompt_attention(q, keys, values, start, window, 0.1)
         if tiles == "float32" or head_dim not in (64, 128, 256):  # no bfloat16 tile for other head sizes
@@ -200,7 +200,7 @@ def test_prompt_attention_computes_causal_attention(kernel, T, start, heads, kv_
         keys[:, S:], values[:, S:] = float("nan"), float("nan")  # never read
         assert torch.equal(attention.prompt_attention(q, keys, values, start, window, 0.1), out)
     finally:
-        module.prompt_attention_bf16(old)
+        attention.set_prompt_tiles(old)
 
 
 def test_prompt_rows_go_to_the_tiles_and_first_out_skips_rows(kernel):

@@ -137,11 +137,12 @@ def test_kangaroo_equals_plain_greedy_on_the_same_engine(arch, dtype, kernel, at
     rng = random.Random(f"engine-{arch}-{dtype}-{kernel}")
     models = {False: tiny_model(arch, seed=1), True: tiny_model(arch, seed=2, damp_from=1)}
     engines = {f: FusedEngine(Backbone(m), dtype, kernel, attention) for f, m in models.items()}
-    bf16_tiles = attention == "kernel" and attn_kernel.load().prompt_attention_bf16_available()
+    tiles = [t for t in attn_kernel.PROMPT_TILES if attention == "kernel" and attn_kernel.prompt_tiles_available(t)]
     accepted = all_accepted = rejected = 0
     for ℓ, η, γ, friendly in itertools.product((1, NUM_LAYERS - 1), (0.0, 0.5), (3, 8), (False, True)):
         engine = engines[friendly]
-        engine.prompt_bf16_tiles = bf16_tiles and γ == 8  # prompts' tiles in bfloat16 (tiles exist for head size 64: the Mistral model)
+        # prompts' tiles in every mode this machine has (bfloat16 tiles exist for head size 64: the Mistral model)
+        engine.prompt_tiles = tiles[(ℓ + γ + int(friendly)) % len(tiles)] if tiles else "float32"
         # half the cases draft with an MLP adapter (--adapter-mlp), random in the unfriendly ones
         adapter = Adapter.random(engine.backbone, ℓ, seed=rng.randrange(1000), mlp_hidden=16 if η else 0)
         if friendly:
@@ -233,18 +234,19 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     # bfloat16 weights with the kernel attention: prompts' tiles measured (then cached) like the rest
     mistral = Backbone(tiny_model("mistral", seed=0))  # heads of 64: the tiles' sizes
     bf, bf_info = calibration.build_engine(mistral, EngineConfig(dtype="bfloat16", kernel="dpbf16", attention="kernel"))
-    if attn_kernel.load().prompt_attention_bf16_available():
-        assert bf_info["prompt_tiles_source"] == "measured" and set(bf_info["prompt_tiles_us"]) == set(attn_kernel.PROMPT_TILES)
-        assert bf.prompt_bf16_tiles == (bf_info["prompt_tiles"] == "bfloat16")
+    if attn_kernel.prompt_tiles_available("bfloat16"):
+        here = {t for t in attn_kernel.PROMPT_TILES if attn_kernel.prompt_tiles_available(t)}
+        assert bf_info["prompt_tiles_source"] == "measured" and set(bf_info["prompt_tiles_us"]) == here
+        assert bf.prompt_tiles == bf_info["prompt_tiles"] == min(here, key=bf_info["prompt_tiles_us"].get)
         _, again_info = calibration.build_engine(mistral, EngineConfig(dtype="bfloat16", kernel="dpbf16", attention="kernel"))
         assert again_info["prompt_tiles_source"] == "cache" and again_info["prompt_tiles"] == bf_info["prompt_tiles"]
     exact, exact_info = calibration.build_engine(mistral, EngineConfig(dtype="bfloat16", kernel="dpbf16", attention="kernel",
                                                                       prefill="exact"))
-    assert exact_info["prefill"] == "exact" and "prompt_tiles" not in exact_info and not exact.prompt_bf16_tiles
+    assert exact_info["prefill"] == "exact" and "prompt_tiles" not in exact_info and exact.prompt_tiles == "float32"
     given_engine, given = calibration.build_engine(backbone, EngineConfig(dtype="float32", kernel="stock"))
     assert given["source"] == "given" and given["dtype"] == "float32"
     # float32 weights keep float32 prompts: no bfloat16 tiles, no int8 products
-    assert "prompt_tiles" not in given and not given_engine.prompt_bf16_tiles and not given_engine.prompt_int8
+    assert "prompt_tiles" not in given and given_engine.prompt_tiles == "float32" and not given_engine.prompt_int8
     eager, e = calibration.build_engine(backbone, EngineConfig(engine="eager"))
     assert eager is backbone and e["engine"] == "eager"
 
@@ -540,7 +542,8 @@ def test_kangaroo_equals_plain_greedy_on_q4_1_layers(arch, attention, kernel):
         engine.prompt_int8 = int8 and i % 2 == 1  # prompts of 4..78 tokens: most take the prompt product
         module.linear_q4_amx_rows((2, 0, 5, 1)[i % 4] if amx else 0)  # which rows take AMX tiles changes no bit
         engine.prompt_amx_rows = 17 if amx and i % 3 == 0 else 0  # prompts as a bfloat16 AMX GEMM
-        engine.prompt_bf16_tiles = attention == "kernel" and native.load().prompt_attention_bf16_available() and i % 4 >= 2
+        tiles = [t for t in native.PROMPT_TILES if attention == "kernel" and native.prompt_tiles_available(t)]
+        engine.prompt_tiles = tiles[i % len(tiles)] if tiles else "float32"
         adapter = passthrough_adapter(Adapter.random(backbone, ℓ, seed=rng.randrange(1000)))
         config = KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=0.0, tree_width=width, lookup_tokens=lookup)
         base = torch.randint(0, VOCAB, (1, rng.randrange(2, 40)), generator=torch.Generator().manual_seed(rng.randrange(10**6)))

@@ -23,7 +23,7 @@ fixed summation order per row, and ~1 Âµs a call where ``F.rms_norm`` takes ~8 Â
 Prompts (more than 16 rows, which no step recomputes) attend in flash-attention tiles instead
 (:func:`prompt_attention`): keys transposed once per call, broadcast FMAs, an online softmax; not
 row-invariant, and faster (an 810-token prompt: 4.98 -> 2.72 ms a layer); where measured faster, with
-bfloat16 products (:func:`choose_prompt_tiles`).
+bfloat16 products (``vdpbf16ps``), or on AMX tiles where the CPU has them (:func:`choose_prompt_tiles`).
 
 The kernel is C++ compiled at first use for the machine at hand (``-march=native``), in one module
 with the engine's bfloat16 and Q4_1 products (``csrc/linear_bf16.cpp``, ``csrc/linear_q4.cpp``) and
@@ -221,7 +221,7 @@ def prompt_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     (``csrc/decode_attention.cpp``; head sizes other than 64, 128, 256 through the decode kernel). Faster than :func:`decode_attention` on many rows, but a row's
     bits depend on its tile: only for rows that no step re-computes (prompts). The module's prompt
     setting (:func:`choose_prompt_tiles`, set by the engine before each prompt) decides whether the
-    tiles compute in float32 or bfloat16. ``[T, H, d]``."""
+    tiles compute in float32, in bfloat16 or in bfloat16 on AMX tiles. ``[T, H, d]``."""
     return _state["module"].prompt_attention(q, keys, values, start, window, scale)
 
 
@@ -317,9 +317,23 @@ def choose(choice: str, heads: int, kv_heads: int, head_dim: int, device: torch.
     return pick, {**info, "attention": pick, "attention_source": "measured", "attention_us": timings}
 
 
-#: how prompt tiles compute (:func:`prompt_attention`): float32, or bfloat16 products (``vdpbf16ps``
-#: on bfloat16 queries, keys, values and probabilities; float32 sums and softmax)
-PROMPT_TILES = ("bfloat16", "float32")
+#: how prompt tiles compute (:func:`prompt_attention`), by the module's mode number: float32; bfloat16
+#: products (``vdpbf16ps`` on bfloat16 queries, keys, values and probabilities; float32 sums and
+#: softmax); the same numbers on AMX tiles (``tdpbf16ps``: whole tiles of scores and value sums, no
+#: online softmax), where the CPU and the OS grant them
+PROMPT_TILES = {"amx": 2, "bfloat16": 1, "float32": 0}
+
+
+def prompt_tiles_available(name: str) -> bool:
+    """Whether prompt tiles ``name`` (a key of :data:`PROMPT_TILES`) can run on this machine."""
+    module = load()
+    return module is not None and module.prompt_attention_tiles_available(PROMPT_TILES[name])
+
+
+def set_prompt_tiles(name: str) -> str:
+    """Make prompts' tiles compute as ``name`` (module-wide); returns the previous setting's name."""
+    old = _state["module"].prompt_attention_tiles(PROMPT_TILES[name])
+    return next(n for n, mode in PROMPT_TILES.items() if mode == old)
 
 
 def choose_prompt_tiles(heads: int, kv_heads: int, head_dim: int, cached: dict | None = None, rows: int = 512,
@@ -328,18 +342,18 @@ def choose_prompt_tiles(heads: int, kv_heads: int, head_dim: int, cached: dict |
     earlier measurement, ``cached``, is reused). Only prompts change numerics: steps and verification
     keep the row-invariant float32 kernel, so Kangaroo stays identical to plain decoding.
     Returns ``{"prompt_tiles", "prompt_tiles_source", "prompt_tiles_us"}``."""
-    module = load()
-    if module is None or not module.prompt_attention_bf16_available() or head_dim not in (64, 128, 256):
+    names = [n for n in PROMPT_TILES if prompt_tiles_available(n)]
+    if names == ["float32"] or head_dim not in (64, 128, 256):
         return {"prompt_tiles": "float32", "prompt_tiles_source": "unavailable"}
-    if cached and cached.get("prompt_tiles") in PROMPT_TILES:
+    if cached and cached.get("prompt_tiles") in names and set(cached.get("prompt_tiles_us") or ()) == set(names):
         return {"prompt_tiles": cached["prompt_tiles"], "prompt_tiles_source": "cache",
                 "prompt_tiles_us": cached.get("prompt_tiles_us")}
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(rows, heads, head_dim, generator=gen)
     keys, values = (torch.randn(kv_heads, rows, head_dim, generator=gen) for _ in range(2))
-    timings = time_switch(module.prompt_attention_bf16, {name: name == "bfloat16" for name in PROMPT_TILES},
+    timings = time_switch(set_prompt_tiles, {name: name for name in names},
                           lambda: prompt_attention(q, keys, values, 0, 0, head_dim ** -0.5), repeats)
-    pick = min(PROMPT_TILES, key=lambda name: timings[name])
+    pick = min(names, key=lambda name: timings[name])
     return {"prompt_tiles": pick, "prompt_tiles_source": "measured", "prompt_tiles_us": timings}
 
 

@@ -189,11 +189,11 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
     engine.attention = attention  # loaded and checked by choose()
     prompt_info = {}
     if attention == "kernel" and choice[0] == torch.bfloat16 and config.prefill == "auto":
-        # prompts' attention tiles: float32 or bfloat16, measured once per machine; only where the
-        # weights are bfloat16 already (a float32 engine keeps float32's accuracy on prompts too)
+        # prompts' attention tiles: float32, bfloat16 or bfloat16 on AMX tiles, measured once per machine;
+        # only where the weights are bfloat16 already (a float32 engine keeps float32's accuracy on prompts too)
         tiles = attn_kernel.choose_prompt_tiles(a.heads, a.kv_heads, a.head_dim, _read_cache().get(key + "|prompt tiles"))
         _remember(key + "|prompt tiles", tiles, "prompt_tiles")
-        engine.prompt_bf16_tiles = tiles["prompt_tiles"] == "bfloat16"
+        engine.prompt_tiles = tiles["prompt_tiles"]
         prompt_info |= tiles
     if choice[1] == "q4_1" and config.prefill == "auto":  # how its products compute prompts: measured once per machine, like the rest
         product_key = _key(backbone, config) + "|q4_1 prompt product"

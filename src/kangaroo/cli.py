@@ -175,8 +175,8 @@ def _stats_line(r: dict) -> str:
         line += f" (prompts from {e['prompt_amx_rows']} tokens as a bfloat16 AMX GEMM)"
     if "attention" in e:
         line += f", {e['attention']} attention"
-        if e.get("prompt_tiles") == "bfloat16":  # prompts' attention tiles computed in bfloat16
-            line += " (prompt tiles in bfloat16)"
+        if e.get("prompt_tiles") in ("bfloat16", "amx"):  # prompts' attention tiles computed in bfloat16
+            line += " (prompt tiles in bfloat16" + (" on AMX)" if e["prompt_tiles"] == "amx" else ")")
         if e.get("attention_compile_s") is not None:  # the kernel is compiled once per machine, then loaded
             line += f" (kernel compiled {'now' if e.get('attention_compiled') else 'once'} in {e['attention_compile_s']:.0f} s)"
     line += f" ({how}"

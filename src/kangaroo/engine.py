@@ -200,7 +200,7 @@ class FusedEngine:
         # prompts on the Q4_1 products: int8 activations (llama.cpp's numerics, faster where
         # measured so) or bfloat16 as steps; kangaroo.calibration sets it by measurement
         self.prompt_int8 = False
-        self.prompt_bf16_tiles = False  # prompts' attention tiles in bfloat16 (also set by calibration)
+        self.prompt_tiles = "float32"  # how prompts' attention tiles compute (attention.PROMPT_TILES; set by calibration)
         self.amx_rows = 0  # q4_1_int8: steps of this many rows or more on AMX tiles (same bits; set by calibration)
         self.prompt_amx_rows = 0  # Q4_1 kernels: prompts of this many rows or more as a bfloat16 AMX GEMM (calibration)
         self.act_dtype = torch.float32
@@ -394,7 +394,7 @@ class FusedEngine:
         if module is not None:  # a prompt: the module-wide switches follow this engine
             module.linear_q4_prompt_int8(self.prompt_int8)
             module.linear_q4_prompt_amx(self.prompt_amx_rows)
-            module.prompt_attention_bf16(self.prompt_bf16_tiles)
+            attn_kernel.set_prompt_tiles(self.prompt_tiles)
         ropes, masks, norm = {}, {}, self.norm
         if self.fused_ops:
             # the compiled module's fused ops: the residual add and the next norm in one call, x

@@ -436,7 +436,8 @@ def _engine(machine: dict) -> str:
     label = f"{e.get('engine', '?')} {e.get('dtype', '?')}/{e.get('kernel', '?')}"
     label += f" + {e['attention']} attention" if "attention" in e else ""
     label += " + int8 prompt products" if e.get("prompt_product") == "int8" else ""
-    return label + (" + bfloat16 prompt tiles" if e.get("prompt_tiles") == "bfloat16" else "")
+    tiles = {"bfloat16": " + bfloat16 prompt tiles", "amx": " + bfloat16 AMX prompt tiles"}
+    return label + tiles.get(e.get("prompt_tiles"), "")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,11 @@
 #else
 #define KANGAROO_BF16_TILES 0
 #endif
+#if KANGAROO_BF16_TILES && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define KANGAROO_AMX_TILES 1
+#else
+#define KANGAROO_AMX_TILES 0
+#endif
 
 namespace {
 
@@ -455,16 +460,161 @@ void prompt_item(const float* q, int64_t qs0, int64_t G, int64_t h0, const void*
     }
 }
 
-// Whether prompts' tiles compute in bfloat16 (set by the engine, kangaroo.attention.prompt_modes).
-std::atomic<bool> prompt_bf16{false};
+#if KANGAROO_AMX_TILES
+// Mode 2: the bfloat16 tiles' numbers (bfloat16 queries, keys, values and probabilities; float32
+// sums and softmax) on AMX tiles. Where vdpbf16ps forms 16 dot products a cycle at best, one
+// tdpbf16ps forms a 16 x 16 tile of them over 32 dimensions, so the products that bound the other
+// tiles cost little and the softmax's exps are most of the time. No online softmax: a tile's 16
+// queries (rows x heads of one kv head, in prompt_item's order) score every key of the item at once
+// into s [16][nkp] (64 KB per 1,024 keys), then max, exp and sum per query in float32, then
+// probabilities (bfloat16) x values accumulate in C tiles over all keys and are scaled once.
+// kb: this kv head's keys [D/2][kts][2], vb: its values [kts/2][D][2] (bfloat16, zero past the
+// prompt). Tiles: 0-3 C (scores; the output's 16-dimension blocks), 4 A, 5-7 B; all 16 x 64 bytes.
+template <int D>
+void prompt_item_amx(const float* q, int64_t qs0, int64_t G, int64_t h0, const uint16_t* kb, int64_t kts,
+                     const uint16_t* vb, int64_t t0, int64_t R, int64_t start, int64_t window, float scale, float* out,
+                     int64_t H, std::vector<float>& buf) {
+    constexpr int DC = D / 32, DB = D / 16;  // 32-dimension chunks of a query; 16-dimension blocks of a value
+    const int64_t NQ = R * G, hi = start + t0 + R;
+    const int64_t lo = (window > 0 ? std::max<int64_t>(0, start + t0 + 1 - window) : 0) & ~int64_t{31};
+    const int64_t nkp = (hi - lo + 31) / 32 * 32;  // keys [lo, lo + nkp): whole pairs of key tiles (zeros past the prompt)
+    buf.resize(16 * nkp + 8 * nkp + 8 * D + 16 * D + 16);
+    float* const s = buf.data();                                          // scores [16][nkp]
+    uint16_t* const pb = reinterpret_cast<uint16_t*>(s + 16 * nkp);       // probabilities [16][nkp] bfloat16
+    uint16_t* const qb = reinterpret_cast<uint16_t*>(s + 24 * nkp);       // queries [16][D] bfloat16
+    float* const o = s + 24 * nkp + 8 * D;                                // values' sums [16][D]
+    float* const lsum = o + 16 * D;                                       // exp sums [16]
+    const float neg = -std::numeric_limits<float>::infinity();
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t i0 = 0; i0 < NQ; i0 += 16) {
+        const int64_t nq = std::min<int64_t>(16, NQ - i0);
+        // 1. the tile's queries in bfloat16 (rows past the queries: zeros)
+        for (int64_t i = 0; i < 16; ++i) {
+            uint16_t* dst = qb + i * D;
+            if (i >= nq) { std::memset(dst, 0, D * sizeof(uint16_t)); continue; }
+            const float* qr = q + (t0 + (i0 + i) / G) * qs0 + (h0 + (i0 + i) % G) * D;
+            for (int c = 0; c < D; c += 32)
+                _mm512_storeu_si512(dst + c, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(qr + c + 16), _mm512_loadu_ps(qr + c)));
+        }
+        // 2. scores, 64 keys at a time in four C tiles [16 queries x 16 keys] (independent, so their
+        // products overlap: tiles are not renamed), each += A (the queries' 32 dimensions, tile 4 or 5)
+        // . B (16 dimension pairs x 16 keys, tiles 6 and 7 in turn)
+        for (int64_t jg = 0; jg < nkp; jg += 64) {
+            const bool four = jg + 64 <= nkp;  // else two (nkp is a multiple of 32)
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int c = 0; c < DC; ++c) {
+                const uint16_t* kc = kb + (c * 16) * kts * 2 + (lo + jg) * 2;
+#define KANGAROO_SCORE_TILES(A)                          \
+                _tile_loadd(A, qb + c * 32, D * 2);      \
+                _tile_loadd(6, kc, kts * 4);             \
+                _tile_dpbf16ps(0, A, 6);                 \
+                _tile_loadd(7, kc + 32, kts * 4);        \
+                _tile_dpbf16ps(1, A, 7);                 \
+                if (four) {                              \
+                    _tile_loadd(6, kc + 64, kts * 4);    \
+                    _tile_dpbf16ps(2, A, 6);             \
+                    _tile_loadd(7, kc + 96, kts * 4);    \
+                    _tile_dpbf16ps(3, A, 7);             \
+                }
+                if (c % 2 == 0) {
+                    KANGAROO_SCORE_TILES(4)
+                } else {
+                    KANGAROO_SCORE_TILES(5)
+                }
+#undef KANGAROO_SCORE_TILES
+            }
+            _tile_stored(0, s + jg, nkp * 4);
+            _tile_stored(1, s + jg + 16, nkp * 4);
+            if (four) {
+                _tile_stored(2, s + jg + 32, nkp * 4);
+                _tile_stored(3, s + jg + 48, nkp * 4);
+            }
+        }
+        // 3. per query: scores scaled, keys outside [its window's start, its position] -inf; max; exps
+        // and their sum in float32; the exps rounded to bfloat16 for the values' products
+        for (int64_t i = 0; i < 16; ++i) {
+            uint16_t* pr = pb + i * nkp;
+            if (i >= nq) { std::memset(pr, 0, nkp * sizeof(uint16_t)); continue; }
+            const int64_t pos = start + t0 + (i0 + i) / G;
+            const int64_t jlo = (window > 0 ? std::max<int64_t>(0, pos + 1 - window) : 0) - lo, jhi = pos + 1 - lo;
+            float* sr = s + i * nkp;
+            __m512 mv = _mm512_set1_ps(neg);
+            const __m512 sv = _mm512_set1_ps(scale);
+            for (int64_t j = 0; j < nkp; j += 16) {
+                __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + j), sv);
+                if (j < jlo || j + 16 > jhi) {  // a vector at the range's edges (most are inside)
+                    const __m512i jj = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j)));
+                    const __mmask16 ok = _mm512_cmpge_epi32_mask(jj, _mm512_set1_epi32(static_cast<int>(jlo)))
+                                       & _mm512_cmplt_epi32_mask(jj, _mm512_set1_epi32(static_cast<int>(jhi)));
+                    x = _mm512_mask_mov_ps(_mm512_set1_ps(neg), ok, x);
+                }
+                _mm512_storeu_ps(sr + j, x);
+                mv = _mm512_max_ps(mv, x);
+            }
+            const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+            __m512 lv = _mm512_setzero_ps();
+            for (int64_t j = 0; j < nkp; j += 32) {
+                const __m512 p0 = m(vexp(u(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx))));
+                const __m512 p1 = m(vexp(u(_mm512_sub_ps(_mm512_loadu_ps(sr + j + 16), mx))));
+                lv = _mm512_add_ps(lv, _mm512_add_ps(p0, p1));
+                _mm512_storeu_si512(pr + j, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+            }
+            lsum[i] = _mm512_reduce_add_ps(lv);
+        }
+        // 4. values: C [16 queries x 16 dimensions] += A (probabilities, 32 keys) . B (16 key pairs x 16 dimensions), four blocks at a time
+        for (int db = 0; db < DB; db += 4) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t kc = 0; kc < nkp; kc += 32) {
+                const uint16_t* vr = vb + (lo + kc) * D + db * 32;  // key pair (lo + kc) / 2, dimension 16 db
+                _tile_loadd(4, pb + kc, nkp * 2);
+                _tile_loadd(5, vr, D * 4);
+                _tile_dpbf16ps(0, 4, 5);
+                _tile_loadd(6, vr + 32, D * 4);
+                _tile_dpbf16ps(1, 4, 6);
+                _tile_loadd(7, vr + 64, D * 4);
+                _tile_dpbf16ps(2, 4, 7);
+                _tile_loadd(5, vr + 96, D * 4);
+                _tile_dpbf16ps(3, 4, 5);
+            }
+            _tile_stored(0, o + db * 16, D * 4);
+            _tile_stored(1, o + db * 16 + 16, D * 4);
+            _tile_stored(2, o + db * 16 + 32, D * 4);
+            _tile_stored(3, o + db * 16 + 48, D * 4);
+        }
+        for (int64_t i = 0; i < nq; ++i) {
+            float* dst = out + ((t0 + (i0 + i) / G) * H + h0 + (i0 + i) % G) * D;
+            const __m512 inv = _mm512_set1_ps(1.0f / lsum[i]);
+            for (int e = 0; e < D; e += 16) _mm512_storeu_ps(dst + e, _mm512_mul_ps(_mm512_loadu_ps(o + i * D + e), inv));
+        }
+    }
+}
+#endif
+
+// How prompts' tiles compute: 0 float32, 1 bfloat16 (vdpbf16ps), 2 bfloat16 on AMX tiles (set by the
+// engine before each prompt, as measured by kangaroo.attention.choose_prompt_tiles).
+std::atomic<int64_t> prompt_tiles_mode{0};
 
 }  // namespace
 
-bool prompt_attention_bf16_available() { return KANGAROO_BF16_TILES; }
+bool prompt_attention_tiles_available(int64_t mode) {
+    if (mode == 0) return true;
+    if (mode == 1) return KANGAROO_BF16_TILES;
+    if (mode == 2) return KANGAROO_AMX_TILES && linear_q4_amx_available();  // AMX tiles granted by the kernel
+    return false;
+}
 
-bool prompt_attention_bf16(bool on) {
-    TORCH_CHECK(!on || KANGAROO_BF16_TILES, "prompt_attention: this CPU (or compiler) has no AVX512-BF16 for bfloat16 tiles");
-    return prompt_bf16.exchange(on);
+int64_t prompt_attention_tiles(int64_t mode) {
+    TORCH_CHECK(0 <= mode && mode <= 2, "prompt_attention_tiles: 0 (float32), 1 (bfloat16) or 2 (AMX)");
+    TORCH_CHECK(prompt_attention_tiles_available(mode),
+                mode == 1 ? "prompt_attention: this CPU (or compiler) has no AVX512-BF16 for bfloat16 tiles"
+                          : "prompt_attention: this CPU (or compiler, or kernel) gives no AMX-BF16 tiles");
+    return prompt_tiles_mode.exchange(mode);
 }
 
 // A prompt's rows at positions start .. start+T-1 over k/v [H_kv, S, D] (each over its prefix, its
@@ -508,23 +658,47 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     const auto plan = plan_items(cost, 0);
     const int64_t nthreads = static_cast<int64_t>(plan.size());
     const int64_t S = start + T, kts = (S + CHUNK + 2 * W - 1) / W * W;
-    const bool bf16 = KANGAROO_BF16_TILES && prompt_bf16.load();
+    const int64_t mode = prompt_tiles_mode.load();
+    const bool bf16 = KANGAROO_BF16_TILES && mode >= 1;  // bfloat16 copies for modes 1 and 2
     std::vector<float> kt;
     std::vector<uint16_t> kb, vb;
     if (bf16) {
-        // bfloat16 copies: keys kb[g][e/2][j][2] (dimension pairs), values vb[g][j/2][e][2] (key
-        // pairs), zeros past position S (so padding reads no NaN a cache may hold there)
+        // bfloat16 copies (round to nearest even): keys kb[g][e/2][j][2] (dimension pairs), values
+        // vb[g][j/2][e][2] (key pairs), zeros past position S (so padding reads no NaN a cache may
+        // hold there). Per 16 keys: their rows converted, then each dimension pair's 16 words
+        // gathered into place; per pair of keys: their rows converted and interleaved.
         kb.assign(Hkv * D * kts, 0);
         vb.assign(Hkv * D * kts, 0);
-        at::parallel_for(0, Hkv * S, 64, [&](int64_t a, int64_t b) {
+        const int64_t nb16 = (S + 15) / 16;
+        at::parallel_for(0, Hkv * nb16, 4, [&](int64_t a, int64_t b) {
+#if KANGAROO_BF16_TILES
+            alignas(64) uint32_t words[16 * 128];  // 16 keys x D/2 dimension pairs (D <= 256)
+            const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                   _mm512_set1_epi32(static_cast<int>(D / 2)));
+#endif
             for (int64_t x = a; x < b; ++x) {
-                const int64_t g = x / S, j = x % S;
-                const float *kr = kp + g * ks0 + j * D, *vr = vp + g * ks0 + j * D;
-                uint16_t *kd = kb.data() + g * D * kts + j * 2, *vd = vb.data() + g * D * kts + (j / 2) * 2 * D + (j % 2);
-                for (int64_t e = 0; e < D; ++e) {
-                    kd[(e / 2) * kts * 2 + (e % 2)] = float_to_bf16(kr[e]);
-                    vd[e * 2] = float_to_bf16(vr[e]);
+                const int64_t g = x / nb16, j0 = (x % nb16) * 16, n = std::min<int64_t>(16, S - j0);
+                const float *kg = kp + g * ks0, *vg = vp + g * ks0;
+#if KANGAROO_BF16_TILES
+                for (int64_t jj = 0; jj < 16; ++jj)
+                    for (int64_t c = 0; c < D; c += 32)
+                        _mm512_store_si512(words + jj * (D / 2) + c / 2, jj < n
+                            ? (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(kg + (j0 + jj) * D + c + 16), _mm512_loadu_ps(kg + (j0 + jj) * D + c))
+                            : _mm512_setzero_si512());
+                uint32_t* kw = reinterpret_cast<uint32_t*>(kb.data() + g * D * kts) + j0;
+                for (int64_t e2 = 0; e2 < D / 2; ++e2)
+                    _mm512_storeu_si512(kw + e2 * kts, _mm512_i32gather_epi32(_mm512_add_epi32(idx, _mm512_set1_epi32(static_cast<int>(e2))), words, 4));
+                for (int64_t jj = 0; jj < n; jj += 2) {
+                    const float *v0 = vg + (j0 + jj) * D, *v1 = v0 + D;
+                    uint16_t* vd = vb.data() + g * D * kts + (j0 + jj) * D;  // pair (j0 + jj) / 2
+                    for (int64_t e = 0; e < D; e += 16) {
+                        const __m512i w0 = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v0 + e)));
+                        const __m512i w1 = jj + 1 < n ? _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(v1 + e)))
+                                                      : _mm512_setzero_si512();
+                        _mm512_storeu_si512(vd + e * 2, _mm512_or_si512(w0, _mm512_slli_epi32(w1, 16)));
+                    }
                 }
+#endif
             }
         });
     } else {
@@ -543,6 +717,27 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
             }
         });
     }
+#if KANGAROO_AMX_TILES
+    if (mode == 2) {
+        using AmxItem = void (*)(const float*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, const uint16_t*, int64_t,
+                                 int64_t, int64_t, int64_t, float, float*, int64_t, std::vector<float>&);
+        const AmxItem item = D == 64 ? &prompt_item_amx<64> : D == 128 ? &prompt_item_amx<128> : &prompt_item_amx<256>;
+        at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
+            std::vector<float> buf;
+            TileConfig cfg;
+            for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+            _tile_loadconfig(&cfg);
+            for (int64_t worker = a; worker < b; ++worker)
+                for (int64_t i : plan[worker]) {
+                    const int64_t g = i % Hkv, blk = i / Hkv, t0 = blk * PR, R = std::min(PR, T - t0);
+                    item(qp, qs0, G, g * G, kb.data() + g * D * kts, kts, vb.data() + g * D * kts, t0, R, start, window,
+                         scale, outp, H, buf);
+                }
+            _tile_release();
+        });
+        return out;
+    }
+#endif
     using Item = void (*)(const float*, int64_t, int64_t, int64_t, const void*, int64_t, const void*, int64_t, int64_t,
                           int64_t, int64_t, float, float*, int64_t, std::vector<float>&);
     const Item item = D == 64 ? (bf16 ? &prompt_item<64, true> : &prompt_item<64, false>)
@@ -702,8 +897,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("decode_attention", &decode_attention, "decode attention with row-invariant arithmetic");
     mod.def("prompt_attention", &prompt_attention, "a prompt's causal attention, flash tiles (not row-invariant)");
-    mod.def("prompt_attention_bf16_available", &prompt_attention_bf16_available, "whether the bfloat16 prompt tiles were built (AVX512-BF16)");
-    mod.def("prompt_attention_bf16", &prompt_attention_bf16, "switch the prompt tiles to bfloat16 on or off; returns the old setting");
+    mod.def("prompt_attention_tiles_available", &prompt_attention_tiles_available, "whether prompt tiles of this mode (0 float32, 1 bfloat16, 2 AMX) can run here");
+    mod.def("prompt_attention_tiles", &prompt_attention_tiles, "how prompt tiles compute (0 float32, 1 bfloat16, 2 AMX); returns the old mode");
     mod.def("rms_norm", &rms_norm, "row-wise RMSNorm in a fixed summation order");
     mod.def("linear_bf16_available", &linear_bf16_available, "whether linear_bf16 was built (AVX512-BF16)");
     mod.def("linear_bf16", &linear_bf16, "x W^T (+ b) over prepacked bfloat16 weights, row-invariant",

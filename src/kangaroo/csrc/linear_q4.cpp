@@ -228,12 +228,6 @@ constexpr int64_t Q8_ROWS = 4, Q8_TILE = 64;
 // vpdpbusd per row costs for 1 row, but the same for 16 rows, so steps of several rows (Kangaroo's
 // verification) cost little more than one. Tile registers are not renamed, so two sets of tiles
 // (C, A, B = 0, 1, 2 and 3, 4, 5) take alternate input blocks and their work overlaps.
-struct TileConfig {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
 // An input block's weights as the B tile wants them: 8 rows of 64 bytes, row 2c the low nibbles of
 // chunk c (16 outputs x 4 inputs, q8_block's input order), row 2c + 1 the high ones.
 inline void unpack_block(const uint16_t* qb, uint8_t* w) {

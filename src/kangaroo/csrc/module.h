@@ -37,14 +37,24 @@ inline void store_rows(const __m512 (&acc)[GN][M], const float* bias, int64_t n0
 }
 #endif
 
+#if defined(__AMX_TILE__)
+// AMX's tile configuration (ldtilecfg's 64-byte layout): palette 1, then per tile its bytes per row
+// and rows. Used by linear_q4.cpp's products and decode_attention.cpp's prompt tiles.
+struct TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+#endif
+
 // decode_attention.cpp
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, std::vector<int64_t> begin,
                                std::vector<int64_t> end, double scale_);
 torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start, int64_t window,
                                double scale_);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
-bool prompt_attention_bf16_available();
-bool prompt_attention_bf16(bool on);
+bool prompt_attention_tiles_available(int64_t mode);
+int64_t prompt_attention_tiles(int64_t mode);
 
 // linear_bf16.cpp, linear_q4.cpp
 bool linear_bf16_available();
