@@ -148,8 +148,10 @@ def test_cli_defaults_come_from_the_config_dataclasses():
 
     args = build_parser().parse_args(["generate"])
     k, e, s = KangarooConfig(), EngineConfig(), SamplingConfig()
-    assert (args.model, args.verify_low_confidence) == (DEFAULT_MODEL, k.verify_low_confidence)
-    # γ and η: the dataclass's value, or None where a setting chosen on this machine may stand in for it
+    assert args.model == DEFAULT_MODEL
+    # γ, η, low-confidence verification: the dataclass's value, or None where a setting chosen on this
+    # machine may stand in for it
     assert args.threshold in (None, k.threshold) and args.max_steps in (None, k.max_steps)
+    assert args.verify_low_confidence in (None, k.verify_low_confidence)
     assert (args.engine, args.dtype, args.kernel, args.device, args.threads) == (e.engine, e.dtype, e.kernel, e.device, e.threads)
     assert (args.temperature, args.top_p, args.top_k) == (s.temperature, s.top_p, s.top_k)

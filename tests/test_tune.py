@@ -25,6 +25,8 @@ def test_replay_predicts_the_real_rounds(tiny_model_dir, tmp_path, monkeypatch):
 
         passthrough_adapter(km.adapter)
     settings = [dict(threshold=0.0, max_steps=4, lookup_tokens=0), dict(threshold=0.5, max_steps=6, lookup_tokens=6),
+                # the token that fell below η verified too
+                dict(threshold=0.5, max_steps=4, lookup_tokens=0, verify_low_confidence=True),
                 dict(threshold=0.2, max_steps=3, lookup_tokens=10, lookup_ngram=1),
                 # token trees: siblings at depth 1, and the adapter's chain beside lookup proposals
                 dict(threshold=0.0, max_steps=3, lookup_tokens=0, tree_width=3, tree_threshold=0.0),
@@ -67,10 +69,14 @@ def test_tune_saves_a_setting_that_generate_then_uses(tiny_model_dir, tmp_path, 
     assert result["prompts"] == 2 and len(result["top"]) == 10 and result["best"]["modelled_speedup"] > 0
     km = KangarooModel.from_pretrained(str(tiny_model_dir), adapter="random", threads=1)
     assert km.config_source.startswith("tuned ")
-    assert (km.config.threshold, km.config.max_steps, km.config.lookup_tokens, km.config.tree_width, km.config.lookup_branch) == (
-        best["threshold"], best["max_steps"], best["lookup_tokens"], best["tree_width"], best["lookup_branch"])
+    assert (km.config.threshold, km.config.max_steps, km.config.lookup_tokens, km.config.tree_width, km.config.lookup_branch,
+            km.config.verify_low_confidence) == (best["threshold"], best["max_steps"], best["lookup_tokens"], best["tree_width"],
+                                                 best["lookup_branch"], best["verify_low_confidence"])
+    assert {r["config"]["verify_low_confidence"] for r in result["ranking"]} == {False, True}  # both priced
     assert any(r["config"]["tree_width"] > 1 for r in result["ranking"])  # trees were priced too
     assert any(r["config"]["lookup_branch"] for r in result["ranking"])
-    given = KangarooModel.from_pretrained(str(tiny_model_dir), adapter="random", threads=1, threshold=0.95)
+    given = KangarooModel.from_pretrained(str(tiny_model_dir), adapter="random", threads=1, threshold=0.95,
+                                          verify_low_confidence=not best["verify_low_confidence"])
     assert given.config.threshold == 0.95 and given.config.max_steps == best["max_steps"]
+    assert given.config.verify_low_confidence is not best["verify_low_confidence"]
     assert main(["tune", "--model", str(tiny_model_dir), "--adapter", "random", "--prompts", str(tmp_path / "nope.json")]) == 2

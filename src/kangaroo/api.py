@@ -97,7 +97,7 @@ class KangarooModel:
         dtype: torch.dtype | str = EngineConfig.dtype,
         device: str = EngineConfig.device,
         seed: int = 0,
-        verify_low_confidence: bool = KangarooConfig.verify_low_confidence,
+        verify_low_confidence: bool | None = None,
         engine: str = EngineConfig.engine,
         kernel: str = EngineConfig.kernel,
         attention: str = EngineConfig.attention,
@@ -122,7 +122,7 @@ class KangarooModel:
                 :class:`~kangaroo.config.KangarooConfig`). Each left at None takes the value ``kangaroo
                 tune`` chose for this machine, engine, model and adapter (when ``tuned`` and it ran),
                 else the :class:`~kangaroo.config.KangarooConfig` default; :attr:`config_source` says which.
-            verify_low_confidence: also verify the draft that fell below η.
+            verify_low_confidence: also verify the draft that fell below η (None: tuned, as above).
             dtype: weight dtype of the steps, ``"auto"`` (the fastest here, measured once and cached),
                 ``torch.float32``/``bfloat16``/``float16`` or their names.
             engine: ``"fused"`` (lean steps), ``"eager"`` (HF's modules) or ``"auto"`` (fused).
@@ -157,9 +157,9 @@ class KangarooModel:
             module, adapter_config = Adapter.load(source, backbone, exit_layer)
             ℓ = adapter_config.exit_layer
         given = {"max_steps": max_steps, "threshold": threshold, "lookup_tokens": lookup_tokens, "lookup_ngram": lookup_ngram,
-                 "tree_width": tree_width, "tree_threshold": tree_threshold, "lookup_branch": lookup_branch}
-        config = KangarooConfig(exit_layer=ℓ, verify_low_confidence=verify_low_confidence,
-                                **{k: v for k, v in given.items() if v is not None})
+                 "tree_width": tree_width, "tree_threshold": tree_threshold, "lookup_branch": lookup_branch,
+                 "verify_low_confidence": verify_low_confidence}
+        config = KangarooConfig(exit_layer=ℓ, **{k: v for k, v in given.items() if v is not None})
         km = cls(hf_model, tokenizer, module, config, name, adapter_config, source, engine_config, backbone)
         km.config_source = "given" if all(v is not None for v in given.values()) else "default"
         if tuned and km.config_source == "default":

@@ -50,8 +50,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-threshold", type=float, default=None, help=f"token trees: draft probability a sibling candidate needs ({tuned} {k.tree_threshold})")
     p.add_argument("--lookup-branch", action=argparse.BooleanOptionalAction, default=None,
                    help=f"token trees: the adapter still drafts beside a prompt-lookup proposal, as a second branch ({tuned} {'on' if k.lookup_branch else 'off'})")
-    p.add_argument("--verify-low-confidence", action=argparse.BooleanOptionalAction, default=k.verify_low_confidence,
-                   help="also verify the drafted token that fell below η, as the authors' code does (default: off)")
+    p.add_argument("--verify-low-confidence", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"also verify the drafted token that fell below η, as the authors' code does ({tuned} {'on' if k.verify_low_confidence else 'off'})")
     p.add_argument("--engine", default=e.engine, help=f"fused (lean steps on measured kernels), eager (HF's own modules, the reference) or auto (= fused) (default {e.engine})")
     p.add_argument("--dtype", default=e.dtype, help=f"weight dtype of the steps: float32, bfloat16, float16 (CUDA) or auto = the fastest plain decoding here, measured once and cached (default {e.dtype})")
     p.add_argument("--kernel", default=e.kernel, help=f"fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU), dpbf16 (ours, CPUs with AVX512-BF16), q4_1 (the layers as a Q4_1 GGUF file stores them, e.g. the default model; CPUs with AVX512-BF16), q4_1_int8 (the same blocks on int8 activations, as llama.cpp computes them; CPUs with AVX512-VNNI, AMX tiles where faster) or auto = measured (default {e.kernel})")

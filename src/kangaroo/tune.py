@@ -40,6 +40,7 @@ THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 MAX_STEPS = (2, 3, 4, 6, 8)
 LOOKUP_TOKENS = (0, 4, 6, 8, 10, 12)
 LOOKUP_NGRAMS = (1, 2, 3)
+VERIFY_LOW = (False, True)  # also verify the token that fell below η (its draft step is paid already)
 TREE_WIDTHS = (1, 2, 3)  # the adapter's candidates at the first draft position (1 = a chain)
 TREE_THRESHOLDS = (0.05, 0.1, 0.2)  # the draft probability a sibling needs
 
@@ -212,14 +213,14 @@ def calibrate(km, encoded: list, recorded: list[list[Position]], max_new_tokens:
 
 
 def grid(base) -> list:
-    """Stage 1: every (η, γ, lookup tokens, lookup n-gram) chain setting on top of ``base``;
-    lookup-free settings once per (η, γ)."""
+    """Stage 1: every (η, γ, lookup tokens, lookup n-gram, low-confidence verification) chain setting
+    on top of ``base``; lookup-free settings once per (η, γ, low-confidence verification)."""
     out = []
-    for η, γ, lt, ng in itertools.product(THRESHOLDS, MAX_STEPS, LOOKUP_TOKENS, LOOKUP_NGRAMS):
+    for η, γ, lt, ng, low in itertools.product(THRESHOLDS, MAX_STEPS, LOOKUP_TOKENS, LOOKUP_NGRAMS, VERIFY_LOW):
         if lt == 0 and ng != LOOKUP_NGRAMS[0]:
             continue
         out.append(replace(base, threshold=η, max_steps=γ, lookup_tokens=lt, lookup_ngram=ng if lt else base.lookup_ngram,
-                           tree_width=1, lookup_branch=False))
+                           verify_low_confidence=low, tree_width=1, lookup_branch=False))
     return out
 
 
@@ -328,7 +329,8 @@ def tune(km, prompts: list[tuple[str, str]], max_new_tokens: int = 128, costs: d
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-TUNED_FIELDS = ("threshold", "max_steps", "lookup_tokens", "lookup_ngram", "tree_width", "tree_threshold", "lookup_branch")
+TUNED_FIELDS = ("threshold", "max_steps", "lookup_tokens", "lookup_ngram", "tree_width", "tree_threshold", "lookup_branch",
+                "verify_low_confidence")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -363,11 +365,11 @@ def run(args) -> int:
     path = save_tuned(km, record)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'η':>4} {'γ':>3} {'lookup':>6} {'n-gram':>6} {'tree':>9} {'+branch':>7} {'compression':>11} {'modelled speed-up':>17}")
+    print(f"{'η':>4} {'γ':>3} {'low':>4} {'lookup':>6} {'n-gram':>6} {'tree':>9} {'+branch':>7} {'compression':>11} {'modelled speed-up':>17}")
     for r in result["top"]:
         c = r["config"]
         tree = "chain" if c["tree_width"] == 1 else f"{c['tree_width']}@{c['tree_threshold']}"
-        print(f"{c['threshold']:>4} {c['max_steps']:>3} {c['lookup_tokens']:>6} {c['lookup_ngram']:>6} {tree:>9} "
+        print(f"{c['threshold']:>4} {c['max_steps']:>3} {'yes' if c['verify_low_confidence'] else 'no':>4} {c['lookup_tokens']:>6} {c['lookup_ngram']:>6} {tree:>9} "
               f"{'yes' if c['lookup_branch'] else 'no':>7} {r['compression']:>11.2f} {r['modelled_speedup']:>16.2f}x")
     for label, pick in (("best token tree", lambda c: c["tree_width"] > 1), ("best with lookup as a branch", lambda c: c["lookup_branch"])):
         alt = next((r for r in result["ranking"] if pick(r["config"])), None)
@@ -379,6 +381,7 @@ def run(args) -> int:
     c = best["config"]
     print(f"\nchosen: η={c['threshold']} γ={c['max_steps']} lookup_tokens={c['lookup_tokens']} lookup_ngram={c['lookup_ngram']} "
           f"tree_width={c['tree_width']} tree_threshold={c['tree_threshold']} lookup_branch={c['lookup_branch']} "
+          f"verify_low_confidence={c['verify_low_confidence']} "
           f"(modelled {best['modelled_speedup']:.2f}x over plain decoding on this machine, {result['seconds']:.0f} s); "
           f"saved to {path}; generate uses it by default")
     return 0
