@@ -148,3 +148,23 @@ def test_rope_table_is_computed_on_one_thread_and_equals_hfs(arch, monkeypatch):
     with torch.no_grad():
         ref_c, ref_s = backbone.rotary_emb(*args)
     assert torch.equal(c, ref_c[0]) and torch.equal(s, ref_s[0])
+
+
+def test_vector_math_is_warmed_on_one_thread_when_a_backbone_is_built(monkeypatch):
+    # the same torch bug hits any first multi-threaded call (HF's per-forward RoPE in the eager engine):
+    # building a Backbone first calls the vectorised transcendentals once on one thread
+    import kangaroo.model as model_module
+
+    seen, cos = [], torch.cos
+    monkeypatch.setattr(model_module, "_WARMED", False)
+    monkeypatch.setattr(torch, "cos", lambda *a, **k: seen.append(torch.get_num_threads()) or cos(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        Backbone(tiny_model("llama"))
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2 and model_module._WARMED
+        seen.clear()
+        Backbone(tiny_model("llama"))
+        assert seen == []  # once per process
+    finally:
+        torch.set_num_threads(threads)

@@ -40,6 +40,33 @@ def _cache_keyword(layer: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+_WARMED = False
+
+
+def warm_vector_math() -> None:
+    """Call torch's vectorised transcendentals once on one thread, before any multi-threaded call.
+
+    torch 2.13's first multi-threaded ``Tensor.cos`` in a process now and then computes the second
+    thread's share wrong (errors up to 1.5e-4: 13 of 100 fresh processes on the Intel machine,
+    2026-12-06); after one single-threaded call first, 0 of 100 (docs/ENGINE.md §4). HF's rotary
+    embedding (the eager engine computes it every forward, the fused engine once per table) and the
+    attention softmax go through these functions, so a wrong first call changed greedy texts."""
+    global _WARMED
+    if _WARMED:
+        return
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        x = torch.linspace(-300.0, 300.0, 4096)
+        for fn in (torch.cos, torch.sin, torch.exp, torch.tanh, torch.sigmoid, torch.nn.functional.silu):
+            fn(x)
+            fn(x.double())
+        torch.softmax(x.view(64, 64), dim=-1)
+    finally:
+        torch.set_num_threads(threads)
+    _WARMED = True
+
+
 class Backbone:
     """A HF causal LM seen as ``embed``, layer ranges, ``final_norm`` and ``lm_head``: the eager
     engine, running HF's own modules (the reference the fused engine is tested against).
@@ -86,6 +113,8 @@ class Backbone:
         ]
         self._cache_kw = _cache_keyword(self.layers[0])
         self._rotary_takes_layer_type = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
+        if self.device.type == "cpu":
+            warm_vector_math()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -238,7 +267,8 @@ class Backbone:
         kernel) now and then returns the second thread's half wrong by up to 1.5e-4 (2026-12-06, 1 in
         8 to 40 fresh processes on the Intel machine, ``docs/ENGINE.md`` §4). A table built that way
         changed greedy texts between processes, and between ``ar`` and Kangaroo in one process when
-        the table grew in between; on one thread its values are the same in every process."""
+        the table grew in between; on one thread its values are the same in every process (and
+        :func:`warm_vector_math` has made the first call a single-threaded one already)."""
         probe = torch.zeros(1, n, 1, device=self.device, dtype=torch.float32)
         positions = torch.arange(n, device=self.device).unsqueeze(0)
         args = (probe, positions, layer_type) if self._rotary_takes_layer_type else (probe, positions)
