@@ -44,13 +44,15 @@ _WARMED = False
 
 
 def warm_vector_math() -> None:
-    """Call torch's vectorised transcendentals once on one thread, before any multi-threaded call.
+    """Call torch's vectorised math functions once on one thread, before any multi-threaded call.
 
-    torch 2.13's first multi-threaded ``Tensor.cos`` in a process now and then computes the second
-    thread's share wrong (errors up to 1.5e-4: 13 of 100 fresh processes on the Intel machine,
-    2026-12-06); after one single-threaded call first, 0 of 100 (docs/ENGINE.md §4). HF's rotary
-    embedding (the eager engine computes it every forward, the fused engine once per table) and the
-    attention softmax go through these functions, so a wrong first call changed greedy texts."""
+    oneMKL resolves each VML function's kernel on its first call, and concurrent first calls from
+    torch's worker threads can run a low-accuracy kernel on one thread's share (pytorch/pytorch#188792;
+    fixed upstream the same way, by a warm-up call). Here torch 2.13's first 2-thread ``Tensor.cos``
+    came out wrong in 13 of 100 fresh processes (errors up to 1.5e-4), and in 0 of 100 after one
+    single-threaded call (Intel machine, 2026-12-06, docs/ENGINE.md §4). HF's rotary embedding (the
+    eager engine computes it every forward, the fused engine once per table) and HF's norms go
+    through these functions, so a wrong first call changed greedy texts."""
     global _WARMED
     if _WARMED:
         return
@@ -58,7 +60,9 @@ def warm_vector_math() -> None:
     try:
         torch.set_num_threads(1)
         x = torch.linspace(-300.0, 300.0, 4096)
-        for fn in (torch.cos, torch.sin, torch.exp, torch.tanh, torch.sigmoid, torch.nn.functional.silu):
+        for fn in (torch.cos, torch.sin, torch.exp, torch.tanh, torch.sigmoid, torch.nn.functional.silu,
+                   torch.erf, lambda t: torch.log(t.abs() + 1), lambda t: torch.sqrt(t.abs()),
+                   lambda t: torch.rsqrt(t.abs() + 1)):
             fn(x)
             fn(x.double())
         torch.softmax(x.view(64, 64), dim=-1)
