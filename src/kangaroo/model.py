@@ -267,24 +267,14 @@ class Backbone:
     def rope_table(self, n: int, layer_type: str = "full_attention") -> tuple[torch.Tensor, torch.Tensor]:
         """HF's own RoPE ``(cos, sin)`` for positions ``0..n-1``, each ``[n, head_dim]`` float32.
 
-        Computed on one CPU thread: torch 2.13's first multi-threaded ``cos`` in a process (its SLEEF
-        kernel) now and then returns the second thread's half wrong by up to 1.5e-4 (2026-12-06, 1 in
-        8 to 40 fresh processes on the Intel machine, ``docs/ENGINE.md`` §4). A table built that way
-        changed greedy texts between processes, and between ``ar`` and Kangaroo in one process when
-        the table grew in between; on one thread its values are the same in every process (and
-        :func:`warm_vector_math` has made the first call a single-threaded one already)."""
+        The same values in every process and at every size: ``__init__`` has made torch's first
+        ``cos``/``sin`` calls single-threaded (:func:`warm_vector_math`), whose first multi-threaded
+        call could return half a table wrong and so change greedy texts (``docs/ENGINE.md`` §4)."""
         probe = torch.zeros(1, n, 1, device=self.device, dtype=torch.float32)
         positions = torch.arange(n, device=self.device).unsqueeze(0)
         args = (probe, positions, layer_type) if self._rotary_takes_layer_type else (probe, positions)
-        threads = torch.get_num_threads()
-        try:
-            if self.device.type == "cpu":
-                torch.set_num_threads(1)
-            with torch.no_grad():
-                cos, sin = self.rotary_emb(*args)
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+        with torch.no_grad():
+            cos, sin = self.rotary_emb(*args)
         return cos[0].float(), sin[0].float()
 
     # ------------------------------------------------------------------ identity
