@@ -53,6 +53,9 @@ def test_streamed_text_equals_json_text(capsys, tiny_chat_model_dir):
     code, tree_text, err = run_cli(capsys, *args, "--stats", "--tree-width", "3", "--tree-threshold", "0.05", "--lookup-branch")
     assert code == 0 and tree_text == out_text  # greedy: a token tree changes nothing in the output
     assert "tree of 3 candidates at p >= 0.05, adapter beside lookup" in err
+    assert "below η verified" not in err
+    code, low_text, err = run_cli(capsys, *args, "--stats", "--verify-low-confidence")
+    assert code == 0 and low_text == out_text and "(the draft below η verified too)" in err
 
 
 def test_prompt_from_stdin_and_no_chat(capsys, monkeypatch, tiny_chat_model_dir):

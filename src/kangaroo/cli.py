@@ -136,6 +136,7 @@ def run(args) -> int:
         "tree_width": km.config.tree_width,
         "tree_threshold": km.config.tree_threshold,
         "lookup_branch": km.config.lookup_branch,
+        "verify_low_confidence": km.config.verify_low_confidence,
         "config_source": km.config_source,
         "lookup_accepted": sum(s.accepted for s in result.steps if s.source == "lookup"),
         "engine": km.engine_info,
@@ -185,7 +186,9 @@ def _stats_line(r: dict) -> str:
         f"[kangaroo] {r['new_tokens']} tokens in {r['target_forwards']} target forwards "
         f"(compression {r['compression_rate']:.2f}), accepted {r['accepted']}/{r['drafted']} drafts "
         f"({100 * r['acceptance_rate']:.0f}%; {r['lookup_accepted']} from prompt lookup), {r['tokens_per_s']:.1f} tok/s\n"
-        f"[config]   ℓ={r['exit_layer']} γ={r['max_steps']} η={r['threshold']} lookup={r['lookup_tokens']} tokens "
+        f"[config]   ℓ={r['exit_layer']} γ={r['max_steps']} η={r['threshold']}"
+        + (" (the draft below η verified too)" if r["verify_low_confidence"] else "")
+        + f" lookup={r['lookup_tokens']} tokens "
         f"after {r['lookup_ngram']}-grams, "
         + ("chain" if r["tree_width"] == 1 else f"tree of {r['tree_width']} candidates at p >= {r['tree_threshold']}")
         + (", adapter beside lookup" if r["lookup_branch"] else "")
