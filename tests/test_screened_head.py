@@ -121,3 +121,45 @@ def test_screen_is_only_built_for_a_bias_free_dpbf16_head():
     assert ScreenedHead.for_head(Linear(broken, None, torch.bfloat16, "dpbf16", check=False), broken) is None
     assert ScreenedHead.for_head(Linear(weight, torch.randn(64), torch.bfloat16, "dpbf16", check=False), weight) is None
     assert ScreenedHead.for_head(Linear(weight, None, torch.float32, "stock", check=False), weight) is None
+
+
+def _amx() -> bool:
+    return bool(native.load().head_argmax_amx_available())
+
+
+@pytest.mark.skipif(not _available() or not _amx(), reason="needs AMX-INT8 tiles")
+@pytest.mark.parametrize("vocab,dim", [(112, 64), (1000, 576), (4099, 128), (300, 1280)])
+def test_amx_pass_gives_the_same_sums_as_avx512(vocab, dim):
+    """Pass 1 on AMX tiles (rows split into high and low bytes) forms the same int32 sums as the
+    AVX-512 pass, so tokens and survivor counts are equal bit for bit, whatever the rows: tiles of 16
+    rows and a remainder, an odd number of output blocks per thread (7 blocks), K above 1,024 (a
+    smaller row scale), rows at the int16 extremes (a row with one large entry)."""
+    g = torch.Generator().manual_seed(vocab * dim)
+    weight = torch.randn(vocab, dim, generator=g) * torch.rand(vocab, 1, generator=g)
+    head, screen = _head(weight)
+    assert screen.q8t.shape == (screen.q8.shape[0], dim // 4, 16, 4)
+    for rows in (1, 2, 5, 16, 17, 33):
+        x = torch.randn(rows, dim, generator=g) * 3
+        x[0, 1] = 1e3  # |x16| = qmax at one entry, small elsewhere
+        x[-1] = weight[vocab - 1] * 5
+        runs = []
+        for amx_rows in (0, 1, rows):
+            screen.amx_rows = amx_rows
+            runs.append((screen(x), screen.last_survivors))
+        screen.amx_rows = 0
+        for tokens, survivors in runs[1:]:
+            assert torch.equal(tokens, runs[0][0]) and torch.equal(survivors, runs[0][1]), rows
+        assert torch.equal(runs[0][0], _reference(head, x))
+
+
+@pytest.mark.skipif(not _available() or not _amx(), reason="needs AMX-INT8 tiles")
+def test_amx_rows_is_measured_then_cached():
+    from kangaroo.screened_head import AMX_ROWS, choose_amx_rows
+
+    weight = torch.randn(2048, 128)
+    _, screen = _head(weight)
+    info = choose_amx_rows(screen, repeats=2)
+    assert info["head_amx_rows_source"] == "measured" and info["head_amx_rows"] in (0, *AMX_ROWS)
+    assert screen.amx_rows == info["head_amx_rows"] and set(info["head_amx_rows_us"]) == {str(r) for r in AMX_ROWS}
+    cached = choose_amx_rows(screen, cached={"head_amx_rows": 6, "head_amx_rows_us": {}})
+    assert cached["head_amx_rows_source"] == "cache" and screen.amx_rows == 6

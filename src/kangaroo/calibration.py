@@ -23,7 +23,7 @@ from . import attention as attn_kernel
 from .config import EngineConfig
 from .engine import FusedEngine
 from .errors import KangarooError
-from . import quantized
+from . import quantized, screened_head
 from .kernels import KERNELS, QUANTIZED_KERNELS, REQUIRES, kernel_available
 from .kv_cache import KVCache
 from .model import Backbone
@@ -221,6 +221,12 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
         _remember(prompt_key, prompt_amx, "prompt_amx_rows")
         engine.prompt_amx_rows = prompt_amx["prompt_amx_rows"]
         prompt_info |= prompt_amx
+    if getattr(engine, "greedy_head", None) is not None:  # the greedy head's screen: AVX-512 or AMX tiles, the same bits
+        head_key = _key(backbone, config) + "|head screen amx rows"
+        head_amx = screened_head.choose_amx_rows(engine.greedy_head, _read_cache().get(head_key))
+        if head_amx["head_amx_rows_source"] != "unavailable":
+            _remember(head_key, head_amx, "head_amx_rows")
+            prompt_info |= head_amx
     info = {"engine": "fused", "dtype": str(choice[0]).removeprefix("torch."), "kernel": choice[1], "source": source,
             "step_ms": timings, **attention_info, "prefill": config.prefill, **prompt_info,
             "build_s": round(time.perf_counter() - start, 2)}

@@ -172,6 +172,8 @@ def _stats_line(r: dict) -> str:
             line += f" (AMX tiles from {e['amx_rows']} rows)"
     else:
         line = f"[engine]   {e['engine']}, {e['dtype']} weights, {e['kernel']} kernel"
+    if e.get("head_amx_rows"):  # the greedy head's int8 screen on AMX tiles for verifications (the same tokens)
+        line += f" (head screen on AMX tiles from {e['head_amx_rows']} rows)"
     if e.get("prompt_amx_rows"):  # Q4_1 kernels' long prompts: de-quantised to bfloat16, on AMX tiles
         line += f" (prompts from {e['prompt_amx_rows']} tokens as a bfloat16 AMX GEMM)"
     if "attention" in e:

@@ -20,6 +20,7 @@ same as without the screen. Sampling needs the whole distribution and keeps the 
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch.nn import functional as F
@@ -63,6 +64,13 @@ class ScreenedHead:
         self.meta = F.pad(meta, (0, 0, 0, pad)).contiguous()
         q = F.pad(q.to(torch.int8), (0, 0, 0, pad))
         self.q8 = q.view(-1, 16, d_model // 2, 2).permute(0, 2, 1, 3).contiguous()  # as dpbf16's layout
+        # the same weights as AMX's B tiles want them ([V/16, D/4, 16, 4]: 4 inputs of 16 tokens per
+        # 64 bytes), where the CPU has AMX-INT8; pass 1 reads them from amx_rows rows on, with the same
+        # int32 sums, hence the same bits (choose_amx_rows decides by speed)
+        self.q8t = torch.empty(0, dtype=torch.int8)
+        self.amx_rows = 0
+        if d_model % 64 == 0 and getattr(native.load(), "head_argmax_amx_available", lambda: False)():
+            self.q8t = q.view(-1, 16, d_model // 4, 4).permute(0, 2, 1, 3).contiguous()
         self.packed, self.head = packed, head
         self.last_survivors: torch.Tensor | None = None  # [T]: tokens the last call recomputed exactly
 
@@ -80,8 +88,55 @@ class ScreenedHead:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[T, D]`` (the final norm's output) -> ``[T]`` int64 greedy token ids."""
-        tokens, survivors = native.load().head_argmax(x.to(torch.bfloat16), self.q8, self.meta, self.packed, self.vocab)
+        tokens, survivors = native.load().head_argmax(x.to(torch.bfloat16), self.q8, self.meta, self.packed, self.vocab,
+                                                      self.q8t, self.amx_rows)
         if tokens.numel() != x.shape[0]:  # a row that is not finite: the full head decides, as it did
             return self.head(x).float().argmax(-1)
         self.last_survivors = survivors
         return tokens
+
+
+#: the row counts :func:`choose_amx_rows` times: plain decoding (1) to 16-row verifications
+AMX_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def choose_amx_rows(screen: ScreenedHead, cached: dict | None = None, repeats: int = 9) -> dict:
+    """From how many rows the screen's pass 1 should run on AMX tiles instead of AVX-512 VNNI: the
+    same int32 sums either way, hence the same tokens, so this is a choice of speed only. Times the
+    screen on :data:`AMX_ROWS` rows both ways, alternately, each call after the caches were evicted,
+    and takes the smallest count from which AMX was at least 5% faster at every larger count (0: never). Sets
+    ``screen.amx_rows``; returns ``{"head_amx_rows", "head_amx_rows_source", "head_amx_rows_us"}``;
+    an earlier measurement, ``cached``, is reused."""
+    if screen.q8t.numel() == 0:
+        return {"head_amx_rows": 0, "head_amx_rows_source": "unavailable"}
+    if cached and isinstance(cached.get("head_amx_rows"), int):
+        screen.amx_rows = cached["head_amx_rows"]
+        return {"head_amx_rows": screen.amx_rows, "head_amx_rows_source": "cache", "head_amx_rows_us": cached.get("head_amx_rows_us")}
+
+    gen = torch.Generator().manual_seed(5)
+    d_model = screen.q8.shape[1] * 2
+    # timed cold, as in decoding, where a step's layers have just evicted the head from the caches
+    # (timed warm, SmolLM2's 28 MB head came from L3 and AMX looked faster from 3 rows, where streamed
+    # from memory after the layers it was no faster up to 8 rows); both ways alternately, medians
+    evict = torch.empty(64 << 20, dtype=torch.uint8)
+    timings, pick = {}, 0
+    for rows in AMX_ROWS:
+        # rows near a real final norm's output: a random row spreads the logits, so that hundreds
+        # of tokens survive the screen instead of a few, and pass 2 would dominate
+        x = torch.randn(rows, d_model, generator=gen) * 3
+        times = {"without": [], "amx": []}
+        for i in range(repeats + 1):
+            for name, amx in (("without", 0), ("amx", 1)):
+                screen.amx_rows = amx
+                evict.fill_(i)
+                start = time.perf_counter()
+                screen(x)
+                if i:  # the first round is a warm-up
+                    times[name].append(time.perf_counter() - start)
+        timings[str(rows)] = {name: round(sorted(t)[len(t) // 2] * 1e6, 1) for name, t in times.items()}
+    for rows in reversed(AMX_ROWS):  # a clear win only: where both stream alike, noise would decide
+        if timings[str(rows)]["amx"] >= 0.95 * timings[str(rows)]["without"]:
+            break
+        pick = rows
+    screen.amx_rows = pick
+    return {"head_amx_rows": pick, "head_amx_rows_source": "measured", "head_amx_rows_us": timings}

@@ -914,6 +914,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             py::arg("x"), py::arg("nibbles"), py::arg("scales"), py::arg("bias") = py::none(), py::arg("int8") = false);
     mod.def("head_argmax_available", &head_argmax_available, "whether head_argmax was built (AVX512-BF16 and VNNI)");
     mod.def("head_argmax", &head_argmax, "greedy tokens of a dpbf16 LM head, screened through int8 weights");
+    mod.def("head_argmax_amx_available", &head_argmax_amx_available, "whether head_argmax can screen on AMX-INT8 tiles");
     mod.def("rope", &rope, "RoPE over interleaved pairs, row by row");
     mod.def("rope_attend", &rope_attend, "RoPE, cache write and decode attention between an attention block's products");
     mod.def("rope_attend_tree", &rope_attend_tree, "a token tree's RoPE, stash, per-segment cache writes and decode attention");

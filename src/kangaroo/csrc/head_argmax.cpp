@@ -35,6 +35,9 @@
 #if defined(__AVX512BF16__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define KANGAROO_HEAD_ARGMAX 1
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define KANGAROO_HEAD_AMX 1
+#endif
 #endif
 
 namespace {
@@ -108,6 +111,100 @@ void screen_rows(const int8_t* q8, int64_t kp2, const int32_t* x, int64_t xs, co
     for (; nb < e; ++nb) screen_blocks<M, 1>(q8 + nb * kp2 * 32, kp2, x, xs, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
 }
 
+#ifdef KANGAROO_HEAD_AMX
+// Pass 1 on AMX tiles, for M <= 16 rows at m0: the same int32 sums as screen_blocks, hence the same
+// bits after them (integer sums are exact in any order), so the unit is a choice of speed only
+// (kangaroo.screened_head.choose_amx_rows). Tiles multiply int8 by int8, so each int16 row value is
+// split as x16 = 256 h + l (h signed, l = 0..255 unsigned): C_h = h . w (tdpbssd) and C_l = l . w
+// (tdpbusd) over all of K, then 256 C_h + C_l. With |x16| <= 16383 (the row scale's qmax) |h| <= 64,
+// so |256 C_h + C_l| <= (64 * 256 + 255) * 128 K < 2^31 for K <= 1024, and for larger K the smaller
+// qmax keeps |x16| 127 K, hence every partial sum, inside int32 too. One tdpbssd covers 64 inputs of
+// 16 outputs for every row, where vpdpwssd covers 2 inputs of 16 outputs for one row: the AVX-512
+// pass becomes bound by its arithmetic from ~8 rows, the tiles stay bound by the head's stream (a
+// token tree's 12-16 rows ~30% faster; docs/ENGINE.md §3).
+// wt: [N/16][K/4][16][4] int8 (B tiles: 4 inputs of each of 16 outputs per 64-byte row).
+// finish_block's arithmetic for M rows known at run time, from the tiles' sums of block nb:
+// 256 ch + cl, each [M][16] int32
+inline void finish_amx(const int32_t* ch, const int32_t* cl, int64_t M, const float* meta, const RowPrep& rp, int64_t m0,
+                       int64_t nb, int64_t n_vocab, float* hi, int64_t hs, __m512* lo_max) {
+    alignas(64) float d[16], ee[16], g[16];
+    for (int j = 0; j < 16; ++j) {
+        d[j] = meta[(nb * 16 + j) * 3];
+        ee[j] = meta[(nb * 16 + j) * 3 + 1];
+        g[j] = meta[(nb * 16 + j) * 3 + 2];
+    }
+    const __m512 dv = _mm512_load_ps(d), ev = _mm512_load_ps(ee), gv = _mm512_load_ps(g);
+    const int64_t valid = std::min<int64_t>(16, n_vocab - nb * 16);
+    const __mmask16 real = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(valid, 0)) - 1);
+    const __m512 round_slack = _mm512_set1_ps(0x1p-7f), margin = _mm512_set1_ps(1.001f), tiny = _mm512_set1_ps(1e-6f);
+    for (int64_t m = 0; m < M; ++m) {
+        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch + m * 16), 8), _mm512_load_si512(cl + m * 16));
+        const __m512 approx = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dv, _mm512_set1_ps(rp.scale[m0 + m])));
+        __m512 bound = _mm512_fmadd_ps(_mm512_set1_ps(rp.xnorm[m0 + m]), ev, _mm512_mul_ps(_mm512_set1_ps(rp.dnorm[m0 + m]), gv));
+        bound = _mm512_mul_ps(bound, margin);
+        bound = _mm512_add_ps(_mm512_fmadd_ps(_mm512_add_ps(_mm512_abs_ps(approx), bound), round_slack, bound), tiny);
+        _mm512_storeu_ps(hi + m * hs + nb * 16, _mm512_add_ps(approx, bound));
+        lo_max[m] = _mm512_mask_max_ps(lo_max[m], real, lo_max[m], _mm512_sub_ps(approx, bound));
+    }
+}
+
+void screen_amx(const int8_t* wt, int64_t kp4, const int8_t* ah, const uint8_t* al, int64_t M, const float* meta,
+                const RowPrep& rp, int64_t m0, int64_t s, int64_t e, int64_t n_vocab, float* hi, int64_t hs, float* lo_out) {
+    TileConfig cfg;
+    for (int t = 0; t < 6; ++t) cfg.rows[t] = static_cast<uint8_t>(M), cfg.colsb[t] = 64;  // C_h, C_l of two blocks; A_h, A_l
+    cfg.rows[6] = cfg.rows[7] = 16;  // the two blocks' B tiles
+    cfg.colsb[6] = cfg.colsb[7] = 64;
+    _tile_loadconfig(&cfg);
+    const int64_t K = kp4 * 4, chunks = kp4 / 16, bstride = kp4 * 64;
+    alignas(64) int32_t c0[256], c1[256], c2[256], c3[256];
+    __m512 lo_max[16];
+    for (int m = 0; m < 16; ++m) lo_max[m] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t nb = s;
+    // two output blocks side by side: two weight streams, the A tiles shared (software prefetching
+    // 8-24 KB ahead, as the AVX-512 pass does, measured no faster here: the tile loads stream)
+    for (; nb + 2 <= e; nb += 2) {
+        const int8_t* w = wt + nb * bstride;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t c = 0; c < chunks; ++c) {
+            _tile_loadd(4, ah + c * 64, K);
+            _tile_loadd(5, al + c * 64, K);
+            _tile_loadd(6, w + c * 1024, 64);
+            _tile_loadd(7, w + bstride + c * 1024, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbusd(1, 5, 6);
+            _tile_dpbssd(2, 4, 7);
+            _tile_dpbusd(3, 5, 7);
+        }
+        _tile_stored(0, c0, 64);
+        _tile_stored(1, c1, 64);
+        _tile_stored(2, c2, 64);
+        _tile_stored(3, c3, 64);
+        finish_amx(c0, c1, M, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
+        finish_amx(c2, c3, M, meta, rp, m0, nb + 1, n_vocab, hi, hs, lo_max);
+    }
+    for (; nb < e; ++nb) {
+        const int8_t* w = wt + nb * bstride;
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t c = 0; c < chunks; ++c) {
+            _tile_loadd(4, ah + c * 64, K);
+            _tile_loadd(5, al + c * 64, K);
+            _tile_loadd(6, w + c * 1024, 64);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbusd(1, 5, 6);
+        }
+        _tile_stored(0, c0, 64);
+        _tile_stored(1, c1, 64);
+        finish_amx(c0, c1, M, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
+    }
+    _tile_release();
+    for (int64_t m = 0; m < M; ++m) lo_out[m] = _mm512_reduce_max_ps(lo_max[m]);
+}
+#endif
+
 // The dpbf16 head's 16 outputs of block nb for one row, exactly as linear_bf16 computes them.
 inline void exact_block(const uint16_t* packed, int64_t kp2, const int32_t* xb, int64_t nb, float* out) {
     const uint16_t* w = packed + nb * kp2 * 32;
@@ -121,6 +218,14 @@ inline void exact_block(const uint16_t* packed, int64_t kp2, const int32_t* xb, 
 
 }  // namespace
 
+bool head_argmax_amx_available() {
+#ifdef KANGAROO_HEAD_AMX
+    return linear_q4_amx_available();  // the CPU has the tiles and the OS granted them (asked once there)
+#else
+    return false;
+#endif
+}
+
 bool head_argmax_available() {
 #ifdef KANGAROO_HEAD_ARGMAX
     return true;
@@ -133,8 +238,10 @@ bool head_argmax_available() {
 // packed [N/16, K/2, 16, 2] bfloat16 (the dpbf16 head), n_vocab = N (outputs past it are padding)
 // -> (argmax [M] int64, survivors [M] int64: the tokens pass 2 recomputed); argmax is empty when a row
 // is not finite (NaN or inf: no bound holds, and torch.argmax has its own rule for NaN).
+// q8t: the same int8 weights as [N/16, K/4, 16, 4] for AMX tiles (or no elements), used for pass 1 when
+// the call has at least amx_rows rows (0: never) and K is a multiple of 64: the same bits either way.
 std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch::Tensor meta, torch::Tensor packed,
-                                       int64_t n_vocab) {
+                                       int64_t n_vocab, torch::Tensor q8t, int64_t amx_rows) {
 #ifdef KANGAROO_HEAD_ARGMAX
     TORCH_CHECK(x.dtype() == torch::kBFloat16 && x.dim() == 2 && x.device().is_cpu(), "head_argmax: x [M, K] bfloat16 on CPU");
     TORCH_CHECK(q8.dtype() == torch::kInt8 && q8.dim() == 4 && q8.size(2) == 16 && q8.size(3) == 2 && q8.is_contiguous(),
@@ -199,7 +306,41 @@ std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch:
     std::vector<float> lo(nth * M, -std::numeric_limits<float>::infinity());
     const auto* q8p = q8.data_ptr<int8_t>();
     const float* mp = meta.data_ptr<float>();
-    at::parallel_for(0, nth, 1, [&](int64_t a, int64_t b) {
+    const bool amx = amx_rows > 0 && M >= amx_rows && q8t.numel() > 0;
+#ifdef KANGAROO_HEAD_AMX
+    if (amx) {
+        TORCH_CHECK(q8t.dtype() == torch::kInt8 && q8t.is_contiguous() && q8t.dim() == 4 && q8t.size(0) == nblocks
+                    && q8t.size(1) * 4 == K && q8t.size(2) == 16 && q8t.size(3) == 4 && K % 64 == 0,
+                    "head_argmax: q8t [N/16, K/4, 16, 4] int8 with K a multiple of 64");
+        TORCH_CHECK(head_argmax_amx_available(), "head_argmax: no AMX-INT8 tiles on this CPU (or OS)");
+        // each row's int16 values split into A tiles' bytes: h = x16 >> 8 (signed), l = x16 & 255
+        thread_local std::vector<int8_t> tls_ah;
+        thread_local std::vector<uint8_t> tls_al;
+        std::vector<int8_t>& ah = tls_ah;
+        std::vector<uint8_t>& al = tls_al;
+        ah.resize(M * K);
+        al.resize(M * K);
+        for (int64_t m = 0; m < M; ++m) {
+            const auto* v = reinterpret_cast<const int16_t*>(rp.x16.data() + m * kp2);
+            for (int64_t k = 0; k < K; ++k) {
+                ah[m * K + k] = static_cast<int8_t>(v[k] >> 8);
+                al[m * K + k] = static_cast<uint8_t>(v[k] & 0xFF);
+            }
+        }
+        const auto* wt = q8t.data_ptr<int8_t>();
+        at::parallel_for(0, nth, 1, [&](int64_t a, int64_t b) {
+            for (int64_t t = a; t < b; ++t) {
+                const int64_t s = nblocks * t / nth, e = nblocks * (t + 1) / nth;
+                for (int64_t m0 = 0; m0 < M; m0 += 16)
+                    screen_amx(wt, K / 4, ah.data() + m0 * K, al.data() + m0 * K, std::min<int64_t>(16, M - m0), mp, rp, m0, s, e,
+                               n_vocab, hi.data() + m0 * Npad, Npad, lo.data() + t * M + m0);
+            }
+        });
+    }
+#else
+    TORCH_CHECK(!amx, "head_argmax: built without AMX-INT8 tiles");
+#endif
+    if (!amx) at::parallel_for(0, nth, 1, [&](int64_t a, int64_t b) {
         for (int64_t t = a; t < b; ++t) {
             const int64_t s = nblocks * t / nth, e = nblocks * (t + 1) / nth;
             for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
@@ -263,7 +404,7 @@ std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch:
     }
     return {tokens, survivors};
 #else
-    (void)x; (void)q8; (void)meta; (void)packed; (void)n_vocab;
+    (void)x; (void)q8; (void)meta; (void)packed; (void)n_vocab; (void)q8t; (void)amx_rows;
     TORCH_CHECK(false, "head_argmax: this CPU (or compiler) has no AVX512-BF16 and AVX512-VNNI");
     return {};
 #endif

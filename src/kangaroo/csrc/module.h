@@ -71,8 +71,9 @@ torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor sc
 
 // head_argmax.cpp
 bool head_argmax_available();
+bool head_argmax_amx_available();
 std::vector<torch::Tensor> head_argmax(torch::Tensor x, torch::Tensor q8, torch::Tensor meta, torch::Tensor packed,
-                                       int64_t n_vocab);
+                                       int64_t n_vocab, torch::Tensor q8t, int64_t amx_rows);
 
 // step_ops.cpp
 torch::Tensor rope(torch::Tensor x, torch::Tensor cs);
