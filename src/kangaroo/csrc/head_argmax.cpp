@@ -55,8 +55,7 @@ struct RowPrep {
 
 // The approximate logits and bounds of output block nb (16 outputs) for M rows, from their int32
 // sums: hi = ã + E into the hi rows, the running max of lo = ã - E into lo_max.
-template <int M>
-inline void finish_block(const __m512i* sums, const float* meta, const RowPrep& rp, int64_t m0, int64_t nb,
+inline void finish_block(const __m512i* sums, int64_t M, const float* meta, const RowPrep& rp, int64_t m0, int64_t nb,
                          int64_t n_vocab, float* hi, int64_t hs, __m512* lo_max) {
     // meta rows nb*16 .. +15: d, e, g interleaved [16][3]
     alignas(64) float d[16], e[16], g[16];
@@ -70,7 +69,7 @@ inline void finish_block(const __m512i* sums, const float* meta, const RowPrep& 
     const int64_t valid = std::min<int64_t>(16, n_vocab - nb * 16);
     const __mmask16 real = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(valid, 0)) - 1);
     const __m512 round_slack = _mm512_set1_ps(0x1p-7f), margin = _mm512_set1_ps(1.001f), tiny = _mm512_set1_ps(1e-6f);
-    for (int m = 0; m < M; ++m) {
+    for (int64_t m = 0; m < M; ++m) {
         const __m512 approx = _mm512_mul_ps(_mm512_cvtepi32_ps(sums[m]), _mm512_mul_ps(dv, _mm512_set1_ps(rp.scale[m0 + m])));
         __m512 bound = _mm512_fmadd_ps(_mm512_set1_ps(rp.xnorm[m0 + m]), ev, _mm512_mul_ps(_mm512_set1_ps(rp.dnorm[m0 + m]), gv));
         bound = _mm512_mul_ps(bound, margin);
@@ -98,7 +97,7 @@ inline void screen_blocks(const int8_t* w, int64_t kp2, const int32_t* x, int64_
             for (int m = 0; m < M; ++m) acc[gi][m] = _mm512_dpwssd_epi32(acc[gi][m], _mm512_set1_epi32(x[m * xs + p]), wv);
         }
     }
-    for (int gi = 0; gi < G; ++gi) finish_block<M>(acc[gi], meta, rp, m0, nb + gi, n_vocab, hi, hs, lo_max);
+    for (int gi = 0; gi < G; ++gi) finish_block(acc[gi], M, meta, rp, m0, nb + gi, n_vocab, hi, hs, lo_max);
 }
 
 template <int M>
@@ -123,29 +122,13 @@ void screen_rows(const int8_t* q8, int64_t kp2, const int32_t* x, int64_t xs, co
 // pass becomes bound by its arithmetic from ~8 rows, the tiles stay bound by the head's stream (a
 // token tree's 12-16 rows ~30% faster; docs/ENGINE.md §3).
 // wt: [N/16][K/4][16][4] int8 (B tiles: 4 inputs of each of 16 outputs per 64-byte row).
-// finish_block's arithmetic for M rows known at run time, from the tiles' sums of block nb:
-// 256 ch + cl, each [M][16] int32
+// The tiles' sums of block nb for M rows (256 ch + cl, each [M][16] int32) through finish_block.
 inline void finish_amx(const int32_t* ch, const int32_t* cl, int64_t M, const float* meta, const RowPrep& rp, int64_t m0,
                        int64_t nb, int64_t n_vocab, float* hi, int64_t hs, __m512* lo_max) {
-    alignas(64) float d[16], ee[16], g[16];
-    for (int j = 0; j < 16; ++j) {
-        d[j] = meta[(nb * 16 + j) * 3];
-        ee[j] = meta[(nb * 16 + j) * 3 + 1];
-        g[j] = meta[(nb * 16 + j) * 3 + 2];
-    }
-    const __m512 dv = _mm512_load_ps(d), ev = _mm512_load_ps(ee), gv = _mm512_load_ps(g);
-    const int64_t valid = std::min<int64_t>(16, n_vocab - nb * 16);
-    const __mmask16 real = valid >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(valid, 0)) - 1);
-    const __m512 round_slack = _mm512_set1_ps(0x1p-7f), margin = _mm512_set1_ps(1.001f), tiny = _mm512_set1_ps(1e-6f);
-    for (int64_t m = 0; m < M; ++m) {
-        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch + m * 16), 8), _mm512_load_si512(cl + m * 16));
-        const __m512 approx = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dv, _mm512_set1_ps(rp.scale[m0 + m])));
-        __m512 bound = _mm512_fmadd_ps(_mm512_set1_ps(rp.xnorm[m0 + m]), ev, _mm512_mul_ps(_mm512_set1_ps(rp.dnorm[m0 + m]), gv));
-        bound = _mm512_mul_ps(bound, margin);
-        bound = _mm512_add_ps(_mm512_fmadd_ps(_mm512_add_ps(_mm512_abs_ps(approx), bound), round_slack, bound), tiny);
-        _mm512_storeu_ps(hi + m * hs + nb * 16, _mm512_add_ps(approx, bound));
-        lo_max[m] = _mm512_mask_max_ps(lo_max[m], real, lo_max[m], _mm512_sub_ps(approx, bound));
-    }
+    __m512i sums[16];
+    for (int64_t m = 0; m < M; ++m)
+        sums[m] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ch + m * 16), 8), _mm512_load_si512(cl + m * 16));
+    finish_block(sums, M, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
 }
 
 void screen_amx(const int8_t* wt, int64_t kp4, const int8_t* ah, const uint8_t* al, int64_t M, const float* meta,
