@@ -154,7 +154,8 @@ def test_amx_pass_gives_the_same_sums_as_avx512(vocab, dim):
 
 @pytest.mark.skipif(not _available() or not _amx(), reason="needs AMX-INT8 tiles")
 def test_amx_rows_is_measured_then_cached():
-    from kangaroo.screened_head import AMX_ROWS, choose_amx_rows
+    from kangaroo.quantized import AMX_ROWS
+    from kangaroo.screened_head import choose_amx_rows
 
     weight = torch.randn(2048, 128)
     _, screen = _head(weight)

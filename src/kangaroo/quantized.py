@@ -143,7 +143,8 @@ def choose_prompt_product(gate_up: Q4Linear, down: Q4Linear, cached: dict | None
     return {"prompt_product": pick, "prompt_product_source": "measured", "prompt_product_us": timings}
 
 
-#: the row counts :func:`choose_amx_rows` times: steps of plain decoding (1) to 16-node verifications
+#: the row counts :func:`choose_amx_rows` (and the head screen's) times: steps of plain decoding (1) to
+#: 16-node verifications
 AMX_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)
 #: the prompt lengths :func:`choose_prompt_amx_rows` times
 PROMPT_AMX_ROWS = (17, 32, 64, 128, 256)
@@ -162,12 +163,19 @@ def _amx_from(switch, products: list[Q4Linear], counts: tuple[int, ...], repeats
         rounds = [native.time_switch(switch, {"without": 0, "amx": 1}, lambda: [p(xs[p.in_features]) for p in products], repeats)
                   for _ in range(2)]
         timings[str(rows)] = {name: min(r[name] for r in rounds) for name in ("without", "amx")}
+    return first_amx_rows(timings, counts), timings
+
+
+def first_amx_rows(timings: dict, counts: tuple[int, ...], margin: float = 1.0) -> int:
+    """The smallest of ``counts`` from which AMX tiles were faster at every larger count (0: never),
+    from ``timings`` ``{str(count): {"without": µs, "amx": µs}}``: AMX must take less than ``margin``
+    times the time without."""
     pick = 0
     for rows in reversed(counts):
-        if timings[str(rows)]["amx"] >= timings[str(rows)]["without"]:
+        if timings[str(rows)]["amx"] >= margin * timings[str(rows)]["without"]:
             break
         pick = rows
-    return pick, timings
+    return pick
 
 
 def choose_amx_rows(products: list[Q4Linear], cached: dict | None = None, repeats: int = 7) -> dict:

@@ -26,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from . import attention as native
+from .quantized import AMX_ROWS, first_amx_rows
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +97,11 @@ class ScreenedHead:
         return tokens
 
 
-#: the row counts :func:`choose_amx_rows` times: plain decoding (1) to 16-row verifications
-AMX_ROWS = (1, 2, 3, 4, 6, 8, 12, 16)
-
 
 def choose_amx_rows(screen: ScreenedHead, cached: dict | None = None, repeats: int = 9) -> dict:
     """From how many rows the screen's pass 1 should run on AMX tiles instead of AVX-512 VNNI: the
     same int32 sums either way, hence the same tokens, so this is a choice of speed only. Times the
-    screen on :data:`AMX_ROWS` rows both ways, alternately, each call after the caches were evicted,
+    screen on :data:`~kangaroo.quantized.AMX_ROWS` rows both ways, alternately, each call after the caches were evicted,
     and takes the smallest count from which AMX was at least 5% faster at every larger count (0: never). Sets
     ``screen.amx_rows``; returns ``{"head_amx_rows", "head_amx_rows_source", "head_amx_rows_us"}``;
     an earlier measurement, ``cached``, is reused."""
@@ -119,7 +117,7 @@ def choose_amx_rows(screen: ScreenedHead, cached: dict | None = None, repeats: i
     # (timed warm, SmolLM2's 28 MB head came from L3 and AMX looked faster from 3 rows, where streamed
     # from memory after the layers it was no faster up to 8 rows); both ways alternately, medians
     evict = torch.empty(64 << 20, dtype=torch.uint8)
-    timings, pick = {}, 0
+    timings = {}
     for rows in AMX_ROWS:
         # rows near a real final norm's output: a random row spreads the logits, so that hundreds
         # of tokens survive the screen instead of a few, and pass 2 would dominate
@@ -134,9 +132,6 @@ def choose_amx_rows(screen: ScreenedHead, cached: dict | None = None, repeats: i
                 if i:  # the first round is a warm-up
                     times[name].append(time.perf_counter() - start)
         timings[str(rows)] = {name: round(sorted(t)[len(t) // 2] * 1e6, 1) for name, t in times.items()}
-    for rows in reversed(AMX_ROWS):  # a clear win only: where both stream alike, noise would decide
-        if timings[str(rows)]["amx"] >= 0.95 * timings[str(rows)]["without"]:
-            break
-        pick = rows
-    screen.amx_rows = pick
+    # a clear win only: where both stream alike, noise would decide
+    pick = screen.amx_rows = first_amx_rows(timings, AMX_ROWS, margin=0.95)
     return {"head_amx_rows": pick, "head_amx_rows_source": "measured", "head_amx_rows_us": timings}

@@ -131,58 +131,56 @@ inline void finish_amx(const int32_t* ch, const int32_t* cl, int64_t M, const fl
     finish_block(sums, M, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
 }
 
-void screen_amx(const int8_t* wt, int64_t kp4, const int8_t* ah, const uint8_t* al, int64_t M, const float* meta,
-                const RowPrep& rp, int64_t m0, int64_t s, int64_t e, int64_t n_vocab, float* hi, int64_t hs, float* lo_out) {
-    TileConfig cfg;
-    for (int t = 0; t < 6; ++t) cfg.rows[t] = static_cast<uint8_t>(M), cfg.colsb[t] = 64;  // C_h, C_l of two blocks; A_h, A_l
-    cfg.rows[6] = cfg.rows[7] = 16;  // the two blocks' B tiles
-    cfg.colsb[6] = cfg.colsb[7] = 64;
-    _tile_loadconfig(&cfg);
-    const int64_t K = kp4 * 4, chunks = kp4 / 16, bstride = kp4 * 64;
-    alignas(64) int32_t c0[256], c1[256], c2[256], c3[256];
-    __m512 lo_max[16];
-    for (int m = 0; m < 16; ++m) lo_max[m] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t nb = s;
-    // two output blocks side by side: two weight streams, the A tiles shared (software prefetching
-    // 8-24 KB ahead, as the AVX-512 pass does, measured no faster here: the tile loads stream)
-    for (; nb + 2 <= e; nb += 2) {
-        const int8_t* w = wt + nb * bstride;
-        _tile_zero(0);
-        _tile_zero(1);
+// B (1 or 2) output blocks from nb side by side: B weight streams, the A tiles shared. Tiles 0-3: C_h,
+// C_l of each block; 4, 5: A_h, A_l; 6, 7: each block's B. (Software prefetching 8-24 KB ahead, as the
+// AVX-512 pass does, measured no faster here: the tile loads stream.)
+template <int B>
+inline void amx_blocks(const int8_t* w, int64_t bstride, int64_t chunks, const int8_t* ah, const uint8_t* al, int64_t K,
+                       int64_t M, const float* meta, const RowPrep& rp, int64_t m0, int64_t nb, int64_t n_vocab, float* hi,
+                       int64_t hs, __m512* lo_max, int32_t (*c)[256]) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (B == 2) {
         _tile_zero(2);
         _tile_zero(3);
-        for (int64_t c = 0; c < chunks; ++c) {
-            _tile_loadd(4, ah + c * 64, K);
-            _tile_loadd(5, al + c * 64, K);
-            _tile_loadd(6, w + c * 1024, 64);
-            _tile_loadd(7, w + bstride + c * 1024, 64);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbusd(1, 5, 6);
+    }
+    for (int64_t k = 0; k < chunks; ++k) {
+        _tile_loadd(4, ah + k * 64, K);
+        _tile_loadd(5, al + k * 64, K);
+        _tile_loadd(6, w + k * 1024, 64);
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbusd(1, 5, 6);
+        if (B == 2) {
+            _tile_loadd(7, w + bstride + k * 1024, 64);
             _tile_dpbssd(2, 4, 7);
             _tile_dpbusd(3, 5, 7);
         }
-        _tile_stored(0, c0, 64);
-        _tile_stored(1, c1, 64);
-        _tile_stored(2, c2, 64);
-        _tile_stored(3, c3, 64);
-        finish_amx(c0, c1, M, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
-        finish_amx(c2, c3, M, meta, rp, m0, nb + 1, n_vocab, hi, hs, lo_max);
     }
-    for (; nb < e; ++nb) {
-        const int8_t* w = wt + nb * bstride;
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t c = 0; c < chunks; ++c) {
-            _tile_loadd(4, ah + c * 64, K);
-            _tile_loadd(5, al + c * 64, K);
-            _tile_loadd(6, w + c * 1024, 64);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbusd(1, 5, 6);
-        }
-        _tile_stored(0, c0, 64);
-        _tile_stored(1, c1, 64);
-        finish_amx(c0, c1, M, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    finish_amx(c[0], c[1], M, meta, rp, m0, nb, n_vocab, hi, hs, lo_max);
+    if (B == 2) {
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        finish_amx(c[2], c[3], M, meta, rp, m0, nb + 1, n_vocab, hi, hs, lo_max);
     }
+}
+
+void screen_amx(const int8_t* wt, int64_t kp4, const int8_t* ah, const uint8_t* al, int64_t M, const float* meta,
+                const RowPrep& rp, int64_t m0, int64_t s, int64_t e, int64_t n_vocab, float* hi, int64_t hs, float* lo_out) {
+    TileConfig cfg;
+    for (int t = 0; t < 6; ++t) cfg.rows[t] = static_cast<uint8_t>(M), cfg.colsb[t] = 64;  // C tiles; A_h, A_l
+    cfg.rows[6] = cfg.rows[7] = 16;  // the B tiles
+    cfg.colsb[6] = cfg.colsb[7] = 64;
+    _tile_loadconfig(&cfg);
+    const int64_t K = kp4 * 4, chunks = kp4 / 16, bstride = kp4 * 64;
+    alignas(64) int32_t c[4][256];
+    __m512 lo_max[16];
+    for (int m = 0; m < 16; ++m) lo_max[m] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t nb = s;
+    for (; nb + 2 <= e; nb += 2)
+        amx_blocks<2>(wt + nb * bstride, bstride, chunks, ah, al, K, M, meta, rp, m0, nb, n_vocab, hi, hs, lo_max, c);
+    if (nb < e) amx_blocks<1>(wt + nb * bstride, bstride, chunks, ah, al, K, M, meta, rp, m0, nb, n_vocab, hi, hs, lo_max, c);
     _tile_release();
     for (int64_t m = 0; m < M; ++m) lo_out[m] = _mm512_reduce_max_ps(lo_max[m]);
 }
