@@ -290,7 +290,7 @@ def test_contention_meter_sees_another_busy_process():
     import sys
     import time
 
-    from kangaroo.bench import contention
+    from kangaroo import contention
 
     def cpu_seconds(meter_share: float, wall: float) -> float:
         return meter_share * wall * (os.cpu_count() or 1)

@@ -215,8 +215,19 @@ def test_compiled_layer_loop_is_the_python_loop_bit_for_bit(arch, kernel):
 
 
 # ---------------------------------------------------------------- configuration and calibration
+class _Meter:  # a ContentionMeter that reports what the test says other processes did
+    share = 0.0
+
+    def start(self):
+        return self
+
+    def stop(self):
+        return self.share
+
+
 def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("KANGAROO_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibration, "ContentionMeter", _Meter)  # a quiet machine, whatever CI runs beside us
     backbone = Backbone(tiny_model("llama", seed=0))
     engine, info = calibration.build_engine(backbone, EngineConfig())
     assert info["source"] == "measured" and set(info["step_ms"]) == {
@@ -630,6 +641,26 @@ def test_prompts_as_a_bfloat16_amx_gemm(shape):
 
 
 @pytest.mark.skipif(not Q4_INT8, reason="needs a CPU with AVX512-BF16 and AVX512-VNNI")
+def test_a_choice_measured_on_busy_cpus_is_used_but_not_cached(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KANGAROO_CACHE", str(tmp_path))
+    busy = type("Busy", (_Meter,), {"share": 0.5})  # one of two cores busy with another process
+    monkeypatch.setattr(calibration, "ContentionMeter", busy)
+    backbone = Backbone(tiny_model("llama", seed=0))
+    with caplog.at_level("WARNING", logger="kangaroo.calibration"):
+        engine, info = calibration.build_engine(backbone, EngineConfig())
+    assert info["source"] == "measured" and info["calibration_others_share"] == 0.5
+    assert engine.describe().startswith(f"fused/{info['kernel']}/")  # the run still uses what it measured
+    assert not (tmp_path / "engine" / "choices.json").exists()
+    assert [r.getMessage() for r in caplog.records if "not cached" in r.getMessage()] == [
+        "engine choice measured while other processes used 50% of the CPUs: used for this run, "
+        "not cached (measured again next time)"]
+    monkeypatch.setattr(calibration, "ContentionMeter", _Meter)  # quiet again: measured anew, then cached
+    _, again = calibration.build_engine(backbone, EngineConfig())
+    assert again["source"] == "measured" and again["calibration_others_share"] == 0.0
+    assert (tmp_path / "engine" / "choices.json").exists()
+    assert calibration.build_engine(backbone, EngineConfig())[1]["source"] == "cache"
+
+
 def test_amx_rows_are_measured_then_cached():
     from kangaroo import attention as native
 

@@ -78,7 +78,7 @@ def run(args) -> int:
     # --costs-only needs no questions (a user without the Spec-Bench file can still measure costs)
     questions = None if args.costs_only else load_questions(args.questions, categories, args.per_category, args.sample_seed)
     out = Path(args.out)
-    from .bench.contention import BUSY_SHARE, ContentionMeter, others_share
+    from .contention import BUSY_SHARE, ContentionMeter, others_share
 
     before = others_share()  # 2 s with this process idle
     if before is not None and before > BUSY_SHARE:

@@ -5,7 +5,9 @@ products well, an AMD EPYC's MKL is slow on few float32 rows but its oneDNN bflo
 so ``EngineConfig(dtype="auto", kernel="auto")`` times one plain-decoding step of every candidate
 (weight dtype x product kernel) on the loaded model and keeps the fastest. The choice is cached
 per machine, thread count, torch version and model in ``$KANGAROO_CACHE/engine/choices.json``, so
-only the first run on a machine pays for it (a few seconds for a 135M model).
+only the first run on a machine pays for it (a few seconds for a 135M model). A choice measured
+while other processes kept the CPUs busy is used for that run but not cached: one busy neighbour on
+a 2-core machine can reverse the order of two kernels that differ by 10% (docs/ENGINE.md §8).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from . import attention as attn_kernel
 from .config import EngineConfig
+from .contention import BUSY_SHARE, ContentionMeter
 from .engine import FusedEngine
 from .errors import KangarooError
 from . import quantized, screened_head
@@ -126,12 +129,13 @@ def _read_cache() -> dict:
         return {}
 
 
-def _write_cache(key: str, record: dict) -> None:
+def _write_cache(records: dict) -> None:
+    """Add ``{key: record}`` to the cache file (one read and one atomic replace)."""
     path = _cache_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _read_cache()
-        data[key] = record
+        data.update(records)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)
@@ -159,7 +163,8 @@ def build_engine(backbone: Backbone, config: EngineConfig):
 
 
 def _build_fused(backbone: Backbone, config: EngineConfig):
-    start = time.perf_counter()
+    start, meter = time.perf_counter(), ContentionMeter().start()
+    measured = {}  # cache records of the choices measured now, written at the end if the CPUs were quiet
     options = candidates(config, backbone)
     if not options:
         raise KangarooError(f"no product kernel for {config.device}: use --kernel stock")
@@ -174,8 +179,8 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
         else:
             choice, engine, timings = _measure(backbone, options)
             source = "measured"
-            _write_cache(key, {"choice": [str(choice[0]), choice[1]], "step_ms": timings, "machine": machine(),
-                               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            measured[key] = {"choice": [str(choice[0]), choice[1]], "step_ms": timings, "machine": machine(),
+                             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if engine is None:
         try:
             engine = FusedEngine(backbone, *choice)
@@ -185,27 +190,27 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
     key = _key(backbone, config) + f"|attention {a.heads}x{a.kv_heads}x{a.head_dim}"
     attention, attention_info = attn_kernel.choose(config.attention, a.heads, a.kv_heads, a.head_dim, engine.device,
                                                    cached=_read_cache().get(key))
-    _remember(key, attention_info, "attention")  # cached like the dtype and kernel: one engine per machine
+    _remember(measured, key, attention_info, "attention")  # cached like the dtype and kernel: one engine per machine
     engine.attention = attention  # loaded and checked by choose()
     prompt_info = {}
     if attention == "kernel" and choice[0] == torch.bfloat16 and config.prefill == "auto":
         # prompts' attention tiles: float32, bfloat16 or bfloat16 on AMX tiles, measured once per machine;
         # only where the weights are bfloat16 already (a float32 engine keeps float32's accuracy on prompts too)
         tiles = attn_kernel.choose_prompt_tiles(a.heads, a.kv_heads, a.head_dim, _read_cache().get(key + "|prompt tiles"))
-        _remember(key + "|prompt tiles", tiles, "prompt_tiles")
+        _remember(measured, key + "|prompt tiles", tiles, "prompt_tiles")
         engine.prompt_tiles = tiles["prompt_tiles"]
         prompt_info |= tiles
     if choice[1] == "q4_1" and config.prefill == "auto":  # how its products compute prompts: measured once per machine, like the rest
         product_key = _key(backbone, config) + "|q4_1 prompt product"
         product = quantized.choose_prompt_product(engine.layers[0].gate_up, engine.layers[0].down, _read_cache().get(product_key))
-        _remember(product_key, product, "prompt_product")
+        _remember(measured, product_key, product, "prompt_product")
         engine.prompt_int8 = product["prompt_product"] == "int8"
         prompt_info |= product
     if choice[1] == "q4_1_int8":  # AVX-512 or AMX tiles, the same bits: from how many rows AMX is faster, measured once
         amx_key = _key(backbone, config) + "|q4_1_int8 amx rows"
         amx = quantized.choose_amx_rows([p for layer in engine.layers for p in (layer.gate_up, layer.down)],
                                         _read_cache().get(amx_key))
-        _remember(amx_key, amx, "amx_rows")
+        _remember(measured, amx_key, amx, "amx_rows")
         engine.amx_rows = amx["amx_rows"]
         prompt_info |= amx
     if choice[1] in QUANTIZED_KERNELS and config.prefill == "auto":
@@ -218,27 +223,36 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
                                                           _read_cache().get(prompt_key))
         finally:
             module.linear_q4_prompt_int8(before)
-        _remember(prompt_key, prompt_amx, "prompt_amx_rows")
+        _remember(measured, prompt_key, prompt_amx, "prompt_amx_rows")
         engine.prompt_amx_rows = prompt_amx["prompt_amx_rows"]
         prompt_info |= prompt_amx
     if getattr(engine, "greedy_head", None) is not None:  # the greedy head's screen: AVX-512 or AMX tiles, the same bits
         head_key = _key(backbone, config) + "|head screen amx rows"
         head_amx = screened_head.choose_amx_rows(engine.greedy_head, _read_cache().get(head_key))
         if head_amx["head_amx_rows_source"] != "unavailable":
-            _remember(head_key, head_amx, "head_amx_rows")
+            _remember(measured, head_key, head_amx, "head_amx_rows")
             prompt_info |= head_amx
     info = {"engine": "fused", "dtype": str(choice[0]).removeprefix("torch."), "kernel": choice[1], "source": source,
             "step_ms": timings, **attention_info, "prefill": config.prefill, **prompt_info,
             "build_s": round(time.perf_counter() - start, 2)}
+    if measured:
+        others = meter.stop()
+        info["calibration_others_share"] = None if others is None else round(others, 3)
+        if others is not None and others > BUSY_SHARE:
+            logger.warning("engine choice measured while other processes used %.0f%% of the CPUs: used for this run, "
+                           "not cached (measured again next time)", 100 * others)
+        else:
+            _write_cache(measured)
     logger.info("engine: %s (%s)", engine.describe(), source)
     return engine, info
 
 
-def _remember(key: str, info: dict, name: str) -> None:
-    """Cache a choice ``info[name]`` (with its timings ``info[name + "_us"]``) that was measured now."""
+def _remember(measured: dict, key: str, info: dict, name: str) -> None:
+    """Add a choice ``info[name]`` (with its timings ``info[name + "_us"]``) that was measured now to
+    ``measured``, the records to cache."""
     if info[name + "_source"] == "measured":
-        _write_cache(key, {name: info[name], f"{name}_us": info[f"{name}_us"], "machine": machine(),
-                           "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        measured[key] = {name: info[name], f"{name}_us": info[f"{name}_us"], "machine": machine(),
+                         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _measure(backbone: Backbone, options: list[tuple[torch.dtype, str]]):

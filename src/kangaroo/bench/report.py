@@ -8,7 +8,7 @@ from pathlib import Path
 from string import Template
 from typing import TextIO
 
-from .contention import BUSY_SHARE
+from ..contention import BUSY_SHARE
 PLOTS = ("speedup_by_category.png", "accept_lengths.png", "ctar.png")
 TASK_NAMES = {"mt_bench": "MT-bench", "translation": "Translation", "summarization": "Summarization", "qa": "QA",
               "math_reasoning": "Math", "rag": "RAG"}
