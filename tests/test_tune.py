@@ -80,3 +80,25 @@ def test_tune_saves_a_setting_that_generate_then_uses(tiny_model_dir, tmp_path, 
     assert given.config.threshold == 0.95 and given.config.max_steps == best["max_steps"]
     assert given.config.verify_low_confidence is not best["verify_low_confidence"]
     assert main(["tune", "--model", str(tiny_model_dir), "--adapter", "random", "--prompts", str(tmp_path / "nope.json")]) == 2
+
+
+def test_tune_on_busy_cpus_says_so_and_records_it(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from kangaroo import tune
+
+    class Busy:  # a ContentionMeter that saw another process take one of two cores
+        def start(self):
+            return self
+
+        def stop(self):
+            return 0.5
+
+    monkeypatch.setenv("KANGAROO_CACHE", str(tmp_path))
+    monkeypatch.setattr(tune, "ContentionMeter", Busy)
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([list(p) for p in PROMPTS[:1]]))
+    assert main(["tune", "--model", str(tiny_model_dir), "--adapter", "random", "--threads", "1", "--prompts", str(prompts),
+                 "--max-new-tokens", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: other processes used 50% of the CPUs while tuning" in err
+    (saved,) = json.loads(tune.tuned_file().read_text()).values()
+    assert saved["others_share"] == 0.5  # kept beside the choice, which is still saved: the user asked for it

@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .contention import BUSY_SHARE, ContentionMeter
 from .errors import KangarooError
 
 logger = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ def tune(km, prompts: list[tuple[str, str]], max_new_tokens: int = 128, costs: d
 
     from .bench.costs import measure
 
-    start = time.perf_counter()
+    start, meter = time.perf_counter(), ContentionMeter().start()
     if costs is None:
         costs = measure(km.engine, km.adapter, km.config.exit_layer, repeats=9, best=True)
     costs = json.loads(json.dumps(costs))  # int row keys -> str, as in costs.json
@@ -323,8 +324,9 @@ def tune(km, prompts: list[tuple[str, str]], max_new_tokens: int = 128, costs: d
     results.sort(key=lambda r: -r["modelled_speedup"])
     for r in results:
         del r["_config"]
+    others = meter.stop()  # a busy neighbour distorts the costs and the recorded rounds alike
     return {"best": results[0], "top": results[:10], "ranking": results, "costs": costs, "overhead": overhead,
-            "prompts": len(prompts),
+            "prompts": len(prompts), "others_share": None if others is None else round(others, 3),
             "max_new_tokens": max_new_tokens, "seconds": round(time.perf_counter() - start, 1),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -361,7 +363,11 @@ def run(args) -> int:
     result = tune(km, prompts, args.max_new_tokens)
     best = result["best"]
     record = {"config": {k: best["config"][k] for k in TUNED_FIELDS}, "modelled_speedup": best["modelled_speedup"],
-              "compression": best["compression"], "measured_at": result["measured_at"], "engine": km.engine_info}
+              "compression": best["compression"], "measured_at": result["measured_at"], "engine": km.engine_info,
+              "others_share": result["others_share"]}
+    if result["others_share"] is not None and result["others_share"] > BUSY_SHARE:
+        print(f"warning: other processes used {100 * result['others_share']:.0f}% of the CPUs while tuning: the costs and "
+              f"the choice may be off; run `kangaroo tune` again on a quiet machine", file=sys.stderr)
     path = save_tuned(km, record)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
