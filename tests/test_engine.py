@@ -641,6 +641,36 @@ def test_prompts_as_a_bfloat16_amx_gemm(shape):
 
 
 @pytest.mark.skipif(not Q4_INT8, reason="needs a CPU with AVX512-BF16 and AVX512-VNNI")
+def test_candidates_are_timed_with_their_attention_and_finalists_in_rounds(tmp_path, monkeypatch):
+    """A single pass ranks kernels by the machine's drift; the finalists are timed again in turns,
+    each with the attention the engine will run with."""
+    monkeypatch.setenv("KANGAROO_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibration, "ContentionMeter", _Meter)
+    backbone = Backbone(tiny_model("llama", seed=0))
+    names = [f"{str(d).removeprefix('torch.')}/{k}" for d, k in calibration.candidates(EngineConfig())]
+    assert len(names) >= 3
+    first, later = names[-2], names[-1]  # the first pass favours `first`; every later round favours `later`
+    calls = []
+
+    def fake_step_ms(engine, *args, **kwargs):
+        name = f"{str(engine.weight_dtype).removeprefix('torch.')}/{engine.kernel}"
+        calls.append((name, engine.attention))
+        again = sum(n == name for n, _ in calls) > 1
+        if name == first:
+            return 10.0 if not again else 13.0
+        if name == later:
+            return 11.5 if not again else 11.0
+        return 50.0  # far behind: timed once, then out of the running
+
+    monkeypatch.setattr(calibration, "step_ms", fake_step_ms)
+    engine, info = calibration.build_engine(backbone, EngineConfig())
+    assert f"{info['dtype']}/{info['kernel']}" == later and info["step_ms"][later] == 11.0 and info["step_ms"][first] == 13.0
+    assert {n for n, _ in calls if [m for m, _ in calls].count(n) > 1} == {first, later}
+    assert [m for m, _ in calls].count(later) == 1 + calibration.FINAL_ROUNDS
+    assert {a for _, a in calls} == {info["attention"]}  # every candidate timed with the attention it runs with
+    assert engine.attention == info["attention"]
+
+
 def test_a_choice_measured_on_busy_cpus_is_used_but_not_cached(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("KANGAROO_CACHE", str(tmp_path))
     busy = type("Busy", (_Meter,), {"share": 0.5})  # one of two cores busy with another process
