@@ -58,6 +58,25 @@ def test_streamed_text_equals_json_text(capsys, tiny_chat_model_dir):
     assert code == 0 and low_text == out_text and "(the draft below η verified too)" in err
 
 
+def test_stats_say_when_the_engine_was_measured_on_busy_cpus(capsys, monkeypatch, tiny_chat_model_dir):
+    from kangaroo import calibration
+
+    class Busy:  # another process kept one of the two cores busy while the engine was timed
+        def start(self):
+            return self
+
+        def stop(self):
+            return 0.5
+
+    written = []
+    monkeypatch.setattr(calibration, "_read_cache", lambda: {})  # nothing cached: the engine is measured now
+    monkeypatch.setattr(calibration, "_write_cache", written.append)
+    monkeypatch.setattr(calibration, "ContentionMeter", Busy)
+    code, _, err = run_cli(capsys, "--model", str(tiny_chat_model_dir), "--prompt", "Hi", "--max-new-tokens", "4", "--stats")
+    assert code == 0 and "(measured now while other processes used 50% of the CPUs, not cached;" in err
+    assert written == []
+
+
 def test_prompt_from_stdin_and_no_chat(capsys, monkeypatch, tiny_chat_model_dir):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Once upon a time"))
     code, out, _ = run_cli(capsys, "--model", str(tiny_chat_model_dir), "--no-chat", "--max-new-tokens", "5", "--json")

@@ -294,15 +294,18 @@ def tune(km, prompts: list[tuple[str, str]], max_new_tokens: int = 128, costs: d
     from .bench.costs import measure
 
     start, meter = time.perf_counter(), ContentionMeter().start()
-    if costs is None:
-        costs = measure(km.engine, km.adapter, km.config.exit_layer, repeats=9, best=True)
-    costs = json.loads(json.dumps(costs))  # int row keys -> str, as in costs.json
-    costs.update(num_layers=km.engine.num_layers, exit_layer=km.config.exit_layer)
     max_chain, max_lookup = max(MAX_STEPS), max(LOOKUP_TOKENS)
     answers, encoded = [], []
     for kind, prompt in tqdm(prompts, desc="recording drafts", unit="prompt", disable=None, file=sys.stderr):
         encoded.append(km.encode(prompt))
         answers.append((kind, record(km, encoded[-1], max_new_tokens, max_chain, max_lookup)))
+    # the step costs are timed just before the real decodes that calibrate them: the machine's speed
+    # drifts within minutes, and costs timed before the recording, ~20 s earlier, once came out slower
+    # than the decodes (overheads clamped to 0, a different choice than the next run's)
+    if costs is None:
+        costs = measure(km.engine, km.adapter, km.config.exit_layer, repeats=9, best=True)
+    costs = json.loads(json.dumps(costs))  # int row keys -> str, as in costs.json
+    costs.update(num_layers=km.engine.num_layers, exit_layer=km.config.exit_layer)
     overhead = calibrate(km, encoded[:CALIBRATION_PROMPTS], [p for _, p in answers[:CALIBRATION_PROMPTS]], max_new_tokens, costs)
     plain_ms = costs["forward_ms"]["1"] + overhead["step_ms"]
 
