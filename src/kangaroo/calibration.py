@@ -7,7 +7,7 @@ so ``EngineConfig(dtype="auto", kernel="auto")`` times one plain-decoding step o
 per machine, thread count, torch version and model in ``$KANGAROO_CACHE/engine/choices.json``, so
 only the first run on a machine pays for it (a few seconds for a 135M model). A choice measured
 while other processes kept the CPUs busy is used for that run but not cached: one busy neighbour on
-a 2-core machine can reverse the order of two kernels that differ by 10% (docs/ENGINE.md §8).
+a 2-core machine can reverse the order of two kernels that differ by 10% (docs/ENGINE.md §3).
 """
 
 from __future__ import annotations
