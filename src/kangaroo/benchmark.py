@@ -78,10 +78,10 @@ def run(args) -> int:
     # --costs-only needs no questions (a user without the Spec-Bench file can still measure costs)
     questions = None if args.costs_only else load_questions(args.questions, categories, args.per_category, args.sample_seed)
     out = Path(args.out)
-    from .contention import BUSY_SHARE, ContentionMeter, others_share
+    from .contention import ContentionMeter, busy, others_share
 
     before = others_share()  # 2 s with this process idle
-    if before is not None and before > BUSY_SHARE:
+    if busy(before):
         print(f"warning: other processes are using {before:.0%} of the CPUs: timings will be unreliable", file=sys.stderr)
     load_before, meter = _loadavg(), ContentionMeter().start()
 
@@ -121,7 +121,7 @@ def run(args) -> int:
     during = meter.stop()  # model loading, every method and the identity check
     summary["machine"] = _machine(args, km, load_before, _loadavg())
     summary["machine"].update(others_cpu_share_before=before, others_cpu_share_during=during)
-    if during is not None and during > BUSY_SHARE:
+    if busy(during):
         print(f"warning: other processes used {during:.0%} of the CPUs during the run: timings are unreliable", file=sys.stderr)
     if args.sweep:
         summary["sweep"] = _best(summary, [m.name for m in methods if m.name not in AR_BASELINES])

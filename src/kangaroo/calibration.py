@@ -24,7 +24,7 @@ import torch
 
 from . import attention as attn_kernel
 from .config import EngineConfig
-from .contention import BUSY_SHARE, ContentionMeter
+from .contention import ContentionMeter, busy
 from .engine import FusedEngine
 from .errors import KangarooError
 from . import quantized, screened_head
@@ -255,7 +255,7 @@ def _build_fused(backbone: Backbone, config: EngineConfig):
     if measured:
         others = meter.stop()
         info["calibration_others_share"] = None if others is None else round(others, 3)
-        if others is not None and others > BUSY_SHARE:
+        if busy(others):
             logger.warning("engine choice measured while other processes used %.0f%% of the CPUs: used for this run, "
                            "not cached (measured again next time)", 100 * others)
         else:

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from .contention import BUSY_SHARE
+from .contention import busy
 from .errors import KangarooError
 
 logger = logging.getLogger("kangaroo")
@@ -163,9 +163,9 @@ def _stats_line(r: dict) -> str:
     e = r["engine"]
     how = {"measured": "measured now", "cache": "measured earlier, cached", "given": "as asked",
            "fallback": "the fused engine cannot run this model"}[e["source"]]
-    busy = e.get("calibration_others_share")
-    if busy is not None and busy > BUSY_SHARE:  # see kangaroo.calibration: used, not cached
-        how += f" while other processes used {100 * busy:.0f}% of the CPUs, not cached"
+    share = e.get("calibration_others_share")
+    if busy(share):  # see kangaroo.calibration: used, not cached
+        how += f" while other processes used {100 * share:.0f}% of the CPUs, not cached"
     if e["kernel"] == "q4_1":  # the layers' weights are the file's own 4-bit blocks; activations bfloat16
         line = f"[engine]   {e['engine']}, the GGUF file's Q4_1 layers ({e['dtype']} activations), q4_1 kernel"
         if e.get("prompt_product") == "int8":  # prompts' products on int8 activations, as llama.cpp computes them

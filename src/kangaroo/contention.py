@@ -17,6 +17,12 @@ import time
 BUSY_SHARE = 0.10  # other processes using more than this share of all CPUs make timings suspect
 
 
+def busy(share: float | None) -> bool:
+    """Whether a measured share of the CPUs used by other processes makes timings suspect (None:
+    not measurable here, taken as quiet)."""
+    return share is not None and share > BUSY_SHARE
+
+
 def _machine_busy_s() -> float | None:
     """CPU-seconds all CPUs have spent busy since boot (None where ``/proc/stat`` is missing)."""
     try:

@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .contention import BUSY_SHARE, ContentionMeter
+from .contention import ContentionMeter, busy
 from .errors import KangarooError
 
 logger = logging.getLogger(__name__)
@@ -368,7 +368,7 @@ def run(args) -> int:
     record = {"config": {k: best["config"][k] for k in TUNED_FIELDS}, "modelled_speedup": best["modelled_speedup"],
               "compression": best["compression"], "measured_at": result["measured_at"], "engine": km.engine_info,
               "others_share": result["others_share"]}
-    if result["others_share"] is not None and result["others_share"] > BUSY_SHARE:
+    if busy(result["others_share"]):
         print(f"warning: other processes used {100 * result['others_share']:.0f}% of the CPUs while tuning: the costs and "
               f"the choice may be off; run `kangaroo tune` again on a quiet machine", file=sys.stderr)
     path = save_tuned(km, record)

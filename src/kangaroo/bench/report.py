@@ -8,7 +8,7 @@ from pathlib import Path
 from string import Template
 from typing import TextIO
 
-from ..contention import BUSY_SHARE
+from ..contention import BUSY_SHARE, busy
 PLOTS = ("speedup_by_category.png", "accept_lengths.png", "ctar.png")
 TASK_NAMES = {"mt_bench": "MT-bench", "translation": "Translation", "summarization": "Summarization", "qa": "QA",
               "math_reasoning": "Math", "rag": "RAG"}
@@ -141,7 +141,7 @@ def header(summary: dict) -> str:
     qs = ", ".join(f"{TASK_NAMES.get(t, t)} {n}" for t, n in c["questions_per_task"].items())
     load = f"{_f(mc.get('load_average_before'))} before, {_f(mc.get('load_average_after'))} after"
     shares = [mc.get("others_cpu_share_before"), mc.get("others_cpu_share_during")]
-    busy = any(x is not None and x > BUSY_SHARE for x in shares)
+    suspect = any(busy(x) for x in shares)
     if all(x is None for x in shares):  # summaries from before the meter existed, or no /proc/stat
         shares_line = f"- 1-minute load average: {load}"
     else:
@@ -157,7 +157,7 @@ def header(summary: dict) -> str:
         shares_line + " (a busy machine slows multi-row matmuls on few cores and makes timings unreliable)",
         f"- Headline baseline: `{summary.get('baseline')}` (the faster autoregressive loop); identity reference: `{summary.get('reference')}`",
     ] + ([f"- **Warning: other processes used more than {BUSY_SHARE:.0%} of the CPUs around this run; treat the timings as unreliable.**"]
-         if busy else []))
+         if suspect else []))
 
 
 DEFINITIONS = """\
