@@ -65,8 +65,73 @@ def test_bad_ranges_and_dtypes_are_refused(kernel):
         attention.decode_attention(q, k, k, [0, 0], [5, 11], 1.0)
     with pytest.raises(RuntimeError, match="one key range per row"):
         attention.decode_attention(q, k, k, [0], [5], 1.0)
-    with pytest.raises(RuntimeError, match="float32 only"):
-        attention.decode_attention(q.double(), k.double(), k.double(), [0, 0], [5, 6], 1.0)
+    with pytest.raises(RuntimeError, match="float32 queries"):
+        attention.decode_attention(q.double(), k, k, [0, 0], [5, 6], 1.0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 keys and values"):
+        attention.decode_attention(q, k.double(), k.double(), [0, 0], [5, 6], 1.0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16 keys and values"):
+        attention.decode_attention(q, k, k.bfloat16(), [0, 0], [5, 6], 1.0)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 1, 256), (8, 8, 128), (4, 2, 16), (6, 3, 24)])
+def test_bfloat16_cache_rows_are_bit_invariant_and_attend(kernel, heads, kv_heads, head_dim):
+    """A bfloat16 cache: every row count 1..16 at positions around the chunk borders, with and without
+    a window, gives each row its one-row bits; it is attention over the rounded keys and values (to
+    bfloat16's rounding of queries and weights where computed natively, exactly elsewhere: the cache
+    widened to float32 gives the float32 cache's bits)."""
+    gen = torch.Generator().manual_seed(head_dim)
+    keys, values = (torch.randn(kv_heads, 420, head_dim, generator=gen).bfloat16() for _ in range(2))
+    native = attention.bf16_cache_native() and head_dim in (64, 128, 256)
+    differed = False
+    for pos in (0, 1, 15, 127, 128, 129, 255, 383, 400):
+        for window in (None, 30, 131):
+            T = min(1 + (pos * 7 + (window or 0)) % 16, 420 - pos)
+            q = torch.randn(T, heads, head_dim, generator=gen)
+            ends = [pos + t + 1 for t in range(T)]
+            begins = [0 if window is None else max(0, e - window) for e in ends]
+            scale = head_dim ** -0.5
+            rows = attention.decode_attention(q, keys, values, begins, ends, scale)
+            for t in range(T):
+                alone = attention.decode_attention(q[t:t + 1].clone(), keys, values, begins[t:t + 1], ends[t:t + 1], scale)
+                assert torch.equal(alone[0], rows[t]), (pos, window, T, t)
+            widened = attention.decode_attention(q, keys.float(), values.float(), begins, ends, scale)
+            differed |= not torch.equal(rows, widened)
+            torch.testing.assert_close(rows, widened, rtol=3e-2, atol=3e-2)
+            ref = attention.sdpa_rows(q, keys.float(), values.float(), begins, ends, scale)
+            torch.testing.assert_close(rows, ref, rtol=3e-2, atol=3e-2)
+    assert differed == native  # bfloat16 products where native, else exactly the widened cache's float32 arithmetic
+
+
+def test_bfloat16_cache_writes_are_the_rounded_float32_writes(kernel):
+    """rope_attend and rope_attend_tree write what they write into a float32 cache, rounded to bfloat16
+    (nearest even), and a prompt over a bfloat16 cache is the prompt over its float32 widening."""
+    gen = torch.Generator().manual_seed(7)
+    H, Hkv, d, T, start = 9, 3, 64, 40, 10
+    qkv = torch.randn(T, (H + 2 * Hkv) * d, generator=gen).bfloat16()
+    angles = torch.rand(T, 1, d // 2, generator=gen) * 6.28
+    cs = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    k32, v32 = torch.zeros(Hkv, 64, d), torch.zeros(Hkv, 64, d)
+    k32[:, :start] = torch.randn(Hkv, start, d, generator=gen).bfloat16().float()  # earlier tokens, as a bfloat16 cache holds them
+    v32[:, :start] = torch.randn(Hkv, start, d, generator=gen).bfloat16().float()
+    k16, v16 = k32.bfloat16(), v32.bfloat16()
+    out32 = attention.rope_attend(qkv, cs, k32, v32, start, H, Hkv, 0.125, 0)  # a prompt: > 16 rows
+    out16 = attention.rope_attend(qkv, cs, k16, v16, start, H, Hkv, 0.125, 0)
+    assert torch.equal(k16, k32.bfloat16()) and torch.equal(v16, v32.bfloat16())
+    assert out16.shape == out32.shape == (T, H * d)
+    torch.testing.assert_close(out16, out32, rtol=3e-2, atol=3e-2)
+    q = torch.randn(T, H, d, generator=gen)
+    assert torch.equal(attention.prompt_attention(q, k16[:, :start + T], v16[:, :start + T], start, 0, 0.125),
+                       attention.prompt_attention(q, k16[:, :start + T].float(), v16[:, :start + T].float(), start, 0, 0.125))
+    # a tree's rows: the stash and the cache slots hold the same rounded keys and values
+    ks, vs = torch.empty(Hkv, 5, d, dtype=torch.bfloat16), torch.empty(Hkv, 5, d, dtype=torch.bfloat16)
+    ks32, vs32 = torch.empty(Hkv, 5, d), torch.empty(Hkv, 5, d)
+    segments = [(0, 3, 0), (3, 5, 1)]
+    attention.rope_attend_tree(qkv[:5], cs[:5], k32, v32, start + T, segments, H, Hkv, 0.125, 0, ks32, vs32)
+    attention.rope_attend_tree(qkv[:5], cs[:5], k16, v16, start + T, segments, H, Hkv, 0.125, 0, ks, vs)
+    assert torch.equal(ks, ks32.bfloat16()) and torch.equal(vs, vs32.bfloat16())
+    assert torch.equal(k16, k32.bfloat16()) and torch.equal(v16, v32.bfloat16())
+    with pytest.raises(RuntimeError, match="stashes \\[H_kv, T, d\\] in the cache's dtype"):
+        attention.rope_attend_tree(qkv[:5], cs[:5], k16, v16, start + T, segments, H, Hkv, 0.125, 0, ks32, vs32)
 
 
 def test_choose_measures_insists_or_skips(kernel):

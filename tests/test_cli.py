@@ -98,6 +98,7 @@ def test_prompt_from_stdin_and_no_chat(capsys, monkeypatch, tiny_chat_model_dir)
         (["--threshold", "2"], "threshold"),
         (["--tree-width", "0"], "tree_width must be in 1..8"),
         (["--tree-threshold", "-1"], "tree_threshold must be in [0, 1]"),
+        (["--kv-dtype", "int8"], "unknown kv_dtype 'int8': use one of auto, float32, bfloat16"),
     ],
 )
 def test_bad_input_is_one_line_error(capsys, monkeypatch, tiny_chat_model_dir, args, message):
@@ -177,3 +178,17 @@ def test_cli_defaults_come_from_the_config_dataclasses():
     assert args.verify_low_confidence in (None, k.verify_low_confidence)
     assert (args.engine, args.dtype, args.kernel, args.device, args.threads) == (e.engine, e.dtype, e.kernel, e.device, e.threads)
     assert (args.temperature, args.top_p, args.top_k) == (s.temperature, s.top_p, s.top_k)
+
+
+def test_a_prompt_list_that_is_neither_ids_nor_messages_is_a_clear_error(tiny_chat_model_dir):
+    """The API takes text, token ids or chat messages; a list of strings (or of messages without a
+    role) is one clear error, not a traceback from the chat template."""
+    from kangaroo.api import KangarooModel
+    from kangaroo.errors import KangarooError
+
+    km = KangarooModel.from_pretrained(str(tiny_chat_model_dir), adapter="random", dtype="float32")
+    with pytest.raises(KangarooError, match=r"a prompt list holds token ids or chat messages .*, not 'writing'$"):
+        km.generate(["writing", "Write a short story."], max_new_tokens=4)
+    with pytest.raises(KangarooError, match=r"not \{'content': 'hi'\}$"):
+        km.encode([{"content": "hi"}])
+    assert km.encode([{"role": "user", "content": "hi"}]).shape[0] == 1

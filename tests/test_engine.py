@@ -141,6 +141,8 @@ def test_kangaroo_equals_plain_greedy_on_the_same_engine(arch, dtype, kernel, at
     accepted = all_accepted = rejected = 0
     for ℓ, η, γ, friendly in itertools.product((1, NUM_LAYERS - 1), (0.0, 0.5), (3, 8), (False, True)):
         engine = engines[friendly]
+        # on the kernel attention, the KV cache in float32 and in bfloat16 (--kv-dtype; auto's choice for bfloat16 engines)
+        engine.kv_dtype = torch.bfloat16 if attention == "kernel" and (ℓ + γ + int(friendly)) % 2 else torch.float32
         # prompts' tiles in every mode this machine has (bfloat16 tiles exist for head size 64: the Mistral model)
         engine.prompt_tiles = tiles[(ℓ + γ + int(friendly)) % len(tiles)] if tiles else "float32"
         # half the cases draft with an MLP adapter (--adapter-mlp), random in the unfriendly ones
@@ -177,8 +179,9 @@ STACK_CONFIGS = ([(arch, "dpbf16") for arch in ARCHITECTURES] if (torch.bfloat16
                 [(arch, kernel) for kernel in Q4_KERNELS for arch in ("llama", "mistral")]
 
 
+@pytest.mark.parametrize("kv", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch,kernel", STACK_CONFIGS)
-def test_compiled_layer_loop_is_the_python_loop_bit_for_bit(arch, kernel):
+def test_compiled_layer_loop_is_the_python_loop_bit_for_bit(arch, kernel, kv):
     """The compiled layer loop (csrc/layer_stack.cpp) gives the Python loop's hidden states and cache
     entries bit for bit: a prompt past the 16-row steps and the 48-token windows, steps of 1, 5
     and 16 rows over split layer ranges, then a token tree; Qwen3's per-head norms keep to the Python loop."""
@@ -186,6 +189,8 @@ def test_compiled_layer_loop_is_the_python_loop_bit_for_bit(arch, kernel):
     q4 = dict(q4_layers=q4_layers(backbone)) if kernel.startswith("q4_1") else {}
     engines = [FusedEngine(backbone, torch.bfloat16, kernel, "kernel", **q4) for _ in range(2)]
     engines[1]._stack = (None, [])  # the Python loop
+    for e in engines:
+        e.kv_dtype = getattr(torch, kv)
     if arch == "qwen3":
         assert engines[0]._build_stack() == (None, [])
         return
@@ -232,7 +237,11 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     engine, info = calibration.build_engine(backbone, EngineConfig())
     assert info["source"] == "measured" and set(info["step_ms"]) == {
         f"{str(d).removeprefix('torch.')}/{k}" for d, k in calibration.candidates(EngineConfig())}
-    assert engine.describe() == f"fused/{info['kernel']}/{info['dtype']}/{info['attention']}-attention"
+    kv = "/bfloat16-kv" if info["kv_dtype"] == "bfloat16" else ""
+    assert engine.describe() == f"fused/{info['kernel']}/{info['dtype']}/{info['attention']}-attention{kv}"
+    # the KV cache: bfloat16 only for bfloat16 engines on the kernel attention that reads it natively
+    native = info["dtype"] == "bfloat16" and info["attention"] == "kernel" and attn_kernel.bf16_cache_native()
+    assert engine.kv_dtype == (torch.bfloat16 if native else torch.float32)
     assert info["attention_source"] == "measured" and set(info["attention_us"]) == {"kernel", "sdpa"}
     saved = json.loads((tmp_path / "engine" / "choices.json").read_text())
     (record,) = [r for r in saved.values() if "choice" in r]  # beside it: the attention choice's record
@@ -245,6 +254,14 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     # bfloat16 weights with the kernel attention: prompts' tiles measured (then cached) like the rest
     mistral = Backbone(tiny_model("mistral", seed=0))  # heads of 64: the tiles' sizes
     bf, bf_info = calibration.build_engine(mistral, EngineConfig(dtype="bfloat16", kernel="dpbf16", attention="kernel"))
+    assert bf_info["kv_dtype"] == ("bfloat16" if attn_kernel.bf16_cache_native() else "float32")
+    as_asked = calibration.build_engine(mistral, EngineConfig(dtype="bfloat16", kernel="dpbf16", attention="kernel", kv_dtype="float32"))
+    assert as_asked[0].kv_dtype == torch.float32 and as_asked[1]["kv_dtype"] == "float32"
+    # --kv-dtype bfloat16 where --attention auto chose per-row SDPA: one clear line
+    sdpa = FusedEngine(mistral, torch.bfloat16, "dpbf16", "sdpa")
+    with pytest.raises(KangarooError, match="a bfloat16 KV cache is read by the decode-attention kernel, which is not in use"):
+        calibration._kv_dtype(EngineConfig(kv_dtype="bfloat16"), sdpa)
+    assert calibration._kv_dtype(EngineConfig(), sdpa) == torch.float32
     if attn_kernel.prompt_tiles_available("bfloat16"):
         here = {t for t in attn_kernel.PROMPT_TILES if attn_kernel.prompt_tiles_available(t)}
         assert bf_info["prompt_tiles_source"] == "measured" and set(bf_info["prompt_tiles_us"]) == here
@@ -277,12 +294,16 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     (dict(device="cuda", kernel="q4_1"), "the q4_1 kernel is CPU only"),
     (dict(kernel="q4_1_int8", dtype="float32"), "the q4_1_int8 kernel computes with bfloat16 activations: use --dtype bfloat16 or auto"),
     (dict(device="cuda", kernel="q4_1_int8"), "the q4_1_int8 kernel is CPU only"),
-    (dict(engine="eager", kernel="packed"), "--kernel, --attention and --prefill apply to the fused engine"),
-    (dict(engine="eager", attention="sdpa"), "--kernel, --attention and --prefill apply to the fused engine"),
-    (dict(engine="eager", prefill="exact"), "--kernel, --attention and --prefill apply to the fused engine"),
+    (dict(engine="eager", kernel="packed"), "--kernel, --attention, --prefill and --kv-dtype apply to the fused engine"),
+    (dict(engine="eager", attention="sdpa"), "--kernel, --attention, --prefill and --kv-dtype apply to the fused engine"),
+    (dict(engine="eager", prefill="exact"), "--kernel, --attention, --prefill and --kv-dtype apply to the fused engine"),
     (dict(prefill="fast"), "unknown prefill 'fast': use one of auto, exact"),
     (dict(attention="flash"), "unknown attention 'flash': use one of auto, kernel, sdpa"),
     (dict(device="cuda", attention="kernel"), "the decode-attention kernel is CPU only"),
+    (dict(kv_dtype="float16"), "unknown kv_dtype 'float16': use one of auto, float32, bfloat16"),
+    (dict(engine="eager", kv_dtype="bfloat16"), "--kernel, --attention, --prefill and --kv-dtype apply to the fused engine"),
+    (dict(device="cuda", kv_dtype="bfloat16"), "a bfloat16 KV cache is read by the CPU decode-attention kernel"),
+    (dict(attention="sdpa", kv_dtype="bfloat16"), "a bfloat16 KV cache is read by the CPU decode-attention kernel"),
 ])
 def test_bad_engine_settings_are_clear_errors(kwargs, message):
     with pytest.raises(KangarooError, match=message.replace("(", r"\(")):
@@ -376,23 +397,29 @@ def test_token_trees_equal_plain_greedy_on_the_same_engine(arch, dtype, kernel, 
                                     lookup_tokens=rng.choice([4, 7]), lookup_ngram=1)
             base = torch.randint(0, VOCAB, (1, rng.randrange(8, 30)), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
             ids = torch.cat([base, base, base[:, :5]], dim=1)  # repeats: prompt lookup proposes drafts
-            expected = AutoregressiveDecoder(engine).generate(ids, 40).token_ids
-            eos = {expected[rng.randrange(len(expected))]} if rng.random() < 0.3 else set()
-            if eos:
-                expected = AutoregressiveDecoder(engine).generate(ids, 40, eos).token_ids
-            result = KangarooDecoder(engine, adapter, config).generate(ids, 40, eos)
-            assert result.token_ids == expected, f"{arch} {dtype} {kernel} ℓ={ℓ} width={width} branch={branch}"
+            eos_draw = rng.random()
+            # on the kernel attention, with the KV cache (and the trees' stashes) in bfloat16 too
+            for kv in (torch.float32, torch.bfloat16) if attention == "kernel" else (torch.float32,):
+                engine.kv_dtype = kv
+                expected = AutoregressiveDecoder(engine).generate(ids, 40).token_ids
+                eos = {expected[len(expected) // 2]} if eos_draw < 0.3 else set()
+                if eos:
+                    expected = AutoregressiveDecoder(engine).generate(ids, 40, eos).token_ids
+                result = KangarooDecoder(engine, adapter, config).generate(ids, 40, eos)
+                assert result.token_ids == expected, f"{arch} {dtype} {kernel} {kv} ℓ={ℓ} width={width} branch={branch}"
     assert watch.trees > 50 and watch.other_branch > 5 and watch.deep_other_branch > 0 and watch.moved > 5, vars(watch)
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
-def test_tree_cache_after_a_later_branch_wins_equals_plain_decoding(attention, monkeypatch):
+@pytest.mark.parametrize("attention,kv", [("kernel", "float32"), ("sdpa", "float32"), ("kernel", "bfloat16")])
+def test_tree_cache_after_a_later_branch_wins_equals_plain_decoding(attention, kv, monkeypatch):
     """After a round accepted through a branch that is not the first (so its keys and values were
     copied back from the stash, and its shallow states recomputed), every layer's cache equals the
     one plain one-token steps build (bit for bit) and a fresh float32 prefill (to rounding)."""
     watch = _TreeWatch(monkeypatch)
     model = tiny_model("qwen3", seed=2, damp_from=1)
     engine = FusedEngine(Backbone(model), torch.float32, "stock", attention)
+    engine.kv_dtype = getattr(torch, kv)
+    tol = dict(rtol=1e-4, atol=1e-5) if kv == "float32" else dict(rtol=1e-2, atol=1e-2)  # a bfloat16 cache: one rounding
     adapter = Adapter.random(engine.backbone, 1, seed=5)
     config = KangarooConfig(exit_layer=1, max_steps=4, threshold=0.0, tree_width=3, tree_threshold=0.0,
                             lookup_branch=True, lookup_tokens=6, lookup_ngram=1)
@@ -416,8 +443,9 @@ def test_tree_cache_after_a_later_branch_wins_equals_plain_decoding(attention, m
                 assert decoder.cache.length(i) == n
                 k, v = decoder.cache.keys[i][:, :, :n], decoder.cache.values[i][:, :, :n]
                 assert torch.equal(k, plain.keys[i][:, :, :n]) and torch.equal(v, plain.values[i][:, :, :n]), i
-                torch.testing.assert_close(k, fresh.keys[i][:, :, :n], rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(v, fresh.values[i][:, :, :n], rtol=1e-4, atol=1e-5)
+                assert k.dtype == engine.kv_dtype
+                torch.testing.assert_close(k, fresh.keys[i][:, :, :n], **tol)
+                torch.testing.assert_close(v, fresh.values[i][:, :, :n], **tol)
     assert checked >= 2, vars(watch)
 
 
@@ -555,6 +583,7 @@ def test_kangaroo_equals_plain_greedy_on_q4_1_layers(arch, attention, kernel):
         engine.prompt_amx_rows = 17 if amx and i % 3 == 0 else 0  # prompts as a bfloat16 AMX GEMM
         tiles = [t for t in native.PROMPT_TILES if attention == "kernel" and native.prompt_tiles_available(t)]
         engine.prompt_tiles = tiles[i % len(tiles)] if tiles else "float32"
+        engine.kv_dtype = torch.bfloat16 if attention == "kernel" and i % 2 == 0 else torch.float32
         adapter = passthrough_adapter(Adapter.random(backbone, ℓ, seed=rng.randrange(1000)))
         config = KangarooConfig(exit_layer=ℓ, max_steps=γ, threshold=0.0, tree_width=width, lookup_tokens=lookup)
         base = torch.randint(0, VOCAB, (1, rng.randrange(2, 40)), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
@@ -777,6 +806,8 @@ def test_q4_1_reads_a_gguf_file_and_refuses_one_that_does_not_match(tmp_path):
                 target.copy_(quantized.dequantize(*blocks[name]))
     engine, info = calibration.build_engine(backbone, EngineConfig(kernel="q4_1"))
     assert info["kernel"] == "q4_1" and engine.describe().startswith("fused/q4_1")
-    direct = FusedEngine(backbone, torch.bfloat16, "q4_1", q4_layers=layers)
+    direct = FusedEngine(backbone, torch.bfloat16, "q4_1", engine.attention, q4_layers=layers)
+    for setting in ("kv_dtype", "prompt_int8", "prompt_tiles", "prompt_amx_rows"):  # as calibrated for the chosen engine
+        setattr(direct, setting, getattr(engine, setting))
     ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(0))
     assert AutoregressiveDecoder(engine).generate(ids, 12).token_ids == AutoregressiveDecoder(direct).generate(ids, 12).token_ids

@@ -102,6 +102,7 @@ class KangarooModel:
         kernel: str = EngineConfig.kernel,
         attention: str = EngineConfig.attention,
         prefill: str = EngineConfig.prefill,
+        kv_dtype: str = EngineConfig.kv_dtype,
         threads: int | None = EngineConfig.threads,
         lookup_tokens: int | None = None,
         lookup_ngram: int | None = None,
@@ -133,10 +134,12 @@ class KangarooModel:
             prefill: how the fused engine computes prompts of more than 16 tokens: ``"auto"`` (int8
                 products on ``q4_1`` and bfloat16 attention tiles on bfloat16 weights, where measured
                 faster) or ``"exact"`` (the decoding steps' arithmetic); see docs/ENGINE.md §3.
+            kv_dtype: the fused engine's KV cache on the kernel attention: ``"float32"``, ``"bfloat16"``
+                or ``"auto"`` (bfloat16 for bfloat16 engines on AVX512-BF16 CPUs); docs/ENGINE.md §4.
             threads: torch CPU threads (None = torch's choice).
         """
-        engine_config = EngineConfig(engine=engine, dtype=_dtype_name(dtype), kernel=kernel, attention=attention, prefill=prefill, device=device,
-                                     threads=threads)
+        engine_config = EngineConfig(engine=engine, dtype=_dtype_name(dtype), kernel=kernel, attention=attention, prefill=prefill,
+                                     kv_dtype=kv_dtype, device=device, threads=threads)
         engine_config.check_device()
         if threads is not None:
             torch.set_num_threads(threads)
@@ -191,6 +194,9 @@ class KangarooModel:
             ids = torch.tensor([prompt], dtype=torch.long)
         else:
             messages = prompt if isinstance(prompt, list) else None
+            bad = next((m for m in messages or [] if not (isinstance(m, dict) and {"role", "content"} <= m.keys())), None)
+            if bad is not None:
+                raise KangarooError(f"a prompt list holds token ids or chat messages ({{'role': ..., 'content': ...}}), not {bad!r:.60}")
             if messages is None and not str(prompt).strip():
                 raise KangarooError("empty prompt: give some text")
             use_chat = messages is not None or (chat if chat is not None else self.has_chat_template)

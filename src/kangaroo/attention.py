@@ -158,9 +158,18 @@ def status() -> dict:
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, begins: list[int], ends: list[int],
                      scale: float) -> torch.Tensor:
-    """Rows ``q`` ``[T, H, D]`` (head dimension contiguous) over ``keys``/``values`` ``[H_kv, S, D]``;
-    row ``t`` attends keys ``begins[t] .. ends[t] - 1``. Returns ``[T, H, D]`` float32."""
+    """Rows ``q`` ``[T, H, D]`` (head dimension contiguous) over ``keys``/``values`` ``[H_kv, S, D]``
+    (float32, or bfloat16: see :func:`bf16_cache_native`); row ``t`` attends keys ``begins[t] ..
+    ends[t] - 1``. Returns ``[T, H, D]`` float32."""
     return _state["module"].decode_attention(q, keys, values, begins, ends, scale)
+
+
+def bf16_cache_native() -> bool:
+    """Whether :func:`decode_attention` computes on a bfloat16 cache with bfloat16 dot products
+    (AVX512-BF16 builds, head sizes 64/128/256); elsewhere it widens the cache to float32 chunk by
+    chunk, which saves no time."""
+    module = _state.get("module")
+    return module is not None and module.decode_attention_bf16_native()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

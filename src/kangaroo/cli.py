@@ -58,6 +58,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default=e.kernel, help=f"fused engine's product kernel: stock (F.linear), packed (oneDNN prepacked, CPU), dpbf16 (ours, CPUs with AVX512-BF16), q4_1 (the layers as a Q4_1 GGUF file stores them, e.g. the default model; CPUs with AVX512-BF16), q4_1_int8 (the same blocks on int8 activations, as llama.cpp computes them; CPUs with AVX512-VNNI, AMX tiles where faster) or auto = measured (default {e.kernel})")
     p.add_argument("--attention", default=e.attention, help=f"fused engine's attention for steps of up to 16 tokens: kernel (compiled here once, all rows in one call, same bits per row), sdpa (one call per row) or auto = measured (default {e.attention})")
     p.add_argument("--prefill", default=e.prefill, help=f"how the fused engine computes prompts (more than 16 tokens): auto = int8-activation products (q4_1 kernel, as llama.cpp computes them) and bfloat16 attention tiles (bfloat16 weights) where measured faster, or exact = the decoding steps' own arithmetic (default {e.prefill}); decoding and Kangaroo's output identity are the same either way")
+    p.add_argument("--kv-dtype", default=e.kv_dtype, help=f"element type of the fused engine's KV cache on the kernel attention: float32, bfloat16 (half the bytes each step reads; queries and attention weights rounded to bfloat16) or auto = bfloat16 for bfloat16 engines on CPUs with AVX512-BF16, else float32 (default {e.kv_dtype}); Kangaroo's output equals plain decoding's either way")
     p.add_argument("--device", default=e.device, help=f"torch device: cpu or cuda[:N] (default {e.device})")
     p.add_argument("--threads", type=int, default=e.threads, help="torch CPU threads, >= 1 (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random adapter and of sampling (default 0)")
@@ -76,7 +77,7 @@ def load_from_args(args):
         args.model, adapter=args.adapter, exit_layer=args.exit_layer, max_steps=args.max_steps,
         threshold=args.threshold, dtype=args.dtype, device=args.device, seed=args.seed,
         verify_low_confidence=args.verify_low_confidence, engine=args.engine, kernel=args.kernel,
-        attention=args.attention, prefill=args.prefill, threads=args.threads, lookup_tokens=args.lookup_tokens, lookup_ngram=args.lookup_ngram,
+        attention=args.attention, prefill=args.prefill, kv_dtype=args.kv_dtype, threads=args.threads, lookup_tokens=args.lookup_tokens, lookup_ngram=args.lookup_ngram,
         tree_width=args.tree_width, tree_threshold=args.tree_threshold, lookup_branch=args.lookup_branch,
         tuned=not getattr(args, "no_tuned", False),
     )
@@ -184,6 +185,8 @@ def _stats_line(r: dict) -> str:
         line += f", {e['attention']} attention"
         if e.get("prompt_tiles") in ("bfloat16", "amx"):  # prompts' attention tiles computed in bfloat16
             line += " (prompt tiles in bfloat16" + (" on AMX)" if e["prompt_tiles"] == "amx" else ")")
+        if e.get("kv_dtype") == "bfloat16":  # half the bytes a step reads; bfloat16 dot products
+            line += ", bfloat16 KV cache"
         if e.get("attention_compile_s") is not None:  # the kernel is compiled once per machine, then loaded
             line += f" (kernel compiled {'now' if e.get('attention_compiled') else 'once'} in {e['attention_compile_s']:.0f} s)"
     line += f" ({how}"

@@ -100,6 +100,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNEL_CHOICES = ("auto", "stock", "packed", "dpbf16", "q4_1", "q4_1_int8")
 ATTENTIONS = ("auto", "kernel", "sdpa")
 PREFILLS = ("auto", "exact")
+KV_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,9 @@ class EngineConfig:
     # prompts (> 16 tokens, which no step re-computes): auto = int8-activation products (q4_1) and
     # bfloat16 attention tiles (bfloat16 weights) where measured faster; exact = the steps' own arithmetic
     prefill: str = "auto"
+    # the KV cache's element type on the kernel attention: auto = bfloat16 for bfloat16 engines on
+    # AVX512-BF16 CPUs (half the bytes per step; docs/ENGINE.md §4), else float32
+    kv_dtype: str = "auto"
     device: str = "cpu"  # torch device
     threads: int | None = None  # torch CPU threads (None = torch's choice)
 
@@ -122,7 +126,7 @@ class EngineConfig:
 
         for name, value, allowed in (("engine", self.engine, ENGINES), ("dtype", self.dtype, DTYPES),
                                      ("kernel", self.kernel, KERNEL_CHOICES), ("attention", self.attention, ATTENTIONS),
-                                     ("prefill", self.prefill, PREFILLS)):
+                                     ("prefill", self.prefill, PREFILLS), ("kv_dtype", self.kv_dtype, KV_DTYPES)):
             if value not in allowed:
                 raise KangarooError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -136,10 +140,13 @@ class EngineConfig:
             raise KangarooError(f"the {self.kernel} kernel is CPU only: on cuda use --kernel stock or auto")
         if self.kernel in ("dpbf16", "q4_1", "q4_1_int8") and self.dtype not in ("auto", "bfloat16"):
             raise KangarooError(f"the {self.kernel} kernel computes with bfloat16 activations: use --dtype bfloat16 or auto, not {self.dtype}")
-        if self.engine == "eager" and (self.kernel != "auto" or self.attention != "auto" or self.prefill != "auto"):
-            raise KangarooError("--kernel, --attention and --prefill apply to the fused engine: drop them or use --engine fused")
+        if self.engine == "eager" and (self.kernel != "auto" or self.attention != "auto" or self.prefill != "auto"
+                                       or self.kv_dtype != "auto"):
+            raise KangarooError("--kernel, --attention, --prefill and --kv-dtype apply to the fused engine: drop them or use --engine fused")
         if cuda and self.attention == "kernel":
             raise KangarooError("the decode-attention kernel is CPU only: on cuda use --attention sdpa or auto")
+        if self.kv_dtype == "bfloat16" and (cuda or self.attention == "sdpa"):
+            raise KangarooError("a bfloat16 KV cache is read by the CPU decode-attention kernel: use --attention kernel or auto on cpu, or --kv-dtype auto")
 
     def check_device(self) -> None:
         """Raise unless the device exists in this torch build (called when a model is loaded)."""

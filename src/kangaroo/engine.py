@@ -204,6 +204,9 @@ class FusedEngine:
         self.amx_rows = 0  # q4_1_int8: steps of this many rows or more on AMX tiles (same bits; set by calibration)
         self.prompt_amx_rows = 0  # Q4_1 kernels: prompts of this many rows or more as a bfloat16 AMX GEMM (calibration)
         self.act_dtype = torch.float32
+        # the KV cache's element type on the kernel attention: float32, or bfloat16 (half the bytes to
+        # stream per step; chosen in kangaroo.calibration for bfloat16 engines)
+        self.kv_dtype = torch.float32
         self.num_layers = backbone.num_layers
         self.config = backbone.config
         self.max_positions = backbone.max_positions
@@ -268,7 +271,8 @@ class FusedEngine:
         return self.weight_dtype
 
     def describe(self) -> str:
-        return f"fused/{self.kernel}/{str(self.weight_dtype).removeprefix('torch.')}/{self.attention}-attention"
+        kv = "/bfloat16-kv" if self.kv_dtype == torch.bfloat16 and self.fused_ops else ""
+        return f"fused/{self.kernel}/{str(self.weight_dtype).removeprefix('torch.')}/{self.attention}-attention{kv}"
 
     # ------------------------------------------------------------------ pieces
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -405,11 +409,11 @@ class FusedEngine:
             stack, types = self._stack
             if cache is not None and stack is not None:
                 # the layers in one compiled call: the loop below, op for op
-                keys, values, starts = cache.slots_range(range(start, end), T, self._kv_shapes, x)
+                keys, values, starts = cache.slots_range(range(start, end), T, self._kv_shapes, x, self.kv_dtype)
                 segments, stashes = ([], [], []), []
                 if tree is not None:
                     segments = tuple(list(s) for s in zip(*tree.segments))
-                    stashes = [cache.new_stash(i, *self._kv_shapes[i], T, x.device) for i in range(start, end)]
+                    stashes = [cache.new_stash(i, *self._kv_shapes[i], T, x.device, self.kv_dtype) for i in range(start, end)]
                 stack.run(x, start, end, keys, values, starts, [self.step_rope(pos, T, t, depths) for t in types],
                           MAX_ROWS, *segments, [k for k, _ in stashes], [v for _, v in stashes])
                 return x[None]
@@ -456,12 +460,12 @@ class FusedEngine:
             # RoPE, the cache writes and attention in one compiled call (a tree's: segment by segment
             # at pos + depth, every row's keys and values kept in the stash for the commit)
             pos = cache.length(layer_idx)
-            keys, values, _ = cache.slots(layer_idx, T, Hkv, d, h)
+            keys, values, _ = cache.slots(layer_idx, T, Hkv, d, h, self.kv_dtype)
             if tree is None:
                 out = attn_kernel.rope_attend(qkv, rope, keys, values, pos, a.heads, Hkv, a.scaling, window or 0,
                                               first_out, MAX_ROWS)
                 return a.o(out)
-            key_stash, value_stash = cache.new_stash(layer_idx, Hkv, d, T, h.device)
+            key_stash, value_stash = cache.new_stash(layer_idx, Hkv, d, T, h.device, self.kv_dtype)
             out = attn_kernel.rope_attend_tree(qkv, rope, keys, values, pos, tree.segments, a.heads, Hkv, a.scaling,
                                                window or 0, key_stash, value_stash)
             return a.o(out)
@@ -484,6 +488,8 @@ class FusedEngine:
         else:
             qk = torch.view_as_real(torch.view_as_complex(qk.reshape(T, H + Hkv, d // 2, 2)) * rope).view(T, H + Hkv, d)
         q_rows, k, v = qk[:, :H], qk[:, H:].transpose(0, 1)[None], v.transpose(0, 1)[None]  # [T, H, d], [1, H_kv, T, d] x2
+        if fused and cache is not None:  # the cache's element type (rope_attend's rounding, for the per-head-norm path)
+            k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
         rows = attn_kernel.decode_attention if self.attention == "kernel" else attn_kernel.sdpa_rows
         if tree is not None:
             return a.o(self._attend_tree(a, q_rows, k, v, cache, layer_idx, tree, window, rows))

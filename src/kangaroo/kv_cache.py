@@ -32,7 +32,7 @@ class KVCache:
         # a token tree's keys/values per layer, ``[B, H_kv, rows, D]``, while its round is verified
         # (kangaroo.tree): the accepted path is copied back from here when a later branch overwrote it
         self.stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # float32 layers' buffers as the fused attention takes them, ``[H_kv, capacity, D]`` (batch 1)
+        # the buffers as the fused attention takes them, ``[H_kv, capacity, D]`` (batch 1; float32 or bfloat16)
         self._flat: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -51,29 +51,32 @@ class KVCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
-    def slots(self, layer_idx: int, T: int, heads: int, dim: int, like: torch.Tensor):
+    def slots(self, layer_idx: int, T: int, heads: int, dim: int, like: torch.Tensor, dtype: torch.dtype = torch.float32):
         """Reserve ``T`` positions after the layer's length, for a caller that writes them itself
         (the engine's fused attention): returns ``(keys, values, start)``, the layer's whole buffers
-        ``[H_kv, capacity, D]`` (batch 1) and the first reserved position."""
+        ``[H_kv, capacity, D]`` (batch 1, in ``dtype``: float32, or bfloat16 for half the bytes to
+        read) and the first reserved position."""
         start, end = self.lengths[layer_idx], self.lengths[layer_idx] + T
-        flat = self._flat[layer_idx]  # float32 batch-1 views, kept by _grow (no re-slicing every step)
-        if flat is None or end > flat[0].shape[1]:
-            template = torch.empty(1, heads, 0, dim, dtype=torch.float32, device=like.device)
+        flat = self._flat[layer_idx]  # batch-1 views, kept by _grow (no re-slicing every step)
+        if flat is None or end > flat[0].shape[1] or flat[0].dtype != dtype:
+            template = torch.empty(1, heads, 0, dim, dtype=dtype, device=like.device)
             self._grow(layer_idx, template, template, end)
             flat = self._flat[layer_idx]
         self.lengths[layer_idx] = end
         return flat[0], flat[1], start
 
-    def slots_range(self, layers: range, T: int, shapes: list[tuple[int, int]], like: torch.Tensor):
+    def slots_range(self, layers: range, T: int, shapes: list[tuple[int, int]], like: torch.Tensor,
+                    dtype: torch.dtype = torch.float32):
         """:meth:`slots` for ``layers`` at once (``shapes[i]`` = layer ``i``'s ``(H_kv, D)``): lists of
         their key buffers, value buffers and first reserved positions."""
-        reserved = [self.slots(i, T, *shapes[i], like) for i in layers]
+        reserved = [self.slots(i, T, *shapes[i], like, dtype) for i in layers]
         return [r[0] for r in reserved], [r[1] for r in reserved], [r[2] for r in reserved]
 
-    def new_stash(self, layer_idx: int, heads: int, dim: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh key and value stashes ``[H_kv, T, D]`` float32 for a token tree's rows in ``layer_idx``,
-        kept in :attr:`stash` (batch 1) for :meth:`commit`."""
-        stash = torch.empty(2, heads, T, dim, device=device)
+    def new_stash(self, layer_idx: int, heads: int, dim: int, T: int, device,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh key and value stashes ``[H_kv, T, D]`` (in the cache's ``dtype``) for a token tree's rows
+        in ``layer_idx``, kept in :attr:`stash` (batch 1) for :meth:`commit`."""
+        stash = torch.empty(2, heads, T, dim, device=device, dtype=dtype)
         self.stash[layer_idx] = (stash[0][None], stash[1][None])
         return stash[0], stash[1]
 
@@ -112,7 +115,7 @@ class KVCache:
             new_k[:, :, :old_len] = self.keys[layer_idx][:, :, :old_len]
             new_v[:, :, :old_len] = self.values[layer_idx][:, :, :old_len]
         self.keys[layer_idx], self.values[layer_idx] = new_k, new_v
-        self._flat[layer_idx] = (new_k[0], new_v[0]) if B == 1 and new_k.dtype == torch.float32 else None
+        self._flat[layer_idx] = (new_k[0], new_v[0]) if B == 1 and new_k.dtype in (torch.float32, torch.bfloat16) else None
 
     def length(self, layer_idx: int = 0) -> int:
         """Number of positions stored for ``layer_idx``."""

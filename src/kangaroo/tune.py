@@ -250,7 +250,8 @@ def tuned_key(km) -> str:
         adapter_id = adapter
     e = km.engine_info
     return "|".join([m["cpu"], ",".join(m["cpu_flags"]), f"{m['threads']} threads", m["torch"], km.model_name,
-                     f"{e['engine']}/{e['dtype']}/{e['kernel']}" + (f"/{e['attention']}" if "attention" in e else ""), adapter_id])
+                     f"{e['engine']}/{e['dtype']}/{e['kernel']}" + (f"/{e['attention']}" if "attention" in e else "")
+                     + ("/bfloat16 KV" if e.get("kv_dtype") == "bfloat16" else ""), adapter_id])
 
 
 def tuned_file() -> Path:

@@ -437,7 +437,8 @@ def _engine(machine: dict) -> str:
     label += f" + {e['attention']} attention" if "attention" in e else ""
     label += " + int8 prompt products" if e.get("prompt_product") == "int8" else ""
     tiles = {"bfloat16": " + bfloat16 prompt tiles", "amx": " + bfloat16 AMX prompt tiles"}
-    return label + tiles.get(e.get("prompt_tiles"), "")
+    label += tiles.get(e.get("prompt_tiles"), "")
+    return label + (" + bfloat16 KV cache" if e.get("kv_dtype") == "bfloat16" else "")
 
 
 def main(argv: list[str] | None = None) -> int:

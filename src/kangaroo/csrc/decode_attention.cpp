@@ -229,6 +229,119 @@ void chunk_item(const float* q, int64_t G, const float* k, const float* v, int64
     }
 }
 
+#if KANGAROO_BF16_TILES
+// chunk_item over a bfloat16 cache (D a multiple of 32), with vdpbf16ps: the query rounded to
+// bfloat16, a score is the key's dimension pairs multiplied with the query's and summed in float32
+// (then reduce16, as above); the exps (float32, their sum too) are rounded to bfloat16 and weight
+// the values two keys at a time: rows j and j+1 interleaved word by word (unpacklo/hi_epi16), so
+// each float32 lane sums p_j v_j[e] + p_j+1 v_j+1[e] for one dimension e, lanes in the unpacks'
+// order (put back in place when stored). Half the bytes of the float32 cache to read and about a
+// third of its instructions; every row still computes alone, in one order.
+// chunk_item_bf16's weighted value sums for NH heads (see there), accumulators in registers.
+template <int D, int NH>
+inline void pv_pass_bf16(const uint16_t (*pb)[CHUNK], const uint16_t* v, int64_t kv_stride, int64_t j0, int64_t n,
+                         const uint16_t* zeros, float* o_out) {
+    constexpr int C = D / 32;
+    __m512 lo[NH][C], hi[NH][C];
+#pragma GCC unroll 16
+    for (int hh = 0; hh < NH; ++hh)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) lo[hh][c] = hi[hh][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 2) {
+        const uint16_t* v0 = v + (j0 + j) * kv_stride;
+        const uint16_t* v1 = j + 1 < n ? v0 + kv_stride : zeros;
+        __m512i vl[C], vh[C];
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) {
+            const __m512i a = _mm512_loadu_si512(v0 + c * 32), b = _mm512_loadu_si512(v1 + c * 32);
+            vl[c] = _mm512_unpacklo_epi16(a, b);
+            vh[c] = _mm512_unpackhi_epi16(a, b);
+        }
+#pragma GCC unroll 16
+        for (int hh = 0; hh < NH; ++hh) {
+            int32_t pair;  // (p_j, p_j+1) as two bfloat16 words
+            std::memcpy(&pair, pb[hh] + j, sizeof(pair));
+            const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 16
+            for (int c = 0; c < C; ++c) {
+                lo[hh][c] = _mm512_dpbf16_ps(lo[hh][c], pp, (__m512bh)vl[c]);
+                hi[hh][c] = _mm512_dpbf16_ps(hi[hh][c], pp, (__m512bh)vh[c]);
+            }
+        }
+    }
+    // lane 4k + i of lo holds dimension 8k + i, of hi 8k + 4 + i (k = 0..3, i = 0..3) of a 32-block
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+#pragma GCC unroll 16
+    for (int hh = 0; hh < NH; ++hh)
+#pragma GCC unroll 16
+        for (int c = 0; c < C; ++c) {
+            _mm512_storeu_ps(o_out + hh * D + c * 32, _mm512_permutex2var_ps(lo[hh][c], first, hi[hh][c]));
+            _mm512_storeu_ps(o_out + hh * D + c * 32 + 16, _mm512_permutex2var_ps(lo[hh][c], second, hi[hh][c]));
+        }
+}
+
+template <int D>
+void chunk_item_bf16(const float* q, int64_t G, const uint16_t* k, const uint16_t* v, int64_t kv_stride,
+                     int64_t j0, int64_t j1, float scale, float* m_out, float* l_out, float* o_out) {
+    constexpr int C = D / 32;  // 32-dimension blocks
+    alignas(64) static const uint16_t zeros[D] = {};
+    const int64_t n = j1 - j0, npad = (n + W - 1) / W * W;
+    float s[MAX_G][CHUNK];
+    __m512bh qb[MAX_G][C];
+    for (int64_t hh = 0; hh < G; ++hh)
+        for (int c = 0; c < C; ++c)
+            qb[hh][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + hh * D + c * 32 + 16), _mm512_loadu_ps(q + hh * D + c * 32));
+    // 1. scores, sixteen keys at a time (keys past the range read zeros and are set to -inf)
+    const vf lane = vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int64_t j = 0; j < npad; j += W) {
+        const uint16_t* kr[W];
+        for (int i = 0; i < W; ++i) kr[i] = j + i < n ? k + (j0 + j + i) * kv_stride : zeros;
+        for (int64_t hh = 0; hh < G; ++hh) {
+            vf acc[W];
+            for (int i = 0; i < W; ++i) {
+                __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[hh][0], (__m512bh)_mm512_loadu_si512(kr[i]));
+                for (int c = 1; c < C; ++c) a = _mm512_dpbf16_ps(a, qb[hh][c], (__m512bh)_mm512_loadu_si512(kr[i] + c * 32));
+                acc[i] = u(a);
+            }
+            vf r = reduce16(acc) * splat(scale);
+            r = lane < splat((float)(n - j)) ? r : splat(-std::numeric_limits<float>::infinity());
+            store(s[hh] + j, r);
+        }
+    }
+    // 2. per head: max, then exp and their sum (as chunk_item)
+    for (int64_t hh = 0; hh < G; ++hh) {
+        vf mv = splat(-std::numeric_limits<float>::infinity());
+        for (int64_t j = 0; j < npad; j += W) { vf x = load(s[hh] + j); mv = x > mv ? x : mv; }
+        const float mx = hmax(mv);
+        vf lv = splat(0.0f);
+        for (int64_t j = 0; j < npad; j += W) {
+            vf p = vexp(load(s[hh] + j) - splat(mx));
+            store(s[hh] + j, p);
+            lv = lv + p;
+        }
+        m_out[hh] = mx;
+        l_out[hh] = hsum(lv);
+    }
+    // 3. values weighted by the exps (rounded to bfloat16, nearest even), two keys a product; past n
+    // the exps are exact zeros (npad > n when n is odd)
+    alignas(64) uint16_t pb[MAX_G][CHUNK];
+    for (int64_t hh = 0; hh < G; ++hh)
+        for (int64_t j = 0; j < npad; j += W)
+            _mm256_store_si256(reinterpret_cast<__m256i*>(pb[hh] + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s[hh] + j)));
+    constexpr int HB = C >= 8 ? 1 : C >= 4 ? 2 : 4;  // heads a value pair is loaded for (accumulators in registers)
+    for (int64_t h0 = 0; h0 < G; h0 += HB) {
+        const int64_t nh = G - h0 < HB ? G - h0 : HB;
+        switch (nh) {
+            case 1: pv_pass_bf16<D, 1>(pb + h0, v, kv_stride, j0, n, zeros, o_out + h0 * D); break;
+            case 2: pv_pass_bf16<D, 2>(pb + h0, v, kv_stride, j0, n, zeros, o_out + h0 * D); break;
+            case 3: pv_pass_bf16<D, 3>(pb + h0, v, kv_stride, j0, n, zeros, o_out + h0 * D); break;
+            default: pv_pass_bf16<D, HB>(pb + h0, v, kv_stride, j0, n, zeros, o_out + h0 * D); break;
+        }
+    }
+}
+#endif
+
 // The same for any head dimension (tiny test models): plain loops, still one fixed order.
 void chunk_item_any(const float* q, int64_t G, int64_t D, const float* k, const float* v, int64_t kv_stride,
                     int64_t j0, int64_t j1, float scale, float* m_out, float* l_out, float* o_out) {
@@ -623,8 +736,13 @@ int64_t prompt_attention_tiles(int64_t mode) {
 // decode_attention. Returns [T, H, D] float32.
 torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t start, int64_t window,
                                double scale_) {
-    TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
-                "prompt_attention: float32 only");
+    TORCH_CHECK(q.dtype() == torch::kFloat32, "prompt_attention: float32 queries");
+    TORCH_CHECK(k.dtype() == v.dtype() && (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16),
+                "prompt_attention: float32 or bfloat16 keys and values");
+    if (k.scalar_type() == torch::kBFloat16) {  // a bfloat16 cache: widened once (exact), a prompt reads every key many times
+        k = k.to(torch::kFloat32);
+        v = v.to(torch::kFloat32);
+    }
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prompt_attention: q [T, H, D], k/v [H_kv, S, D]");
     const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0);
     if (D != 64 && D != 128 && D != 256) {  // no tile for this head size: the decode kernel, 64 rows a call
@@ -760,8 +878,9 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 // begin/end: each row's key range. Returns [T, H, D] float32.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                std::vector<int64_t> begin, std::vector<int64_t> end, double scale_) {
-    TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32,
-                "decode_attention: float32 only");
+    TORCH_CHECK(q.dtype() == torch::kFloat32, "decode_attention: float32 queries");
+    TORCH_CHECK(k.dtype() == v.dtype() && (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16),
+                "decode_attention: float32 or bfloat16 keys and values");
     TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU only");
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "decode_attention: q [T, H, D], k/v [H_kv, S, D]");
     const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0);
@@ -782,7 +901,18 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     auto m = torch::empty({T, H, nchunks}, opts), l = torch::empty({T, H, nchunks}, opts);
     auto o = torch::empty({T, H, nchunks, D}, opts);
     auto out = torch::empty({T, H, D}, opts);
-    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    const float* qp = q.data_ptr<float>();
+    // a bfloat16 cache (half the bytes to stream: at 1,536 keys the cache outweighs the layer's
+    // weights) is widened chunk by chunk into float32, exactly, so the arithmetic below is the
+    // float32 cache's on the rounded keys and values
+    const bool kv16 = k.scalar_type() == torch::kBFloat16;
+    const float *kp = kv16 ? nullptr : k.data_ptr<float>(), *vp = kv16 ? nullptr : v.data_ptr<float>();
+    const uint16_t *kb = kv16 ? reinterpret_cast<const uint16_t*>(k.data_ptr()) : nullptr,
+                   *vb = kv16 ? reinterpret_cast<const uint16_t*>(v.data_ptr()) : nullptr;
+    // on AVX512-BF16 machines, head sizes 64/128/256 compute in bfloat16 (chunk_item_bf16); elsewhere
+    // the chunk is widened to float32 (exact) for chunk_item
+    const bool native16 = kv16 && KANGAROO_BF16_TILES && (D == 64 || D == 128 || D == 256);
+    const int64_t first_key = *std::min_element(begin.begin(), begin.end()), last_key = *std::max_element(end.begin(), end.end());
     float *mp = m.data_ptr<float>(), *lp = l.data_ptr<float>(), *op = o.data_ptr<float>(), *outp = out.data_ptr<float>();
     const int64_t qs0 = q.stride(0), ks0 = k.stride(0);
     // work items (kv head g, chunk c): every row with keys in the chunk, one after the other while
@@ -800,12 +930,54 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     const int64_t nthreads = static_cast<int64_t>(plan.size());
     at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
         float mb[MAX_G], lb[MAX_G], ob[MAX_GD];
+        auto keep = [&](int64_t t, int64_t g, int64_t c) {  // one item's (row t's) max, sum and value sums per head
+            for (int64_t hh = 0; hh < G; ++hh) {
+                const int64_t th = t * H + g * G + hh;
+                mp[th * nchunks + c] = mb[hh];
+                lp[th * nchunks + c] = lb[hh];
+                std::memcpy(op + (th * nchunks + c) * D, ob + hh * D, D * sizeof(float));
+            }
+        };
+        // a bfloat16 chunk's keys, then values, as float32; 64-byte aligned like the cache's rows
+        // (a vector load across two cache lines costs two)
+        std::vector<float> wide_(kv16 && !native16 ? 2 * CHUNK * D + 16 : 0);
+        float* wide = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wide_.data()) + 63) & ~uintptr_t(63));
         for (int64_t worker = a; worker < b; ++worker)
         for (int64_t i : plan[worker]) {
             const int64_t g = i % Hkv, c = c_first + i / Hkv, h0 = g * G;
-            const float *kg = kp + g * ks0, *vg = vp + g * ks0;
+            const float *kg, *vg;
+            int64_t base = 0;  // the position kg[0] and vg[0] hold
+            if (kv16 && native16) {  // straight from the bfloat16 cache
+                for (int64_t t = 0; t < T; ++t) {
+                    const int64_t j0 = std::max(begin[t], c * CHUNK), j1 = std::min(end[t], (c + 1) * CHUNK);
+                    if (j0 >= j1) continue;
+                    const float* qh = qp + t * qs0 + h0 * D;
+                    const uint16_t *kg16 = kb + g * ks0, *vg16 = vb + g * ks0;
+#if KANGAROO_BF16_TILES
+                    if (D == 64)
+                        chunk_item_bf16<64>(qh, G, kg16, vg16, D, j0, j1, scale, mb, lb, ob);
+                    else if (D == 128)
+                        chunk_item_bf16<128>(qh, G, kg16, vg16, D, j0, j1, scale, mb, lb, ob);
+                    else
+                        chunk_item_bf16<256>(qh, G, kg16, vg16, D, j0, j1, scale, mb, lb, ob);
+#endif
+                    keep(t, g, c);
+                }
+                continue;
+            }
+            if (kv16) {
+                base = std::max(first_key, c * CHUNK);
+                const int64_t n = std::min(last_key, (c + 1) * CHUNK) - base;
+                widen_bf16(kb + g * ks0 + base * D, wide, n * D);
+                widen_bf16(vb + g * ks0 + base * D, wide + CHUNK * D, n * D);
+                kg = wide;
+                vg = wide + CHUNK * D;
+            } else {
+                kg = kp + g * ks0;
+                vg = vp + g * ks0;
+            }
             for (int64_t t = 0; t < T; ++t) {
-                const int64_t j0 = std::max(begin[t], c * CHUNK), j1 = std::min(end[t], (c + 1) * CHUNK);
+                const int64_t j0 = std::max(begin[t], c * CHUNK) - base, j1 = std::min(end[t], (c + 1) * CHUNK) - base;
                 if (j0 >= j1) continue;
                 const float* qh = qp + t * qs0 + h0 * D;
                 if (D == 64)
@@ -816,12 +988,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                     chunk_item<256>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
                 else
                     chunk_item_any(qh, G, D, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                for (int64_t hh = 0; hh < G; ++hh) {
-                    const int64_t th = t * H + h0 + hh;
-                    mp[th * nchunks + c] = mb[hh];
-                    lp[th * nchunks + c] = lb[hh];
-                    std::memcpy(op + (th * nchunks + c) * D, ob + hh * D, D * sizeof(float));
-                }
+                keep(t, g, c);
             }
         }
     });
@@ -896,6 +1063,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("decode_attention", &decode_attention, "decode attention with row-invariant arithmetic");
+    mod.def("decode_attention_bf16_native", []() { return static_cast<bool>(KANGAROO_BF16_TILES); },
+            "whether decode_attention computes on a bfloat16 cache natively (AVX512-BF16; else it widens the cache)");
     mod.def("prompt_attention", &prompt_attention, "a prompt's causal attention, flash tiles (not row-invariant)");
     mod.def("prompt_attention_tiles_available", &prompt_attention_tiles_available, "whether prompt tiles of this mode (0 float32, 1 bfloat16, 2 AMX) can run here");
     mod.def("prompt_attention_tiles", &prompt_attention_tiles, "how prompt tiles compute (0 float32, 1 bfloat16, 2 AMX); returns the old mode");

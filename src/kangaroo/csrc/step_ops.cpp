@@ -14,19 +14,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "exp512.h"
 #include "module.h"
 
 namespace {
-
-inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-}
 
 // Rotate one head's interleaved pairs (x_i, y_i) by (c_i, s_i): x c - y s, x s + y c. The engine's
 // RoPE everywhere the module is loaded (the same expression in one place, so every path agrees).
@@ -77,8 +71,9 @@ torch::Tensor check_block(const char* who, const torch::Tensor& qkv, torch::Tens
                           const torch::Tensor& vbuf, int64_t H, int64_t Hkv) {
     TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, who, ": qkv [T, (H + 2 H_kv) d] with rows contiguous");
     TORCH_CHECK(qkv.scalar_type() == torch::kBFloat16 || qkv.scalar_type() == torch::kFloat32, who, ": bfloat16 or float32 qkv");
-    TORCH_CHECK(kbuf.dtype() == torch::kFloat32 && vbuf.dtype() == torch::kFloat32 && kbuf.is_contiguous() && vbuf.is_contiguous()
-                && kbuf.dim() == 3 && vbuf.sizes() == kbuf.sizes() && kbuf.size(0) == Hkv, who, ": caches [H_kv, capacity, d] float32");
+    TORCH_CHECK((kbuf.scalar_type() == torch::kFloat32 || kbuf.scalar_type() == torch::kBFloat16) && vbuf.dtype() == kbuf.dtype()
+                && kbuf.is_contiguous() && vbuf.is_contiguous() && kbuf.dim() == 3 && vbuf.sizes() == kbuf.sizes() && kbuf.size(0) == Hkv,
+                who, ": caches [H_kv, capacity, d], both float32 or both bfloat16");
     const int64_t d = kbuf.size(2);
     TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * d && d % 2 == 0, who, ": qkv width");
     cs = cs.reshape({cs.size(0), d / 2, 2}).contiguous();
@@ -86,23 +81,50 @@ torch::Tensor check_block(const char* who, const torch::Tensor& qkv, torch::Tens
     return cs;
 }
 
+// n floats into a cache of element E: float32 as they are, bfloat16 rounded to nearest even.
+template <typename E>
+inline void put(E* dst, const float* src, int64_t n) {
+    if constexpr (std::is_same_v<E, float>) {
+        std::memcpy(dst, src, n * sizeof(float));
+    } else {
+        int64_t i = 0;
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+        // vcvtneps2bf16: nearest even as float_to_bf16, denormals to zero; an element of a head
+        // always takes the same branch (the head size decides), so every path writes the same bits
+        for (; i + 16 <= n; i += 16)
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#endif
+        for (; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+    }
+}
+
 // Row t of an attention block: Q rotated into q [H, d], K rotated into k + g * kv_stride and V copied
-// into v + g * kv_stride for each kv head g. `row` is scratch of (H + 2 H_kv) d floats.
+// into v + g * kv_stride for each kv head g, in the cache's element type E (float, or uint16_t for
+// bfloat16). `row` is scratch of (H + 2 H_kv) d floats, then d more for a rotated key.
+template <typename E>
 inline void rotate_row(const torch::Tensor& qkv, int64_t t, const float* cs, int64_t H, int64_t Hkv, int64_t d,
-                       float* row, float* q, float* k, float* v, int64_t kv_stride) {
+                       float* row, float* q, E* k, E* v, int64_t kv_stride) {
     row_to_float(qkv, t, (H + 2 * Hkv) * d, row);
+    float* key = row + (H + 2 * Hkv) * d;
     for (int64_t h = 0; h < H; ++h) rotate(row + h * d, cs, q + h * d, d / 2);
     for (int64_t g = 0; g < Hkv; ++g) {
-        rotate(row + (H + g) * d, cs, k + g * kv_stride, d / 2);
-        std::memcpy(v + g * kv_stride, row + (H + Hkv + g) * d, d * sizeof(float));
+        rotate(row + (H + g) * d, cs, key, d / 2);
+        put(k + g * kv_stride, key, d);
+        put(v + g * kv_stride, row + (H + Hkv + g) * d, d);
     }
+}
+
+// A cache buffer's elements: float32, or bfloat16 as their bits.
+template <typename E>
+inline E* elements(const torch::Tensor& t) {
+    return reinterpret_cast<E*>(t.data_ptr());
 }
 
 }  // namespace
 
 // One attention block's work between its two products, for rows at positions start .. start+T-1
 // over a pre-allocated cache: qkv [T, (H + 2 H_kv) d] (the QKV product's output, bfloat16 or
-// float32), cs [T, d/2, 2] RoPE (cos, sin) per row, kbuf/vbuf [H_kv, capacity, d] float32 (one
+// float32), cs [T, d/2, 2] RoPE (cos, sin) per row, kbuf/vbuf [H_kv, capacity, d] float32 or bfloat16 (one
 // layer's cache; slots start .. start+T-1 are written here). Rotates Q and K, writes K and V, and
 // attends each row over its prefix (its last `window` keys when window > 0): up to `step_rows` rows
 // with decode_attention (row-invariant), more (a prompt) with prompt_attention. Rows before
@@ -114,15 +136,22 @@ torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbu
     const int64_t T = qkv.size(0), d = kbuf.size(2), cap = kbuf.size(1);
     TORCH_CHECK(start >= 0 && start + T <= cap, "rope_attend: the cache has no room for these rows");
     TORCH_CHECK(0 <= first_out && first_out < T, "rope_attend: first_out outside the rows");
-    auto q = torch::empty({T, H, d}, kbuf.options());
-    float *qp = q.data_ptr<float>(), *kp = kbuf.data_ptr<float>(), *vp = vbuf.data_ptr<float>();
+    auto q = torch::empty({T, H, d}, qkv.options().dtype(torch::kFloat32));
+    float* qp = q.data_ptr<float>();
     const float* cp = cs.data_ptr<float>();
+    const bool kv16 = kbuf.scalar_type() == torch::kBFloat16;
     // row by row (a prompt's rows over the threads; each row's bits are its own)
     at::parallel_for(0, T, 32, [&](int64_t a, int64_t b) {
-        std::vector<float> row((H + 2 * Hkv) * d);
-        for (int64_t t = a; t < b; ++t)
-            rotate_row(qkv, t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d, kp + (start + t) * d, vp + (start + t) * d,
-                       cap * d);
+        std::vector<float> row((H + 2 * Hkv + 1) * d);
+        for (int64_t t = a; t < b; ++t) {
+            const int64_t at = (start + t) * d;
+            if (kv16)
+                rotate_row(qkv, t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d, elements<uint16_t>(kbuf) + at,
+                           elements<uint16_t>(vbuf) + at, cap * d);
+            else
+                rotate_row(qkv, t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d, elements<float>(kbuf) + at,
+                           elements<float>(vbuf) + at, cap * d);
+        }
     });
     auto keys = kbuf.narrow(1, 0, start + T), values = vbuf.narrow(1, 0, start + T);
     const int64_t n = T - first_out;
@@ -149,27 +178,36 @@ torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tenso
                                torch::Tensor vstash) {
     cs = check_block("rope_attend_tree", qkv, cs, kbuf, vbuf, H, Hkv);
     const int64_t T = qkv.size(0), d = kbuf.size(2), cap = kbuf.size(1);
-    TORCH_CHECK(kstash.dtype() == torch::kFloat32 && vstash.dtype() == torch::kFloat32 && kstash.is_contiguous()
+    TORCH_CHECK(kstash.dtype() == kbuf.dtype() && vstash.dtype() == kbuf.dtype() && kstash.is_contiguous()
                 && vstash.is_contiguous() && kstash.dim() == 3 && kstash.size(0) == Hkv && kstash.size(1) == T
-                && kstash.size(2) == d && vstash.sizes() == kstash.sizes(), "rope_attend_tree: stashes [H_kv, T, d] float32");
+                && kstash.size(2) == d && vstash.sizes() == kstash.sizes(), "rope_attend_tree: stashes [H_kv, T, d] in the cache's dtype");
     const int64_t S = static_cast<int64_t>(first.size());
     TORCH_CHECK(S >= 1 && (int64_t)stop.size() == S && (int64_t)depth.size() == S, "rope_attend_tree: one (first, stop, depth) per segment");
     for (int64_t s = 0; s < S; ++s)
         TORCH_CHECK(0 <= first[s] && first[s] < stop[s] && stop[s] <= T && depth[s] >= 0 && pos + depth[s] + stop[s] - first[s] <= cap,
                     "rope_attend_tree: a segment outside the rows or the cache");
-    auto q = torch::empty({T, H, d}, kbuf.options());
-    float *qp = q.data_ptr<float>(), *kp = kbuf.data_ptr<float>(), *vp = vbuf.data_ptr<float>();
-    float *ksp = kstash.data_ptr<float>(), *vsp = vstash.data_ptr<float>();
+    auto q = torch::empty({T, H, d}, qkv.options().dtype(torch::kFloat32));
+    float* qp = q.data_ptr<float>();
     const float* cp = cs.data_ptr<float>();
-    std::vector<float> row((H + 2 * Hkv) * d);
-    for (int64_t t = 0; t < T; ++t)  // the rotations rope_attend computes, into the stash
-        rotate_row(qkv, t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d, ksp + t * d, vsp + t * d, T * d);
-    auto out = torch::empty({T, H, d}, kbuf.options());
+    const bool kv16 = kbuf.scalar_type() == torch::kBFloat16;
+    std::vector<float> row((H + 2 * Hkv + 1) * d);
+    for (int64_t t = 0; t < T; ++t) {  // the rotations rope_attend computes, into the stash
+        if (kv16)
+            rotate_row(qkv, t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d, elements<uint16_t>(kstash) + t * d,
+                       elements<uint16_t>(vstash) + t * d, T * d);
+        else
+            rotate_row(qkv, t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d, elements<float>(kstash) + t * d,
+                       elements<float>(vstash) + t * d, T * d);
+    }
+    auto out = torch::empty({T, H, d}, q.options());
+    char *kp = static_cast<char*>(kbuf.data_ptr()), *vp = static_cast<char*>(vbuf.data_ptr());
+    const char *ksp = static_cast<const char*>(kstash.data_ptr()), *vsp = static_cast<const char*>(vstash.data_ptr());
+    const int64_t es = kbuf.element_size();
     for (int64_t s = 0; s < S; ++s) {
         const int64_t n = stop[s] - first[s], at = pos + depth[s];
         for (int64_t g = 0; g < Hkv; ++g) {
-            std::memcpy(kp + (g * cap + at) * d, ksp + (g * T + first[s]) * d, n * d * sizeof(float));
-            std::memcpy(vp + (g * cap + at) * d, vsp + (g * T + first[s]) * d, n * d * sizeof(float));
+            std::memcpy(kp + (g * cap + at) * d * es, ksp + (g * T + first[s]) * d * es, n * d * es);
+            std::memcpy(vp + (g * cap + at) * d * es, vsp + (g * T + first[s]) * d * es, n * d * es);
         }
         std::vector<int64_t> begins(n), ends(n);
         for (int64_t i = 0; i < n; ++i) {
