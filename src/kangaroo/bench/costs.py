@@ -179,6 +179,8 @@ def table(costs: dict) -> str:
         # row counts are ints when measured, strings once read back from JSON
         f, v = ({int(k): ms for k, ms in e[key].items()} for key in ("forward_ms", "verify_ms"))
         attention = f" + {cfg['attention']} attention" if "attention" in cfg else ""
+        # the bfloat16 cache is the kernel attention's (SDPA rows keep float32)
+        attention += " + bfloat16 KV cache" if cfg.get("kv_dtype") == "bfloat16" and cfg.get("attention") == "kernel" else ""
         compiled = cfg.get("attention_compile_s") or 0  # the kernel's first compile on this machine
         tree = {int(k): ms for k, ms in e.get("tree_extra_ms", {}).items()}
         tree = f"{tree[1]:.2f} / {tree[2]:.2f}" if tree else "–"
