@@ -58,6 +58,17 @@ def test_streamed_text_equals_json_text(capsys, tiny_chat_model_dir):
     assert code == 0 and low_text == out_text and "(the draft below η verified too)" in err
 
 
+def test_kv_dtype_is_used_and_reported(capsys, tiny_chat_model_dir):
+    """--kv-dtype bfloat16 on the kernel attention generates and --stats names the cache (tiny heads of
+    16: the kernel widens it); float32 says nothing of it."""
+    args = ["--model", str(tiny_chat_model_dir), "--prompt", "Count to ten", "--max-new-tokens", "16",
+            "--dtype", "bfloat16", "--attention", "kernel", "--stats"]
+    code, kv16, err = run_cli(capsys, *args, "--kv-dtype", "bfloat16")
+    assert code == 0 and "bfloat16 KV cache" in err
+    code, kv32, err = run_cli(capsys, *args, "--kv-dtype", "float32")
+    assert code == 0 and "KV cache" not in err
+
+
 def test_stats_say_when_the_engine_was_measured_on_busy_cpus(capsys, monkeypatch, tiny_chat_model_dir):
     from kangaroo import calibration
 

@@ -240,7 +240,7 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     kv = "/bfloat16-kv" if info["kv_dtype"] == "bfloat16" else ""
     assert engine.describe() == f"fused/{info['kernel']}/{info['dtype']}/{info['attention']}-attention{kv}"
     # the KV cache: bfloat16 only for bfloat16 engines on the kernel attention that reads it natively
-    native = info["dtype"] == "bfloat16" and info["attention"] == "kernel" and attn_kernel.bf16_cache_native()
+    native = info["dtype"] == "bfloat16" and info["attention"] == "kernel" and attn_kernel.bf16_cache_native(engine.layers[0].attention.head_dim)
     assert engine.kv_dtype == (torch.bfloat16 if native else torch.float32)
     assert info["attention_source"] == "measured" and set(info["attention_us"]) == {"kernel", "sdpa"}
     saved = json.loads((tmp_path / "engine" / "choices.json").read_text())

@@ -164,12 +164,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return _state["module"].decode_attention(q, keys, values, begins, ends, scale)
 
 
-def bf16_cache_native() -> bool:
-    """Whether :func:`decode_attention` computes on a bfloat16 cache with bfloat16 dot products
-    (AVX512-BF16 builds, head sizes 64/128/256); elsewhere it widens the cache to float32 chunk by
-    chunk, which saves no time."""
+def bf16_cache_native(head_dim: int = 64) -> bool:
+    """Whether :func:`decode_attention` computes on a bfloat16 cache of this head size with bfloat16
+    dot products (AVX512-BF16 builds, head sizes 64/128/256); elsewhere it widens the cache to float32
+    chunk by chunk, which saves no time."""
     module = _state.get("module")
-    return module is not None and module.decode_attention_bf16_native()
+    return module is not None and module.decode_attention_bf16_native() and head_dim in (64, 128, 256)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -278,7 +278,8 @@ def _kv_dtype(config: EngineConfig, engine: FusedEngine) -> torch.dtype:
             raise KangarooError("a bfloat16 KV cache is read by the decode-attention kernel, which is not in use: "
                                 "use --attention kernel, or --kv-dtype auto")
         return torch.float32
-    if config.kv_dtype == "bfloat16" or (engine.weight_dtype == torch.bfloat16 and attn_kernel.bf16_cache_native()):
+    native = all(attn_kernel.bf16_cache_native(layer.attention.head_dim) for layer in engine.layers)
+    if config.kv_dtype == "bfloat16" or (engine.weight_dtype == torch.bfloat16 and native):
         return torch.bfloat16
     return torch.float32
 

@@ -185,10 +185,10 @@ def _stats_line(r: dict) -> str:
         line += f", {e['attention']} attention"
         if e.get("prompt_tiles") in ("bfloat16", "amx"):  # prompts' attention tiles computed in bfloat16
             line += " (prompt tiles in bfloat16" + (" on AMX)" if e["prompt_tiles"] == "amx" else ")")
-        if e.get("kv_dtype") == "bfloat16":  # half the bytes a step reads; bfloat16 dot products
-            line += ", bfloat16 KV cache"
         if e.get("attention_compile_s") is not None:  # the kernel is compiled once per machine, then loaded
             line += f" (kernel compiled {'now' if e.get('attention_compiled') else 'once'} in {e['attention_compile_s']:.0f} s)"
+        if e.get("kv_dtype") == "bfloat16":  # half the bytes a step reads; bfloat16 dot products
+            line += ", bfloat16 KV cache"
     line += f" ({how}"
     line += f"; built in {e['build_s']:.1f} s)\n" if "build_s" in e else ")\n"
     line += (
