@@ -173,35 +173,29 @@ inline void pv_pass(const float (*p)[CHUNK], const float* v, int64_t kv_stride, 
         for (int c = 0; c < C; ++c) store(o_out + hh * D + c * W, o[hh][c]);
 }
 
-// One work item: query heads [0, G) (of one row and kv head) against keys [j0, j1) of that kv head.
-// Writes per head: m (max score), l (sum of exp), o[D] (exp-weighted value sum).
-template <int D>
-void chunk_item(const float* q, int64_t G, const float* k, const float* v, int64_t kv_stride,
-                int64_t j0, int64_t j1, float scale, float* m_out, float* l_out, float* o_out) {
-    constexpr int C = D / W;
-    static const float zeros[D] = {};
-    const int64_t n = j1 - j0, npad = (n + W - 1) / W * W;
-    float s[MAX_G][CHUNK];
-    vf qv[MAX_G][C];
-    for (int64_t hh = 0; hh < G; ++hh)
-        for (int c = 0; c < C; ++c) qv[hh][c] = load(q + hh * D + c * W);
-    // 1. scores, sixteen keys at a time (keys past the range read zeros and are set to -inf)
+// A work item's scores s[h][0, npad) per head h < G, sixteen keys at a time: dot(h, key) gives one
+// key's 16 lanes of partial sums, reduced in reduce16's fixed tree and scaled; keys past n read
+// `zeros` (k: the item's first key, rows kv_stride apart) and score -inf.
+template <typename E, typename Dot>
+inline void chunk_scores(float (*s)[CHUNK], int64_t G, int64_t n, int64_t npad, const E* k, int64_t kv_stride,
+                         const E* zeros, float scale, Dot dot) {
     const vf lane = vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     for (int64_t j = 0; j < npad; j += W) {
-        const float* kr[W];
-        for (int i = 0; i < W; ++i) kr[i] = j + i < n ? k + (j0 + j + i) * kv_stride : zeros;
+        const E* kr[W];
+        for (int i = 0; i < W; ++i) kr[i] = j + i < n ? k + (j + i) * kv_stride : zeros;
         for (int64_t hh = 0; hh < G; ++hh) {
             vf acc[W];
-            for (int i = 0; i < W; ++i) {
-                acc[i] = qv[hh][0] * load(kr[i]);
-                for (int c = 1; c < C; ++c) acc[i] = acc[i] + qv[hh][c] * load(kr[i] + c * W);
-            }
+            for (int i = 0; i < W; ++i) acc[i] = dot(hh, kr[i]);
             vf r = reduce16(acc) * splat(scale);
             r = lane < splat((float)(n - j)) ? r : splat(-std::numeric_limits<float>::infinity());
             store(s[hh] + j, r);
         }
     }
-    // 2. per head: max, then exp and their sum, sixteen keys at a time (padding adds exact zeros)
+}
+
+// A work item's scores s[h][0, npad) per head h < G turned into exps in place, sixteen keys at a
+// time: the max m_out[h], then exp(s - m) and their sum l_out[h] (padding, -inf, adds exact zeros).
+inline void chunk_softmax(float (*s)[CHUNK], int64_t G, int64_t npad, float* m_out, float* l_out) {
     for (int64_t hh = 0; hh < G; ++hh) {
         vf mv = splat(-std::numeric_limits<float>::infinity());
         for (int64_t j = 0; j < npad; j += W) { vf x = load(s[hh] + j); mv = x > mv ? x : mv; }
@@ -215,6 +209,28 @@ void chunk_item(const float* q, int64_t G, const float* k, const float* v, int64
         m_out[hh] = m;
         l_out[hh] = hsum(lv);
     }
+}
+
+// One work item: query heads [0, G) (of one row and kv head) against keys [j0, j1) of that kv head.
+// Writes per head: m (max score), l (sum of exp), o[D] (exp-weighted value sum).
+template <int D>
+void chunk_item(const float* q, int64_t G, const float* k, const float* v, int64_t kv_stride,
+                int64_t j0, int64_t j1, float scale, float* m_out, float* l_out, float* o_out) {
+    constexpr int C = D / W;
+    static const float zeros[D] = {};
+    const int64_t n = j1 - j0, npad = (n + W - 1) / W * W;
+    float s[MAX_G][CHUNK];
+    vf qv[MAX_G][C];
+    for (int64_t hh = 0; hh < G; ++hh)
+        for (int c = 0; c < C; ++c) qv[hh][c] = load(q + hh * D + c * W);
+    // 1. scores: the query's dot product with each key, as 16 lanes of partial sums
+    chunk_scores(s, G, n, npad, k + j0 * kv_stride, kv_stride, zeros, scale, [&](int64_t hh, const float* key) {
+        vf a = qv[hh][0] * load(key);
+        for (int c = 1; c < C; ++c) a = a + qv[hh][c] * load(key + c * W);
+        return a;
+    });
+    // 2. per head: max, then exp and their sum
+    chunk_softmax(s, G, npad, m_out, l_out);
     // 3. values weighted by the exps: lanes over the head dimension, one running sum per head and
     // vector, keys in order; a value row is loaded once for up to 16 / (D / 16) heads
     constexpr int HB = C >= 16 ? 1 : 16 / C;
@@ -292,37 +308,14 @@ void chunk_item_bf16(const float* q, int64_t G, const uint16_t* k, const uint16_
     for (int64_t hh = 0; hh < G; ++hh)
         for (int c = 0; c < C; ++c)
             qb[hh][c] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(q + hh * D + c * 32 + 16), _mm512_loadu_ps(q + hh * D + c * 32));
-    // 1. scores, sixteen keys at a time (keys past the range read zeros and are set to -inf)
-    const vf lane = vf{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    for (int64_t j = 0; j < npad; j += W) {
-        const uint16_t* kr[W];
-        for (int i = 0; i < W; ++i) kr[i] = j + i < n ? k + (j0 + j + i) * kv_stride : zeros;
-        for (int64_t hh = 0; hh < G; ++hh) {
-            vf acc[W];
-            for (int i = 0; i < W; ++i) {
-                __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[hh][0], (__m512bh)_mm512_loadu_si512(kr[i]));
-                for (int c = 1; c < C; ++c) a = _mm512_dpbf16_ps(a, qb[hh][c], (__m512bh)_mm512_loadu_si512(kr[i] + c * 32));
-                acc[i] = u(a);
-            }
-            vf r = reduce16(acc) * splat(scale);
-            r = lane < splat((float)(n - j)) ? r : splat(-std::numeric_limits<float>::infinity());
-            store(s[hh] + j, r);
-        }
-    }
-    // 2. per head: max, then exp and their sum (as chunk_item)
-    for (int64_t hh = 0; hh < G; ++hh) {
-        vf mv = splat(-std::numeric_limits<float>::infinity());
-        for (int64_t j = 0; j < npad; j += W) { vf x = load(s[hh] + j); mv = x > mv ? x : mv; }
-        const float mx = hmax(mv);
-        vf lv = splat(0.0f);
-        for (int64_t j = 0; j < npad; j += W) {
-            vf p = vexp(load(s[hh] + j) - splat(mx));
-            store(s[hh] + j, p);
-            lv = lv + p;
-        }
-        m_out[hh] = mx;
-        l_out[hh] = hsum(lv);
-    }
+    // 1. scores: the rounded query's dimension pairs with each key's, as 16 lanes of float32 sums
+    chunk_scores(s, G, n, npad, k + j0 * kv_stride, kv_stride, zeros, scale, [&](int64_t hh, const uint16_t* key) {
+        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), qb[hh][0], (__m512bh)_mm512_loadu_si512(key));
+        for (int c = 1; c < C; ++c) a = _mm512_dpbf16_ps(a, qb[hh][c], (__m512bh)_mm512_loadu_si512(key + c * 32));
+        return u(a);
+    });
+    // 2. per head: max, then exp and their sum
+    chunk_softmax(s, G, npad, m_out, l_out);
     // 3. values weighted by the exps (rounded to bfloat16, nearest even), two keys a product; past n
     // the exps are exact zeros (npad > n when n is odd)
     alignas(64) uint16_t pb[MAX_G][CHUNK];
