@@ -30,7 +30,7 @@ with the engine's bfloat16 and Q4_1 products (``csrc/linear_bf16.cpp``, ``csrc/l
 fused step ops (``csrc/step_ops.cpp``):
 ~50 s on 2 cores, then cached under ``$KANGAROO_CACHE/ext`` per CPU, compiler flags, torch version and
 sources. It is
-CPU and float32 only (the engine's cache is float32). Where it cannot be built, or fails its check,
+CPU only, with float32 queries over a float32 or a bfloat16 cache (:func:`bf16_cache_native`). Where it cannot be built, or fails its check,
 or measures slower than per-row SDPA for the model's shapes, the engine keeps per-row SDPA.
 """
 
