@@ -2,7 +2,8 @@
 
 1. the decode-attention kernel alone over 30 layers' caches in turn (as a forward reads them: each
    layer's keys from memory) and over one layer's 30 times (warm), 1 and 8 rows;
-2. whole steps of the default model's layers (the engine `--dtype auto` builds), 1 and 8 tokens.
+2. whole steps of the default model's layers (the engine `--dtype auto` builds), 1 and 8 tokens,
+   and a prompt of each context's length into an empty cache (the prefill).
 
     .venv/bin/python scripts/kv_cache_bench.py [--threads 2] [--contexts 256,1024,1536] [--rounds 6]
 
@@ -71,6 +72,12 @@ def whole_steps(contexts: list[int], rounds: int, threads: int) -> None:
     times = {}
     for _ in range(rounds):
         for ctx in contexts:
+            ids = torch.randint(100, 40000, (1, ctx), generator=torch.Generator().manual_seed(ctx))
+            for dt in DTYPES:
+                engine.kv_dtype = dt
+                t = time.perf_counter()
+                engine.run_layers(0, L, engine.embed(ids), KVCache(L, ctx), 0)
+                times.setdefault((ctx, "prefill", dt), []).append(time.perf_counter() - t)
             for T in (1, 8):
                 for dt in DTYPES:
                     engine.kv_dtype, cache = dt, caches[dt, ctx]
@@ -82,9 +89,10 @@ def whole_steps(contexts: list[int], rounds: int, threads: int) -> None:
                         best = min(best, time.perf_counter() - t)
                     times.setdefault((ctx, T, dt), []).append(best)
     for ctx in contexts:
-        for T in (1, 8):
+        for T in (1, 8, "prefill"):
             f, b = (statistics.median(times[ctx, T, dt]) * 1e3 for dt in DTYPES)
-            print(f"whole step, {ctx} cached tokens, {T} tokens: float32 cache {f:.2f} ms, bfloat16 cache {b:.2f} ms ({f / b:.2f}x)")
+            what = f"prompt of {ctx} tokens" if T == "prefill" else f"whole step, {ctx} cached tokens, {T} tokens"
+            print(f"{what}: float32 cache {f:.2f} ms, bfloat16 cache {b:.2f} ms ({f / b:.2f}x)")
 
 
 def main() -> None:
