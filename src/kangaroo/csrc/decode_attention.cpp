@@ -246,14 +246,7 @@ void chunk_item(const float* q, int64_t G, const float* k, const float* v, int64
 }
 
 #if KANGAROO_BF16_TILES
-// chunk_item over a bfloat16 cache (D a multiple of 32), with vdpbf16ps: the query rounded to
-// bfloat16, a score is the key's dimension pairs multiplied with the query's and summed in float32
-// (then reduce16, as above); the exps (float32, their sum too) are rounded to bfloat16 and weight
-// the values two keys at a time: rows j and j+1 interleaved word by word (unpacklo/hi_epi16), so
-// each float32 lane sums p_j v_j[e] + p_j+1 v_j+1[e] for one dimension e, lanes in the unpacks'
-// order (put back in place when stored). Half the bytes of the float32 cache to read and about a
-// third of its instructions; every row still computes alone, in one order.
-// chunk_item_bf16's weighted value sums for NH heads (see there), accumulators in registers.
+// chunk_item_bf16's weighted value sums for NH heads (see below), accumulators in registers.
 template <int D, int NH>
 inline void pv_pass_bf16(const uint16_t (*pb)[CHUNK], const uint16_t* v, int64_t kv_stride, int64_t j0, int64_t n,
                          const uint16_t* zeros, float* o_out) {
@@ -297,6 +290,14 @@ inline void pv_pass_bf16(const uint16_t (*pb)[CHUNK], const uint16_t* v, int64_t
         }
 }
 
+// chunk_item over a bfloat16 cache (D a multiple of 32), with vdpbf16ps: the query rounded to
+// bfloat16, a score is the key's dimension pairs multiplied with the query's and summed in float32
+// (then reduce16, as above); the exps (float32, their sum too) are rounded to bfloat16 and weight
+// the values two keys at a time: rows j and j+1 interleaved word by word (unpacklo/hi_epi16), so
+// each float32 lane sums p_j v_j[e] + p_j+1 v_j+1[e] for one dimension e, lanes in the unpacks'
+// order (put back in place when stored). Half the bytes of the float32 cache to read and fewer
+// instructions (1.35-1.7x chunk_item's speed, docs/ENGINE.md §4); every row still computes alone,
+// in one order.
 template <int D>
 void chunk_item_bf16(const float* q, int64_t G, const uint16_t* k, const uint16_t* v, int64_t kv_stride,
                      int64_t j0, int64_t j1, float scale, float* m_out, float* l_out, float* o_out) {
