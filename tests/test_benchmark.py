@@ -94,7 +94,10 @@ def test_every_output_is_written(bench_run):
     assert "| kangaroo | adapter |" in report or "| kangaroo | lookup |" in report
 
 
-def test_costs_only_writes_step_costs(tiny_model_dir, tmp_path, monkeypatch):
+def test_costs_only_writes_step_costs(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from kangaroo.bench import costs as costs_module
+
+    monkeypatch.setattr(costs_module, "LONG_CONTEXT", 160)  # the tiny model's context is 256
     monkeypatch.chdir(tmp_path)  # no Spec-Bench file above: --costs-only does not need one
     monkeypatch.delenv("KANGAROO_SPEC_BENCH", raising=False)
     out = tmp_path / "costs"
@@ -102,13 +105,15 @@ def test_costs_only_writes_step_costs(tiny_model_dir, tmp_path, monkeypatch):
                  "--out", str(out)]) == 0
     costs = json.loads((out / "costs.json").read_text())
     assert costs["machine"]["threads"] == 1 and costs["machine"]["cpu"] is not None
-    for name in ("chosen", "float32 eager"):
+    for name in ("chosen", "chosen, 160 cached tokens", "float32 eager"):
         e = costs[name]
         assert set(e["forward_ms"]) == {"1", "2", "4", "8", "16"} and all(v > 0 for v in e["forward_ms"].values())
         assert e["draft_step_ms"] > 0 and e["lm_head_ms"] > 0 and e["prefill_ms"] > 0 and e["engine"]["dtype"]
         assert e["forward_ratio_8_to_1"] == pytest.approx(e["forward_ms"]["8"] / e["forward_ms"]["1"], abs=1e-3)
     assert costs["chosen"]["engine"]["engine"] == "fused" and costs["float32 eager"]["engine"]["engine"] == "eager"
     assert set(costs["chosen"]["tree_extra_ms"]) == {"1", "2"} and "tree_extra_ms" not in costs["float32 eager"]
+    assert costs["chosen"]["context"] == 256 and costs["chosen, 160 cached tokens"]["context"] == 160
+    assert "| chosen, 160 cached tokens: fused " in capsys.readouterr().out  # the printed table has its row
     assert not (out / "summary.json").exists()  # no questions were run
 
 

@@ -1,8 +1,10 @@
 """What one step of each kind costs on this machine: the numbers Kangaroo's speed follows from.
 
 Speed-up = tokens per round ÷ (draft steps × draft cost + verification cost), in units of a one-token
-target step. ``kangaroo bench --costs`` measures, for the engine the run uses and for the float32
-eager engine (HF's own modules):
+target step. ``kangaroo bench --costs`` measures, for the engine the run uses (after 256 cached
+positions, and again after :data:`LONG_CONTEXT` where the model's context allows: long prompts'
+steps, whose attention and cache reads grow with it) and for the float32 eager engine (HF's own
+modules):
 
 * ``forward_ms[k]``: one greedy target forward over ``k`` new tokens (every layer, final norm, the
   head's argmax as greedy decoding finds it: :meth:`~kangaroo.engine.FusedEngine.greedy`) after
@@ -142,6 +144,9 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
     }
 
 
+LONG_CONTEXT = 1024  # the chosen engine measured again here (summarisation and RAG prompts are ~700-1,500 tokens)
+
+
 def measure_run(km, repeats: int = 15) -> dict:
     """``costs.json``: the costs of the engine ``km`` runs on and of the float32 eager engine, with
     the configuration and the machine."""
@@ -150,6 +155,10 @@ def measure_run(km, repeats: int = 15) -> dict:
     ℓ = km.config.exit_layer
     chosen = {**measure(km.engine, km.adapter, ℓ, repeats=repeats), "engine": km.engine_info}
     entries = {"chosen": chosen}
+    limit = km.engine.max_positions
+    if limit is None or limit >= LONG_CONTEXT + 2 * max(ROWS) + 8:  # room for the steps after the context
+        entries[f"chosen, {LONG_CONTEXT} cached tokens"] = {**measure(km.engine, km.adapter, ℓ, context=LONG_CONTEXT,
+                                                                      repeats=repeats), "engine": km.engine_info}
     if getattr(km.engine, "attention", None) == "kernel":  # the same engine attending row by row, for comparison
         km.engine.attention = "sdpa"
         try:
