@@ -167,7 +167,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 def bf16_cache_native(head_dim: int = 64) -> bool:
     """Whether :func:`decode_attention` computes on a bfloat16 cache of this head size with bfloat16
     dot products (AVX512-BF16 builds, head sizes 64/128/256); elsewhere it widens the cache to float32
-    chunk by chunk, which saves no time."""
+    on each call, which costs time instead of saving it."""
     module = _state.get("module")
     return module is not None and module.decode_attention_bf16_native() and head_dim in (64, 128, 256)
 

@@ -164,7 +164,7 @@ def measure_run(km, repeats: int = 15) -> dict:
         try:
             info = {k: v for k, v in km.engine_info.items() if not k.startswith("attention")}
             entries["chosen, per-row SDPA"] = {**measure(km.engine, km.adapter, ℓ, repeats=repeats),
-                                               "engine": {**info, "attention": "sdpa"}}
+                                               "engine": {**info, "attention": "sdpa", "kv_dtype": "float32"}}  # SDPA rows keep float32
         finally:
             km.engine.attention = "kernel"
     if km.engine is not km.backbone and km.backbone.dtype == torch.float32:
@@ -188,8 +188,7 @@ def table(costs: dict) -> str:
         # row counts are ints when measured, strings once read back from JSON
         f, v = ({int(k): ms for k, ms in e[key].items()} for key in ("forward_ms", "verify_ms"))
         attention = f" + {cfg['attention']} attention" if "attention" in cfg else ""
-        # the bfloat16 cache is the kernel attention's (SDPA rows keep float32)
-        attention += " + bfloat16 KV cache" if cfg.get("kv_dtype") == "bfloat16" and cfg.get("attention") == "kernel" else ""
+        attention += " + bfloat16 KV cache" if cfg.get("kv_dtype") == "bfloat16" else ""
         compiled = cfg.get("attention_compile_s") or 0  # the kernel's first compile on this machine
         tree = {int(k): ms for k, ms in e.get("tree_extra_ms", {}).items()}
         tree = f"{tree[1]:.2f} / {tree[2]:.2f}" if tree else "–"

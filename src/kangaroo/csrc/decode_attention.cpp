@@ -211,6 +211,11 @@ inline void chunk_softmax(float (*s)[CHUNK], int64_t G, int64_t npad, float* m_o
     }
 }
 
+// A cache as float32 (a bfloat16 one widened, exactly).
+inline torch::Tensor as_float(const torch::Tensor& t) {
+    return t.scalar_type() == torch::kFloat32 ? t : t.to(torch::kFloat32);
+}
+
 // One work item: query heads [0, G) (of one row and kv head) against keys [j0, j1) of that kv head.
 // Writes per head: m (max score), l (sum of exp), o[D] (exp-weighted value sum).
 template <int D>
@@ -733,10 +738,8 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     TORCH_CHECK(q.dtype() == torch::kFloat32, "prompt_attention: float32 queries");
     TORCH_CHECK(k.dtype() == v.dtype() && (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16),
                 "prompt_attention: float32 or bfloat16 keys and values");
-    if (k.scalar_type() == torch::kBFloat16) {  // a bfloat16 cache: widened once (exact), a prompt reads every key many times
-        k = k.to(torch::kFloat32);
-        v = v.to(torch::kFloat32);
-    }
+    k = as_float(k);  // a bfloat16 cache widened once (exactly): a prompt reads every key many times
+    v = as_float(v);
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prompt_attention: q [T, H, D], k/v [H_kv, S, D]");
     const int64_t T = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(0);
     if (D != 64 && D != 128 && D != 256) {  // no tile for this head size: the decode kernel, 64 rows a call
@@ -897,16 +900,17 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     auto out = torch::empty({T, H, D}, opts);
     const float* qp = q.data_ptr<float>();
     // a bfloat16 cache (half the bytes to stream: at 1,536 keys the cache outweighs the layer's
-    // weights) is widened chunk by chunk into float32, exactly, so the arithmetic below is the
-    // float32 cache's on the rounded keys and values
-    const bool kv16 = k.scalar_type() == torch::kBFloat16;
+    // weights) is computed on natively on AVX512-BF16 machines for head sizes 64/128/256
+    // (chunk_item_bf16); elsewhere it is widened to float32 (exactly) for chunk_item, which saves
+    // nothing, so the engine only keeps a bfloat16 cache where it is native (kangaroo.calibration)
+    const bool kv16 = k.scalar_type() == torch::kBFloat16 && KANGAROO_BF16_TILES && (D == 64 || D == 128 || D == 256);
+    if (!kv16) {
+        k = as_float(k);
+        v = as_float(v);
+    }
     const float *kp = kv16 ? nullptr : k.data_ptr<float>(), *vp = kv16 ? nullptr : v.data_ptr<float>();
     const uint16_t *kb = kv16 ? reinterpret_cast<const uint16_t*>(k.data_ptr()) : nullptr,
                    *vb = kv16 ? reinterpret_cast<const uint16_t*>(v.data_ptr()) : nullptr;
-    // on AVX512-BF16 machines, head sizes 64/128/256 compute in bfloat16 (chunk_item_bf16); elsewhere
-    // the chunk is widened to float32 (exact) for chunk_item
-    const bool native16 = kv16 && KANGAROO_BF16_TILES && (D == 64 || D == 128 || D == 256);
-    const int64_t first_key = *std::min_element(begin.begin(), begin.end()), last_key = *std::max_element(end.begin(), end.end());
     float *mp = m.data_ptr<float>(), *lp = l.data_ptr<float>(), *op = o.data_ptr<float>(), *outp = out.data_ptr<float>();
     const int64_t qs0 = q.stride(0), ks0 = k.stride(0);
     // work items (kv head g, chunk c): every row with keys in the chunk, one after the other while
@@ -932,16 +936,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                 std::memcpy(op + (th * nchunks + c) * D, ob + hh * D, D * sizeof(float));
             }
         };
-        // a bfloat16 chunk's keys, then values, as float32; 64-byte aligned like the cache's rows
-        // (a vector load across two cache lines costs two)
-        std::vector<float> wide_(kv16 && !native16 ? 2 * CHUNK * D + 16 : 0);
-        float* wide = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(wide_.data()) + 63) & ~uintptr_t(63));
         for (int64_t worker = a; worker < b; ++worker)
         for (int64_t i : plan[worker]) {
             const int64_t g = i % Hkv, c = c_first + i / Hkv, h0 = g * G;
-            const float *kg, *vg;
-            int64_t base = 0;  // the position kg[0] and vg[0] hold
-            if (kv16 && native16) {  // straight from the bfloat16 cache
+            if (kv16) {  // straight from the bfloat16 cache
                 for (int64_t t = 0; t < T; ++t) {
                     const int64_t j0 = std::max(begin[t], c * CHUNK), j1 = std::min(end[t], (c + 1) * CHUNK);
                     if (j0 >= j1) continue;
@@ -959,19 +957,9 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                 }
                 continue;
             }
-            if (kv16) {
-                base = std::max(first_key, c * CHUNK);
-                const int64_t n = std::min(last_key, (c + 1) * CHUNK) - base;
-                widen_bf16(kb + g * ks0 + base * D, wide, n * D);
-                widen_bf16(vb + g * ks0 + base * D, wide + CHUNK * D, n * D);
-                kg = wide;
-                vg = wide + CHUNK * D;
-            } else {
-                kg = kp + g * ks0;
-                vg = vp + g * ks0;
-            }
+            const float *kg = kp + g * ks0, *vg = vp + g * ks0;
             for (int64_t t = 0; t < T; ++t) {
-                const int64_t j0 = std::max(begin[t], c * CHUNK) - base, j1 = std::min(end[t], (c + 1) * CHUNK) - base;
+                const int64_t j0 = std::max(begin[t], c * CHUNK), j1 = std::min(end[t], (c + 1) * CHUNK);
                 if (j0 >= j1) continue;
                 const float* qh = qp + t * qs0 + h0 * D;
                 if (D == 64)

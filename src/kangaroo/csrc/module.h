@@ -10,10 +10,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 // torch's float -> bfloat16 rounding (c10::BFloat16: round to nearest even, NaN kept quiet).
 inline uint16_t float_to_bf16(float f) {
     if (std::isnan(f)) return 0x7FC0;
@@ -21,24 +17,6 @@ inline uint16_t float_to_bf16(float f) {
     std::memcpy(&bits, &f, sizeof(bits));
     const uint32_t bias = ((bits >> 16) & 1u) + 0x7FFFu;
     return static_cast<uint16_t>((bits + bias) >> 16);
-}
-
-inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    return f;
-}
-
-// n bfloat16 values widened to float32 (exact): how a bfloat16 KV cache is read.
-inline void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))), 16)));
-#endif
-    for (; i < n; ++i) dst[i] = bf16_to_float(src[i]);
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)

@@ -22,6 +22,13 @@
 
 namespace {
 
+inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
 // Rotate one head's interleaved pairs (x_i, y_i) by (c_i, s_i): x c - y s, x s + y c. The engine's
 // RoPE everywhere the module is loaded (the same expression in one place, so every path agrees).
 inline void rotate(const float* in, const float* cs, float* out, int64_t half) {
