@@ -625,9 +625,7 @@ torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor sc
     const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
     const auto* xp = reinterpret_cast<const int32_t*>(x.data_ptr());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-    if (M == 1) q4_run<1>(qp, sp, K, N, M, xp, sx.data(), b, yp);
-    else if (M == 2) q4_run<1>(qp, sp, K, N, M, xp, sx.data(), b, yp);
-    else q4_run<1>(qp, sp, K, N, M, xp, sx.data(), b, yp);
+    q4_run<1>(qp, sp, K, N, M, xp, sx.data(), b, yp);  // one output block at a time at every row count (docs/ENGINE.md §3)
     return y;
 #else
     (void)x; (void)nibbles; (void)scales; (void)bias; (void)int8;
