@@ -120,3 +120,31 @@ def test_fused_engine_kangaroo_equals_its_plain_greedy(km, references, dtype, ke
             differ += 1
     assert accepted > 50
     assert differ <= 2
+
+
+@pytest.mark.skipif(not kernel_available("q4_1", torch.bfloat16, "cpu"), reason="needs a CPU with AVX512-BF16")
+def test_a_chat_reuses_its_previous_prompt_and_changes_no_token(km):
+    """Three turns of a chat on the GGUF's own layers (prompts on int8 activations where the CPU has
+    VNNI): each turn prefills only what follows the previous prompt, and every answer is the one a
+    fresh decoder gives (kangaroo.decoding.PromptCache)."""
+    from kangaroo import attention
+    from kangaroo.calibration import build_engine
+    from kangaroo.config import EngineConfig
+    from kangaroo.decoding import AutoregressiveDecoder
+
+    engine, _ = build_engine(km.backbone, EngineConfig(engine="fused", dtype="bfloat16", kernel="q4_1", attention="kernel",
+                                                       kv_dtype="bfloat16" if attention.bf16_cache_native() else "float32"))
+    engine.prompt_amx_rows = 0  # the one prompt path that picks its arithmetic by row count
+    engine.prompt_tiles = "bfloat16" if attention.prompt_tiles_available("bfloat16") else "float32"
+    engine.prompt_int8 = attention.load().linear_q4_int8_available()
+    makers = {"kangaroo": lambda: KangarooDecoder(engine, km.adapter, km.config), "ar": lambda: AutoregressiveDecoder(engine)}
+    for name, make in makers.items():
+        decoder, chat, kept = make(), [], 0
+        for question in (PROMPTS[4], "Now say it in French.", "Which word in it is the longest?"):
+            chat.append({"role": "user", "content": question})
+            ids = km.encode(chat)
+            result = decoder.generate(ids, 48, km.eos_token_ids)
+            assert result.token_ids == make().generate(ids, 48, km.eos_token_ids).token_ids, (name, len(chat))
+            assert (result.cached_tokens > 0) == (kept > 0) and result.cached_tokens <= kept, (name, len(chat))
+            kept = ids.shape[1]
+            chat.append({"role": "assistant", "content": km.decode(result.token_ids)})

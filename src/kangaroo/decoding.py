@@ -22,6 +22,7 @@ from .adapter import Adapter
 from .config import KangarooConfig, SamplingConfig
 from .drafting import Draft, Drafter
 from .errors import KangarooError
+from .kernels import MAX_ROWS
 from .kv_cache import KVCache
 from .lookup import NgramIndex
 from .engine import Engine
@@ -48,6 +49,7 @@ class Step:
     draft_steps: int = 0
     confidences: list[float] = field(default_factory=list)
     source: str = ""  # where the drafts came from: "adapter", "lookup" ("" for the prefill and plain decoding)
+    cached: int = 0  # the prefill only: prompt tokens whose keys and values were reused (PromptCache)
 
 
 @dataclass
@@ -59,6 +61,11 @@ class GenerationResult:
     prompt_tokens: int
     prefill_s: float
     total_s: float
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens not prefilled again: their keys and values were kept from the previous prompt."""
+        return self.steps[0].cached if self.steps else 0
 
     @property
     def new_tokens(self) -> int:
@@ -101,6 +108,7 @@ class GenerationResult:
             "acceptance_rate": self.acceptance_rate,
             "tokens_per_s": self.tokens_per_s,
             "prefill_s": self.prefill_s,
+            "cached_prompt_tokens": self.cached_tokens,
             "total_s": self.total_s,
         }
 
@@ -123,11 +131,53 @@ def check_request(backbone: Engine, input_ids: torch.Tensor, max_new_tokens: int
     return max_new_tokens
 
 
-def _prefill(backbone: Engine, cache: KVCache, input_ids: torch.Tensor, exit_layer: int, sampler: Sampler | None = None):
-    """Whole prompt through all layers; returns (first token, exit-layer states ``[1, n, D]``)."""
-    h_exit = backbone.run_layers(0, exit_layer, backbone.embed(input_ids), cache, 0)
-    h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, 0)
-    return _next_token(backbone, h_last[:, -1:], sampler), h_exit
+class PromptCache:
+    """The previous prompt of a decoder, whose keys and values stay in its cache below the prompt's
+    length while it generates (every write lands after the prompt): a new prompt that begins with it
+    (the next turn of a chat, another question about the same document) prefills only the rest.
+
+    Reuse is exact, never approximate: only where the engine computes each prompt row from that row
+    and its prefix alone, under the same settings (:meth:`~kangaroo.engine.FusedEngine.prompt_reuse_key`),
+    and the new part is always a prompt call of more than :data:`~kangaroo.kernels.MAX_ROWS` rows,
+    computed as a whole prompt computes it. So output is token for token what a fresh prefill gives.
+    Generated tokens are not reused: steps compute them in other arithmetic than a prompt would.
+    """
+
+    MIN_TOKENS = 32  # a shorter shared prefix is prefilled again (it saves less than a step)
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None  # [n] the kept prompt
+        self.states: torch.Tensor | None = None  # [1, n, D] its exit-layer states (the adapter's input)
+        self.key: tuple | None = None  # the engine's prompt_reuse_key when it was computed
+
+    def reusable(self, backbone: Engine, input_ids: torch.Tensor) -> int:
+        """How many leading tokens of ``input_ids`` ``[1, n]`` need no prefill (0: none)."""
+        new = input_ids[0]
+        n = min(len(self.ids), len(new) - MAX_ROWS - 1) if self.ids is not None else 0
+        if n < self.MIN_TOKENS or self.key is None or backbone.prompt_reuse_key(len(new)) != self.key:
+            return 0
+        differ = (self.ids[:n] != new[:n]).nonzero()
+        shared = int(differ[0, 0]) if len(differ) else n
+        return shared if shared >= self.MIN_TOKENS else 0
+
+    def keep(self, backbone: Engine, input_ids: torch.Tensor, states: torch.Tensor | None) -> None:
+        self.ids, self.states = input_ids[0].clone(), states
+        self.key = backbone.prompt_reuse_key(input_ids.shape[1])
+
+
+def _prefill(backbone: Engine, cache: KVCache, input_ids: torch.Tensor, exit_layer: int, sampler: Sampler | None,
+             kept: PromptCache):
+    """The prompt through all layers, after the part ``kept`` still holds (whose keys and values are
+    then used as they are); returns (first token, exit-layer states ``[1, n, D]``, reused tokens)."""
+    r = kept.reusable(backbone, input_ids)
+    previous, kept.ids = kept.states, None  # until this prefill completes, the cache holds no whole prompt
+    cache.crop(r)
+    h_exit = backbone.run_layers(0, exit_layer, backbone.embed(input_ids[:, r:]), cache, r)
+    h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, r)
+    if r:
+        h_exit = torch.cat([previous[:, :r], h_exit], dim=1)
+    kept.keep(backbone, input_ids, h_exit)
+    return _next_token(backbone, h_last[:, -1:], sampler), h_exit, r
 
 
 @torch.no_grad()
@@ -196,6 +246,7 @@ class KangarooDecoder:
         self.backbone, self.config = backbone, config
         self.drafter = Drafter(backbone, adapter, config)
         self.cache = KVCache(backbone.num_layers)
+        self.kept = PromptCache()
 
     @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset(),
@@ -210,13 +261,12 @@ class KangarooDecoder:
         bb, ℓ, L = self.backbone, self.config.exit_layer, self.backbone.num_layers
         budget = check_request(bb, input_ids, max_new_tokens)
         sampler = Sampler.for_config(sampling, bb.device)
-        self.cache.reset()
-        y, h_prompt = _prefill(bb, self.cache, input_ids, ℓ, sampler)
+        y, h_prompt, cached = _prefill(bb, self.cache, input_ids, ℓ, sampler, self.kept)
         self.drafter.start(h_prompt)
         pos = input_ids.shape[1]  # position of y, the last committed token
         tokens, done = truncate_at_stop([y], eos_token_ids, budget)
         lookup = self._lookup(input_ids, tokens, sampler)
-        yield Step(tokens)
+        yield Step(tokens, cached=cached)
         budget -= len(tokens)
         while not done:
             # 1. draft: a continuation of an earlier occurrence of the last n-gram (prompt lookup,
@@ -279,6 +329,7 @@ class AutoregressiveDecoder:
     def __init__(self, backbone: Engine) -> None:
         self.backbone = backbone
         self.cache = KVCache(backbone.num_layers)
+        self.kept = PromptCache()
 
     @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset(),
@@ -286,11 +337,10 @@ class AutoregressiveDecoder:
         bb, L = self.backbone, self.backbone.num_layers
         budget = check_request(bb, input_ids, max_new_tokens)
         sampler = Sampler.for_config(sampling, bb.device)
-        self.cache.reset()
-        y, _ = _prefill(bb, self.cache, input_ids, L, sampler)
+        y, _, cached = _prefill(bb, self.cache, input_ids, L, sampler, self.kept)
         pos = input_ids.shape[1]
         tokens, done = truncate_at_stop([y], eos_token_ids, budget)
-        yield Step(tokens)
+        yield Step(tokens, cached=cached)
         budget -= len(tokens)
         while not done:
             h = bb.run_layers(0, L, bb.embed(torch.tensor([[y]], device=bb.device)), self.cache, pos)

@@ -286,6 +286,26 @@ class FusedEngine:
         the decode-attention kernel is in use, on every path alike."""
         return self.attention == "kernel"
 
+    def prompt_reuse_key(self, prompt_len: int) -> tuple | None:
+        """What a kept prompt's keys and values depend on, when a prompt of ``prompt_len`` tokens
+        prefilled in two calls (a prefix, then the rest at its position, each of more than
+        :data:`~kangaroo.kernels.MAX_ROWS` rows) gives every layer the bits one call gives it; None
+        where it may not (:class:`~kangaroo.decoding.PromptCache` then prefills it all).
+
+        Exact where each prompt row's arithmetic depends on that row and its prefix only: the
+        compiled layers with row-invariant products (``dpbf16``, ``q4_1``, ``q4_1_int8``), the
+        compiled prompt attention with float32 or bfloat16 tiles over keys from position 0 (no
+        sliding window shorter than the prompt: a window moves a tile's first key with the tile),
+        and no prompt GEMM on AMX tiles (its row count picks the path). Checked bit for bit in
+        ``tests/test_prompt_cache.py``. The key holds the settings a prompt's arithmetic follows, so a
+        cache written under other settings is never reused."""
+        windows = [layer.window for layer in self.layers if layer.window]
+        if not (self.attention == "kernel" and self.kernel in ("dpbf16", *QUANTIZED_KERNELS)
+                and self.prompt_tiles in ("float32", "bfloat16") and self.prompt_amx_rows == 0
+                and all(w >= prompt_len for w in windows)):
+            return None
+        return id(self), self.kv_dtype, self.prompt_tiles, self.prompt_int8, self.amx_rows
+
     @property
     def norm(self):
         """RMSNorm of ``[T, D]`` rows: compiled with the attention kernel (the same module), else F.rms_norm."""

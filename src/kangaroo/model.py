@@ -204,6 +204,11 @@ class Backbone:
     #: token trees need the step engine's per-row attention (kangaroo.tree); HF's modules attend in one call
     supports_trees = False
 
+    def prompt_reuse_key(self, prompt_len: int) -> None:
+        """None: HF's modules compute a prompt in shapes that depend on its length, so a kept prefix
+        could differ in its bits (see :meth:`~kangaroo.engine.FusedEngine.prompt_reuse_key`)."""
+        return None
+
     def run_layers(self, start: int, end: int, hidden: torch.Tensor, cache, pos: int, tree=None) -> torch.Tensor:
         """Decoder layers ``[start, end)`` over ``hidden`` ``[B, T, D]`` at positions ``pos .. pos+T-1``.
 

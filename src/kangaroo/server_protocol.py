@@ -194,9 +194,11 @@ def response_id(kind: str) -> str:
 
 
 def usage(prompt_tokens: int, result) -> dict:
-    """OpenAI's ``usage`` of a :class:`~kangaroo.decoding.GenerationResult`."""
+    """OpenAI's ``usage`` of a :class:`~kangaroo.decoding.GenerationResult`, with OpenAI's count of
+    the prompt tokens not computed again (kept from the previous request: :class:`~kangaroo.decoding.PromptCache`)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": result.new_tokens,
-            "total_tokens": prompt_tokens + result.new_tokens}
+            "total_tokens": prompt_tokens + result.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
 
 
 def kangaroo_stats(result) -> dict:
