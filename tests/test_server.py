@@ -98,6 +98,25 @@ def test_greedy_chat_equals_plain_greedy_text(client, km):
     assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 1  # really streamed
 
 
+
+def test_a_following_turn_reports_the_prompt_it_reused(client, km):
+    """A chat's next turn begins with the previous request's prompt: where the engine can reuse it
+    exactly (kangaroo.decoding.PromptCache) the usage says how many tokens it skipped, and the answer
+    is still plain greedy decoding's."""
+    first = [{"role": "system", "content": "Answer from this note. " + "The quokka lives on Rottnest Island. " * 4},
+             {"role": "user", "content": "Where does the quokka live?"}]
+    r1 = client.chat.completions.create(model=MODEL, messages=first, max_tokens=8, temperature=0)
+    second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                      {"role": "user", "content": "And what does it eat, in one short sentence?"}]
+    r2 = client.chat.completions.create(model=MODEL, messages=second, max_tokens=8, temperature=0)
+    assert r2.choices[0].message.content == km.generate(second, 8, kangaroo=False).text
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    if km.engine.prompt_reuse_key(r2.usage.prompt_tokens) is None:
+        assert cached == 0
+    else:
+        assert 32 <= cached <= r1.usage.prompt_tokens
+        print(f"reused {cached} of {r2.usage.prompt_tokens} prompt tokens")
+
 def test_greedy_completion_equals_plain_greedy_text(client, km):
     prompt = "Once upon a time, 从前 there was a"
     expected = km.generate(prompt, 16, chat=False, kangaroo=False).text
