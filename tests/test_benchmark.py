@@ -16,6 +16,7 @@ from kangaroo.bench import metrics
 from kangaroo.bench.questions import load_questions, task_of
 from kangaroo.cli import main
 from kangaroo.config import KangarooConfig
+from kangaroo.kernels import kernel_available
 from kangaroo.errors import KangarooError
 LOOKUP = KangarooConfig().lookup_tokens  # the default prompt-lookup draft length
 ALL_METHODS = "ar-hf,ar-hf-static,ar-eager,ar,kangaroo,kangaroo-chain,kangaroo-tree,kangaroo+pld,kangaroo-full-vocab,kangaroo-fixed,lookup,early-exit,pld"
@@ -343,3 +344,26 @@ def test_pld_peer_patches_no_transformers_class(tiny_model_dir):
     assert (PLG.get_candidates, GenerationMixin._get_candidate_generator) == before
     assert "_get_candidate_generator" not in km.model.__dict__
     assert len(run.draft_lengths) == len(run.accept_lengths) and sum(run.accept_lengths) == len(run.token_ids)
+
+
+@pytest.mark.skipif(not kernel_available("dpbf16", torch.bfloat16, "cpu"), reason="needs AVX512-BF16 (dpbf16)")
+def test_a_second_turn_reuses_the_first_prompt_but_no_question_starts_warm(tiny_model_dir, tmp_path):
+    """Our methods keep a question's first prompt for its second turn (exact: kangaroo.decoding.
+    PromptCache), and the answer files say how many tokens each turn reused; the warm-up ran the
+    first question's own prompt, yet no first turn reuses anything."""
+    note = "The sea is salty because rivers carry salt from the rocks into it. " * 3
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in [
+        {"question_id": 91, "category": "writing", "turns": [note + "Write a short poem about it.", "Now make it rhyme, please."]},
+        {"question_id": 92, "category": "writing", "turns": [note + "Explain it to a child.", "Now in one sentence, please."]}]))
+    rc = main(["bench", "--model", str(tiny_model_dir), "--adapter", "random", "--threads", "1",
+               "--questions", str(questions), "--methods", "ar,kangaroo", "--max-new-tokens", "12",
+               "--dtype", "bfloat16", "--kernel", "dpbf16", "--attention", "kernel", "--no-plots", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    for method in ("ar", "kangaroo"):
+        for r in read_answers(tmp_path / "out", method):
+            c = r["choices"][0]
+            assert len(c["cached_tokens"]) == len(c["turns"]) and c["cached_tokens"][0] == 0
+            if len(c["turns"]) == 2:
+                assert c["cached_tokens"][1] > 0
+    assert {r["choices"][0]["identical"] for r in read_answers(tmp_path / "out", "kangaroo")} == {True}

@@ -164,8 +164,9 @@ def run_methods(km, methods, questions, max_new_tokens: int, warmup: int = 1):
     for i, q in enumerate(bar):
         # rotate the order per question so that no method always runs first (or right after another)
         for m in methods[i % len(methods):] + methods[: i % len(methods)]:
+            m.new_conversation()  # no prompt kept from the warm-up or the last question; turns may reuse
             messages, turns, new_tokens, wall, accept, drafts, token_ids, turn_prompts = [], [], [], [], [], [], [], []
-            sources = []
+            sources, cached = [], []
             for turn in q["turns"]:
                 messages.append({"role": "user", "content": turn})
                 ids = _encode(km, messages)
@@ -185,11 +186,13 @@ def run_methods(km, methods, questions, max_new_tokens: int, warmup: int = 1):
                     sources.extend(r.draft_sources)
                 token_ids.append(r.token_ids)
                 turn_prompts.append(ids[0].tolist())
+                cached.append(r.cached_tokens)
             choice = {"index": 0, "turns": turns, "new_tokens": new_tokens, "wall_time": wall, "accept_lengths": accept}
             if m.reports_drafts:
                 choice["draft_lengths"] = drafts
             if sources:
                 choice["draft_sources"] = sources
+            choice["cached_tokens"] = cached  # ours: prompt tokens per turn kept from the turn before
             choice.update(token_ids=token_ids, identical=None, mismatch=None)
             answers[m.name].append({
                 "question_id": q["question_id"],

@@ -160,6 +160,10 @@ class PromptCache:
         shared = int(differ[0, 0]) if len(differ) else n
         return shared if shared >= self.MIN_TOKENS else 0
 
+    def clear(self) -> None:
+        """Keep nothing: the next prompt is prefilled whole."""
+        self.ids = self.states = self.key = None
+
     def keep(self, backbone: Engine, input_ids: torch.Tensor, states: torch.Tensor | None) -> None:
         self.ids, self.states = input_ids[0].clone(), states
         self.key = backbone.prompt_reuse_key(input_ids.shape[1])

@@ -30,6 +30,7 @@ class Run:
     accept_lengths: list[int]  # tokens committed per target forward (prefill first)
     draft_lengths: list[int] | None = None  # drafts verified per target forward (0 for the prefill)
     draft_sources: list[str] | None = None  # where each round's drafts came from ("adapter", "lookup"; "" = none)
+    cached_tokens: int = 0  # prompt tokens kept from the previous turn, not prefilled again
 
 
 @dataclass
@@ -52,6 +53,9 @@ class Method:
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
         raise NotImplementedError
+
+    def new_conversation(self) -> None:
+        """Forget any prompt kept from earlier calls (a question's turns may reuse each other's)."""
 
     def settings(self) -> dict:
         """What this method ran with (written to summary.json)."""
@@ -98,6 +102,9 @@ class _OurDecoder(Method):
         super().__init__(km, options)
         self.decoder = self._decoder()
 
+    def new_conversation(self) -> None:
+        self.decoder.kept.clear()
+
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> Run:
         result = self.decoder.generate(input_ids, max_new_tokens, self.km.eos_token_ids)
         return Run(
@@ -105,6 +112,7 @@ class _OurDecoder(Method):
             accept_lengths=[len(s.tokens) for s in result.steps],
             draft_lengths=[s.drafted for s in result.steps] if self.reports_drafts else None,
             draft_sources=[s.source if s.drafted else "" for s in result.steps] if self.reports_drafts else None,
+            cached_tokens=result.cached_tokens,
         )
 
 

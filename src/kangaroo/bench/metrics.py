@@ -6,6 +6,7 @@ Answer records use Spec-Bench's ``model_answer`` layout (one JSON object per que
      "choices": [{"index": 0, "turns": [str], "new_tokens": [int], "wall_time": [float],
                   "accept_lengths": [int],                  # Spec-Bench: tokens per target forward
                   "draft_lengths": [int] | absent,          # ours: drafts verified per target forward
+                  "cached_tokens": [int] | absent,          # ours: prompt tokens per turn kept from the turn before
                   "token_ids": [[int]], "identical": bool | null, "mismatch": {...} | null}]}
 
 Definitions (Spec-Bench's ``evaluation/speed.py`` for the first three):
