@@ -203,3 +203,41 @@ def test_a_prompt_list_that_is_neither_ids_nor_messages_is_a_clear_error(tiny_ch
     with pytest.raises(KangarooError, match=r"not \{'content': 'hi'\}$"):
         km.encode([{"content": "hi"}])
     assert km.encode([{"role": "user", "content": "hi"}]).shape[0] == 1
+
+
+def test_chat_streams_each_answer_and_reuses_the_last_prompt(capsys, monkeypatch, tiny_chat_model_dir):
+    """`kangaroo chat` over piped lines: each answer is plain greedy decoding's answer to the whole
+    conversation so far; /reset starts over; on a row-invariant engine a turn reports the prompt
+    tokens it kept from the turn before."""
+    from kangaroo.api import KangarooModel
+    from kangaroo.kernels import kernel_available
+
+    fast = kernel_available("dpbf16", __import__("torch").bfloat16, "cpu")
+    engine = ["--dtype", "bfloat16", "--kernel", "dpbf16", "--attention", "kernel"] if fast else []
+    first = "Tell me about the sea, the salt in it, the rivers that bring the salt and the rocks they wear down."
+    lines = [first, "Why?", "/bogus", "/reset", "Why?", "/exit", "never read"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    code = main(["chat", "--model", str(tiny_chat_model_dir), "--adapter", "random", "--max-new-tokens", "12", "--stats", *engine])
+    out, err = capsys.readouterr()
+    assert code == 0
+    km = KangarooModel.from_pretrained(str(tiny_chat_model_dir), adapter="random",
+                                       **({"dtype": "bfloat16", "kernel": "dpbf16", "attention": "kernel"} if fast else {}))
+    chat = [{"role": "user", "content": first}]
+    expected = [km.generate(chat, 12, kangaroo=False).text]
+    chat += [{"role": "assistant", "content": expected[0]}, {"role": "user", "content": "Why?"}]
+    expected.append(km.generate(chat, 12, kangaroo=False).text)
+    expected.append(km.generate([{"role": "user", "content": "Why?"}], 12, kangaroo=False).text)
+    assert out == "".join(text + "\n" for text in expected)  # each answer streamed, then a new line
+    stats = [line for line in err.splitlines() if line.startswith("[kangaroo]")]
+    assert len(stats) == 3 and "unknown command /bogus" in err
+    kept = [int(line.split(", ")[-1].split()[0]) for line in stats]
+    assert kept[0] == kept[2] == 0 and (kept[1] > 0) == fast
+
+
+def test_chat_needs_a_chat_template(capsys, monkeypatch, tiny_chat_model_dir):
+    from kangaroo.api import KangarooModel
+
+    monkeypatch.setattr(KangarooModel, "has_chat_template", property(lambda self: False))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    code = main(["chat", "--model", str(tiny_chat_model_dir), "--adapter", "random"])
+    assert code == 2 and "has no chat template: use kangaroo generate" in capsys.readouterr().err

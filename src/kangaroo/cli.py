@@ -1,4 +1,4 @@
-"""``kangaroo`` command line: ``generate`` here; ``train``, ``bench``, ``serve`` from their modules.
+"""``kangaroo`` command line: ``generate`` here; ``chat``, ``train``, ``bench``, ``serve``, ``tune`` from their modules.
 
 Every user error is one line on stderr and exit status 2, never a traceback.
 """
@@ -19,6 +19,7 @@ logger = logging.getLogger("kangaroo")
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
     "generate": "kangaroo.cli",
+    "chat": "kangaroo.chat",
     "train": "kangaroo.training.cli",
     "bench": "kangaroo.benchmark",
     "serve": "kangaroo.server",
@@ -26,6 +27,7 @@ SUBCOMMANDS = {
 }
 HELP = {
     "generate": "generate text with Kangaroo decoding (streams to the terminal)",
+    "chat": "a conversation in the terminal, answers streamed; each turn prefills only what is new",
     "train": "train an adapter for a model",
     "bench": "run Spec-Bench with Kangaroo and its peers",
     "serve": "OpenAI-compatible HTTP server",
