@@ -241,3 +241,13 @@ def test_chat_needs_a_chat_template(capsys, monkeypatch, tiny_chat_model_dir):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
     code = main(["chat", "--model", str(tiny_chat_model_dir), "--adapter", "random"])
     assert code == 2 and "has no chat template: use kangaroo generate" in capsys.readouterr().err
+
+
+def test_a_chat_turn_that_does_not_fit_says_so_and_the_chat_goes_on(capsys, monkeypatch, tiny_chat_model_dir):
+    long = " ".join(["word"] * 300)  # past the tiny chat model's context
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{long}\nhello\n"))
+    code = main(["chat", "--model", str(tiny_chat_model_dir), "--adapter", "random", "--max-new-tokens", "4", "--stats"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "does not fit the model's context of 256 tokens (/reset starts over)" in err
+    assert err.count("[kangaroo]") == 1 and out.endswith("\n")  # the next message was answered

@@ -69,7 +69,12 @@ def run(args) -> int:
             print(f"unknown command {text.split()[0]}: {COMMANDS}", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": text})
-        out = km.generate(messages, args.max_new_tokens, sampling=sampling, streamer=printed)
+        try:
+            out = km.generate(messages, args.max_new_tokens, sampling=sampling, streamer=printed)
+        except KangarooError as exc:  # e.g. the conversation outgrew the context: say so, keep chatting
+            messages.pop()
+            print(f"kangaroo: {exc} (/reset starts over)", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": out.text})
         if args.stats:
