@@ -165,6 +165,8 @@ class PromptCache:
         self.ids = self.states = self.key = None
 
     def keep(self, backbone: Engine, input_ids: torch.Tensor, states: torch.Tensor | None) -> None:
+        """Remember the prompt ``input_ids`` ``[1, n]`` just prefilled (the cache holds its keys and
+        values below ``n``) and its exit-layer states ``[1, n, D]``."""
         self.ids, self.states = input_ids[0].clone(), states
         self.key = backbone.prompt_reuse_key(input_ids.shape[1])
 
