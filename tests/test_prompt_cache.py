@@ -101,10 +101,30 @@ def test_an_interrupted_prefill_keeps_nothing(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         decoder.generate(ids((1, 70)), 8)
     monkeypatch.setattr(engine, "run_layers", real)
-    assert decoder.kept.ids is None
+    assert decoder.kept.kept == []  # the slot being prefilled was not kept
     assert decoder.generate(ids((1, 90)), 8).cached_tokens == 0
 
 
-def test_prompt_cache_alone():
-    kept = PromptCache()
-    assert kept.reusable(None, ids((1, 80))) == 0  # nothing kept yet
+@pytest.mark.parametrize("slots", [1, 2])
+def test_interleaved_conversations_each_find_their_prompt_given_slots(slots):
+    """Two conversations taking turns (a server's two clients): with two slots each turn reuses its
+    own conversation's prompt; with one, each evicts the other's."""
+    engine = engine_for("llama", KERNELS[0], "bfloat16")
+    decoder = AutoregressiveDecoder(engine)
+    decoder.kept = PromptCache(engine.num_layers, slots)
+    a, b = ids((1, 60)), ids((7, 70))
+    for turn in range(1, 3):
+        a, b = torch.cat([a, ids((10 + turn, 20))], dim=1), torch.cat([b, ids((20 + turn, 25))], dim=1)
+        for prompt, before in ((a, a.shape[1] - 20), (b, b.shape[1] - 25)):
+            result = decoder.generate(prompt, 12)
+            assert result.token_ids == AutoregressiveDecoder(engine).generate(prompt, 12).token_ids
+            assert result.cached_tokens == (before if slots == 2 and turn > 1 else 0), (slots, turn)
+    assert len(decoder.kept.kept) == slots
+
+
+def test_bad_slot_counts_are_clear_errors():
+    from kangaroo.errors import KangarooError
+
+    for bad in (0, -1, 1.5):
+        with pytest.raises(KangarooError, match="prompt slots must be a positive integer"):
+            PromptCache(4, bad)

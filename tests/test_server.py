@@ -100,12 +100,16 @@ def test_greedy_chat_equals_plain_greedy_text(client, km):
 
 
 def test_a_following_turn_reports_the_prompt_it_reused(client, km):
-    """A chat's next turn begins with the previous request's prompt: where the engine can reuse it
-    exactly (kangaroo.decoding.PromptCache) the usage says how many tokens it skipped, and the answer
-    is still plain greedy decoding's."""
+    """A chat's next turn begins with its previous request's prompt, even with another client's
+    request between them (--prompt-slots): where the engine can reuse it exactly
+    (kangaroo.decoding.PromptCache) the usage says how many tokens it skipped, and the answer is still
+    plain greedy decoding's."""
     first = [{"role": "system", "content": "Answer from this note. " + "The quokka lives on Rottnest Island. " * 4},
              {"role": "user", "content": "Where does the quokka live?"}]
     r1 = client.chat.completions.create(model=MODEL, messages=first, max_tokens=8, temperature=0)
+    other = [{"role": "system", "content": "Answer from this note. " + "The wombat digs long burrows in the bush. " * 4},
+             {"role": "user", "content": "What does the wombat dig?"}]
+    client.chat.completions.create(model=MODEL, messages=other, max_tokens=8, temperature=0)  # another client between turns
     second = first + [{"role": "assistant", "content": r1.choices[0].message.content},
                       {"role": "user", "content": "And what does it eat, in one short sentence?"}]
     r2 = client.chat.completions.create(model=MODEL, messages=second, max_tokens=8, temperature=0)
@@ -313,7 +317,14 @@ def test_serve_binds_to_localhost_by_default():
     from kangaroo.cli import build_parser
 
     args = build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
+    assert (args.host, args.port, args.api_key, args.prompt_slots) == ("127.0.0.1", 8000, None, 4)
+
+
+def test_bad_prompt_slots_are_one_line(capsys, model_dir):
+    from kangaroo.cli import main
+
+    assert main(["serve", "--model", str(model_dir), "--prompt-slots", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "kangaroo: error: --prompt-slots must be > 0, got 0"
 
 
 def test_missing_fastapi_is_a_clear_error(monkeypatch):

@@ -184,6 +184,16 @@ class KangarooModel:
         self.decoder = KangarooDecoder(self.engine, self.adapter, self.config)
         self.config_source = f"tuned {record['measured_at']}"
 
+    def keep_prompts(self, slots: int) -> None:
+        """Keep up to ``slots`` previous prompts in each decoder (1 by default): a prompt that begins
+        with one of them prefills only the rest (:class:`~kangaroo.decoding.PromptCache`, exact). A
+        server whose clients take turns wants one per conversation; each holds a KV cache as long as
+        its conversation."""
+        from .decoding import PromptCache
+
+        for decoder in (self.decoder, self.baseline):
+            decoder.kept = PromptCache(self.engine.num_layers, slots)
+
     # ------------------------------------------------------------------ prompts
     def encode(self, prompt: str | list[dict] | torch.Tensor | list[int], chat: bool | None = None) -> torch.Tensor:
         """Prompt -> ``[1, n]`` ids. Strings go through the chat template when ``chat`` (default:

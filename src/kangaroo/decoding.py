@@ -131,10 +131,33 @@ def check_request(backbone: Engine, input_ids: torch.Tensor, max_new_tokens: int
     return max_new_tokens
 
 
+@dataclass
+class _Kept:
+    """One kept prompt and the cache that holds its keys and values below its length."""
+
+    cache: KVCache
+    ids: torch.Tensor | None = None  # [n] the prompt (None: nothing kept, e.g. while it is prefilled)
+    states: torch.Tensor | None = None  # [1, n, D] its exit-layer states (the adapter's input)
+    key: tuple | None = None  # the engine's prompt_reuse_key when it was computed
+
+    def reusable(self, backbone: Engine, input_ids: torch.Tensor) -> int:
+        """How many leading tokens of ``input_ids`` ``[1, n]`` need no prefill here (0: none)."""
+        new = input_ids[0]
+        n = min(len(self.ids), len(new) - MAX_ROWS - 1) if self.ids is not None else 0
+        if n < PromptCache.MIN_TOKENS or self.key is None or backbone.prompt_reuse_key(len(new)) != self.key:
+            return 0
+        differ = (self.ids[:n] != new[:n]).nonzero()
+        shared = int(differ[0, 0]) if len(differ) else n
+        return shared if shared >= PromptCache.MIN_TOKENS else 0
+
+
 class PromptCache:
-    """The previous prompt of a decoder, whose keys and values stay in its cache below the prompt's
-    length while it generates (every write lands after the prompt): a new prompt that begins with it
-    (the next turn of a chat, another question about the same document) prefills only the rest.
+    """A decoder's previous prompts (``slots`` of them, most recently used first), whose keys and
+    values stay in their caches below the prompt's length while they generate (every write lands
+    after the prompt): a new prompt that begins with one of them (the next turn of a chat, another
+    question about the same document) prefills only the rest. With several slots, interleaved
+    conversations (a server's clients) each find their own; each slot holds a KV cache as long as
+    its conversation.
 
     Reuse is exact, never approximate: only where the engine computes each prompt row from that row
     and its prefix alone, under the same settings (:meth:`~kangaroo.engine.FusedEngine.prompt_reuse_key`),
@@ -145,45 +168,52 @@ class PromptCache:
 
     MIN_TOKENS = 32  # a shorter shared prefix is prefilled again (it saves less than a step)
 
-    def __init__(self) -> None:
-        self.ids: torch.Tensor | None = None  # [n] the kept prompt
-        self.states: torch.Tensor | None = None  # [1, n, D] its exit-layer states (the adapter's input)
-        self.key: tuple | None = None  # the engine's prompt_reuse_key when it was computed
+    def __init__(self, num_layers: int, slots: int = 1) -> None:
+        if not isinstance(slots, int) or slots < 1:
+            raise KangarooError(f"prompt slots must be a positive integer, got {slots!r}")
+        self.num_layers, self.slots = num_layers, slots
+        self.kept: list[_Kept] = []
 
-    def reusable(self, backbone: Engine, input_ids: torch.Tensor) -> int:
-        """How many leading tokens of ``input_ids`` ``[1, n]`` need no prefill (0: none)."""
-        new = input_ids[0]
-        n = min(len(self.ids), len(new) - MAX_ROWS - 1) if self.ids is not None else 0
-        if n < self.MIN_TOKENS or self.key is None or backbone.prompt_reuse_key(len(new)) != self.key:
-            return 0
-        differ = (self.ids[:n] != new[:n]).nonzero()
-        shared = int(differ[0, 0]) if len(differ) else n
-        return shared if shared >= self.MIN_TOKENS else 0
+    def take(self, backbone: Engine, input_ids: torch.Tensor) -> tuple[_Kept, int]:
+        """The slot to prefill ``input_ids`` into and how many of its leading tokens it holds: the
+        slot sharing the longest prefix, else a new one while there is room, else the least recently
+        used one. The slot keeps nothing until :meth:`keep` (so an interrupted prefill leaves none)."""
+        shared = [(slot.reusable(backbone, input_ids), -i) for i, slot in enumerate(self.kept)]
+        best = max(range(len(shared)), key=lambda i: shared[i], default=None)
+        if best is not None and shared[best][0]:
+            slot, r = self.kept.pop(best), shared[best][0]
+        elif len(self.kept) < self.slots:
+            slot, r = _Kept(KVCache(self.num_layers)), 0
+        else:
+            slot, r = self.kept.pop(), 0
+        slot.ids = None
+        return slot, r
+
+    def keep(self, slot: _Kept, backbone: Engine, input_ids: torch.Tensor, states: torch.Tensor) -> None:
+        """``slot`` now holds the prompt ``input_ids`` ``[1, n]`` (its keys and values below ``n``) and
+        its exit-layer states ``[1, n, D]``: the most recently used."""
+        slot.ids, slot.states, slot.key = input_ids[0].clone(), states, backbone.prompt_reuse_key(input_ids.shape[1])
+        self.kept.insert(0, slot)
+        del self.kept[self.slots:]
 
     def clear(self) -> None:
         """Keep nothing: the next prompt is prefilled whole."""
-        self.ids = self.states = self.key = None
-
-    def keep(self, backbone: Engine, input_ids: torch.Tensor, states: torch.Tensor | None) -> None:
-        """Remember the prompt ``input_ids`` ``[1, n]`` just prefilled (the cache holds its keys and
-        values below ``n``) and its exit-layer states ``[1, n, D]``."""
-        self.ids, self.states = input_ids[0].clone(), states
-        self.key = backbone.prompt_reuse_key(input_ids.shape[1])
+        self.kept.clear()
 
 
-def _prefill(backbone: Engine, cache: KVCache, input_ids: torch.Tensor, exit_layer: int, sampler: Sampler | None,
-             kept: PromptCache):
-    """The prompt through all layers, after the part ``kept`` still holds (whose keys and values are
-    then used as they are); returns (first token, exit-layer states ``[1, n, D]``, reused tokens)."""
-    r = kept.reusable(backbone, input_ids)
-    previous, kept.ids = kept.states, None  # until this prefill completes, the cache holds no whole prompt
+def _prefill(backbone: Engine, input_ids: torch.Tensor, exit_layer: int, sampler: Sampler | None, kept: PromptCache):
+    """The prompt through all layers, after the part a kept prompt still holds (whose keys and values
+    are then used as they are). Returns (the cache it is now in, first token, exit-layer states
+    ``[1, n, D]``, reused tokens)."""
+    slot, r = kept.take(backbone, input_ids)
+    cache = slot.cache
     cache.crop(r)
     h_exit = backbone.run_layers(0, exit_layer, backbone.embed(input_ids[:, r:]), cache, r)
     h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, r)
     if r:
-        h_exit = torch.cat([previous[:, :r], h_exit], dim=1)
-    kept.keep(backbone, input_ids, h_exit)
-    return _next_token(backbone, h_last[:, -1:], sampler), h_exit, r
+        h_exit = torch.cat([slot.states[:, :r], h_exit], dim=1)
+    kept.keep(slot, backbone, input_ids, h_exit)
+    return cache, _next_token(backbone, h_last[:, -1:], sampler), h_exit, r
 
 
 @torch.no_grad()
@@ -251,8 +281,8 @@ class KangarooDecoder:
             raise KangarooError(f"adapter is for exit layer {adapter.exit_layer}, config asks for {config.exit_layer}")
         self.backbone, self.config = backbone, config
         self.drafter = Drafter(backbone, adapter, config)
-        self.cache = KVCache(backbone.num_layers)
-        self.kept = PromptCache()
+        self.kept = PromptCache(backbone.num_layers)
+        self.cache: KVCache | None = None  # the current sequence's (a slot of ``kept``)
 
     @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset(),
@@ -267,7 +297,7 @@ class KangarooDecoder:
         bb, ℓ, L = self.backbone, self.config.exit_layer, self.backbone.num_layers
         budget = check_request(bb, input_ids, max_new_tokens)
         sampler = Sampler.for_config(sampling, bb.device)
-        y, h_prompt, cached = _prefill(bb, self.cache, input_ids, ℓ, sampler, self.kept)
+        self.cache, y, h_prompt, cached = _prefill(bb, input_ids, ℓ, sampler, self.kept)
         self.drafter.start(h_prompt)
         pos = input_ids.shape[1]  # position of y, the last committed token
         tokens, done = truncate_at_stop([y], eos_token_ids, budget)
@@ -334,8 +364,8 @@ class AutoregressiveDecoder:
 
     def __init__(self, backbone: Engine) -> None:
         self.backbone = backbone
-        self.cache = KVCache(backbone.num_layers)
-        self.kept = PromptCache()
+        self.kept = PromptCache(backbone.num_layers)
+        self.cache: KVCache | None = None  # the current sequence's (a slot of ``kept``)
 
     @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: set[int] = frozenset(),
@@ -343,7 +373,7 @@ class AutoregressiveDecoder:
         bb, L = self.backbone, self.backbone.num_layers
         budget = check_request(bb, input_ids, max_new_tokens)
         sampler = Sampler.for_config(sampling, bb.device)
-        y, _, cached = _prefill(bb, self.cache, input_ids, L, sampler, self.kept)
+        self.cache, y, _, cached = _prefill(bb, input_ids, L, sampler, self.kept)
         pos = input_ids.shape[1]
         tokens, done = truncate_at_stop([y], eos_token_ids, budget)
         yield Step(tokens, cached=cached)

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+DEFAULT_PROMPT_SLOTS = 4  # conversations whose last prompt is kept (the default model: ~23 KB a token each)
 
 
 def _require_server_deps() -> None:
@@ -252,15 +253,18 @@ def _json_body(raw: bytes):
 
 
 def create_app(kangaroo_model, model_name: str | None = None, api_key: str | None = None,
-               default_max_tokens: int = DEFAULT_MAX_TOKENS):
+               default_max_tokens: int = DEFAULT_MAX_TOKENS, prompt_slots: int = DEFAULT_PROMPT_SLOTS):
     """The FastAPI app serving ``kangaroo_model`` under ``model_name`` (default: the model's name).
 
     Args:
         kangaroo_model: a :class:`~kangaroo.api.KangarooModel`; only the app's worker thread uses it.
         api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
         default_max_tokens: new-token limit for requests that give no ``max_tokens``.
+        prompt_slots: previous prompts kept (:meth:`~kangaroo.api.KangarooModel.keep_prompts`), so
+            that clients taking turns each find their conversation's.
     """
     _require_server_deps()
+    kangaroo_model.keep_prompts(prompt_slots)
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -389,6 +393,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model name clients ask for (default: the model's name)")
     p.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"new-token limit for requests without max_tokens (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--prompt-slots", type=int, default=DEFAULT_PROMPT_SLOTS,
+                   help=f"previous prompts kept, so that a conversation's next request prefills only what is new; each holds a KV cache as long as its conversation (default {DEFAULT_PROMPT_SLOTS})")
 
 
 def run(args) -> int:
@@ -400,8 +406,10 @@ def run(args) -> int:
 
     if args.default_max_tokens <= 0:
         raise KangarooError(f"--default-max-tokens must be > 0, got {args.default_max_tokens}")
+    if args.prompt_slots <= 0:
+        raise KangarooError(f"--prompt-slots must be > 0, got {args.prompt_slots}")
     km = load_from_args(args)
-    app = create_app(km, args.served_model_name, args.api_key, args.default_max_tokens)
+    app = create_app(km, args.served_model_name, args.api_key, args.default_max_tokens, args.prompt_slots)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     name = args.served_model_name or km.model_name
