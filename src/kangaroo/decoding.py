@@ -131,7 +131,7 @@ def check_request(backbone: Engine, input_ids: torch.Tensor, max_new_tokens: int
     return max_new_tokens
 
 
-@dataclass
+@dataclass(eq=False)  # slots are compared by identity (PromptCache.take removes one from its list)
 class _Kept:
     """One kept prompt and the cache that holds its keys and values below its length."""
 
@@ -178,14 +178,14 @@ class PromptCache:
         """The slot to prefill ``input_ids`` into and how many of its leading tokens it holds: the
         slot sharing the longest prefix, else a new one while there is room, else the least recently
         used one. The slot keeps nothing until :meth:`keep` (so an interrupted prefill leaves none)."""
-        shared = [(slot.reusable(backbone, input_ids), -i) for i, slot in enumerate(self.kept)]
-        best = max(range(len(shared)), key=lambda i: shared[i], default=None)
-        if best is not None and shared[best][0]:
-            slot, r = self.kept.pop(best), shared[best][0]
+        # max keeps the first of equals: the most recently used
+        r, slot = max(((s.reusable(backbone, input_ids), s) for s in self.kept), key=lambda p: p[0], default=(0, None))
+        if r:
+            self.kept.remove(slot)
         elif len(self.kept) < self.slots:
-            slot, r = _Kept(KVCache(self.num_layers)), 0
+            slot = _Kept(KVCache(self.num_layers))
         else:
-            slot, r = self.kept.pop(), 0
+            slot = self.kept.pop()
         slot.ids = None
         return slot, r
 

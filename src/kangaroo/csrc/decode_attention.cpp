@@ -928,49 +928,40 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     const int64_t nthreads = static_cast<int64_t>(plan.size());
     at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
         float mb[MAX_G], lb[MAX_G], ob[MAX_GD];
-        auto keep = [&](int64_t t, int64_t g, int64_t c) {  // one item's (row t's) max, sum and value sums per head
-            for (int64_t hh = 0; hh < G; ++hh) {
-                const int64_t th = t * H + g * G + hh;
-                mp[th * nchunks + c] = mb[hh];
-                lp[th * nchunks + c] = lb[hh];
-                std::memcpy(op + (th * nchunks + c) * D, ob + hh * D, D * sizeof(float));
-            }
-        };
         for (int64_t worker = a; worker < b; ++worker)
         for (int64_t i : plan[worker]) {
             const int64_t g = i % Hkv, c = c_first + i / Hkv, h0 = g * G;
-            if (kv16) {  // straight from the bfloat16 cache
-                for (int64_t t = 0; t < T; ++t) {
-                    const int64_t j0 = std::max(begin[t], c * CHUNK), j1 = std::min(end[t], (c + 1) * CHUNK);
-                    if (j0 >= j1) continue;
-                    const float* qh = qp + t * qs0 + h0 * D;
-                    const uint16_t *kg16 = kb + g * ks0, *vg16 = vb + g * ks0;
-#if KANGAROO_BF16_TILES
-                    if (D == 64)
-                        chunk_item_bf16<64>(qh, G, kg16, vg16, D, j0, j1, scale, mb, lb, ob);
-                    else if (D == 128)
-                        chunk_item_bf16<128>(qh, G, kg16, vg16, D, j0, j1, scale, mb, lb, ob);
-                    else
-                        chunk_item_bf16<256>(qh, G, kg16, vg16, D, j0, j1, scale, mb, lb, ob);
-#endif
-                    keep(t, g, c);
-                }
-                continue;
-            }
-            const float *kg = kp + g * ks0, *vg = vp + g * ks0;
             for (int64_t t = 0; t < T; ++t) {
                 const int64_t j0 = std::max(begin[t], c * CHUNK), j1 = std::min(end[t], (c + 1) * CHUNK);
                 if (j0 >= j1) continue;
                 const float* qh = qp + t * qs0 + h0 * D;
-                if (D == 64)
-                    chunk_item<64>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                else if (D == 128)
-                    chunk_item<128>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                else if (D == 256)
-                    chunk_item<256>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                else
-                    chunk_item_any(qh, G, D, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                keep(t, g, c);
+                if (kv16) {  // straight from the bfloat16 cache
+#if KANGAROO_BF16_TILES
+                    const uint16_t *kg = kb + g * ks0, *vg = vb + g * ks0;
+                    if (D == 64)
+                        chunk_item_bf16<64>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                    else if (D == 128)
+                        chunk_item_bf16<128>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                    else
+                        chunk_item_bf16<256>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+#endif
+                } else {
+                    const float *kg = kp + g * ks0, *vg = vp + g * ks0;
+                    if (D == 64)
+                        chunk_item<64>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                    else if (D == 128)
+                        chunk_item<128>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                    else if (D == 256)
+                        chunk_item<256>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                    else
+                        chunk_item_any(qh, G, D, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                }
+                for (int64_t hh = 0; hh < G; ++hh) {  // this row's max, sum and value sums per head
+                    const int64_t th = t * H + h0 + hh;
+                    mp[th * nchunks + c] = mb[hh];
+                    lp[th * nchunks + c] = lb[hh];
+                    std::memcpy(op + (th * nchunks + c) * D, ob + hh * D, D * sizeof(float));
+                }
             }
         }
     });
