@@ -621,7 +621,7 @@ def test_q4_1_int8_is_llama_cpp_product_at_every_row_count_on_either_unit(shape)
             module.linear_q4_amx_rows(amx_rows)
             full = lin(x)
             torch.testing.assert_close(full.float(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
-            for rows in (1, 2, 3, 7, 8, MAX_ROWS):  # steps: each row as it is alone, and as in a prompt
+            for rows in (1, 2, 3, 7, 8, 12, MAX_ROWS):  # steps (one or two passes of up to 8 rows) and as in a prompt
                 assert torch.equal(lin(x[:rows]), full[:rows]), (amx_rows, rows)
             assert torch.equal(torch.cat([lin(x[i:i + 1]) for i in range(x.shape[0])]), full)
             outputs[amx_rows] = full

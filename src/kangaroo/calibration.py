@@ -117,7 +117,7 @@ def _key(backbone: Backbone, config: EngineConfig) -> str:
     # the candidates are part of the key: a new kernel is measured, not hidden behind an older choice
     options = ",".join(f"{str(d).removeprefix('torch.')}/{k}" for d, k in candidates(config, backbone))
     return "|".join([m["cpu"], ",".join(m["cpu_flags"]), f"{m['threads']} threads", m["torch"], config.device,
-                     model, config.dtype, config.kernel, options, f"timing {TIMING_VERSION}"])
+                     model, config.dtype, config.kernel, options, f"timing {TIMING_VERSION}", f"kernels {attn_kernel.build_id()}"])
 
 
 def _cache_file() -> Path:

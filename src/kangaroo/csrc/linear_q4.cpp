@@ -51,6 +51,10 @@
 
 namespace {
 
+// rows up to which products keep bfloat16 activations (kangaroo.kernels.MAX_ROWS: every decoding step
+// and verification); larger calls are prompts, which take the int8 path when it is switched on
+constexpr int64_t Q4_STEP_ROWS = 16;
+
 #ifdef KANGAROO_Q4
 constexpr int64_t Q4_PF = 8;  // blocks (320 bytes each) prefetched ahead
 
@@ -214,9 +218,30 @@ inline void q8_rows(int64_t mm, const uint16_t* q, const uint16_t* sc, int64_t n
     }
 }
 
-// rows per pass (two output blocks side by side: 2 x 4 int32 sums + 2 x 4 float sums in registers)
-// and rows per tile (each thread walks its output blocks over one tile of rows, then the next)
-constexpr int64_t Q8_ROWS = 4, Q8_TILE = 64;
+// Prompts: rows per pass (two output blocks side by side: 2 x 4 int32 sums + 2 x 4 float sums in
+// registers) and rows per tile (each thread walks its output blocks over one tile of rows, then the
+// next). Steps (at most Q8_STEP_PASS rows per pass): one output block at a time, all of a step's rows
+// in one pass over its weights. A step streams its weights from memory, and one stream per thread
+// kept them flowing where two side by side did not; one pass instead of two over a block makes the
+// second pass's scaling and re-unpacking unnecessary (Zen 4, one thread, weights from memory, cycles
+// per block of 16 x 32: 1 row ~55 against 80-90 as pairs, 8 rows ~100-107 against ~130 in two passes
+// of 4; the bf16-activation q4_1 product takes ~53 and ~210). The sums' order per output is the same
+// on every path, so the bits are too.
+constexpr int64_t Q8_ROWS = 4, Q8_TILE = 64, Q8_STEP_PASS = 8;
+
+inline void q8_step_rows(int64_t mm, const uint16_t* q, const uint16_t* sc, int64_t nb32, const int32_t* x, int64_t xs,
+                         const float* dx, const float* sdx, int64_t n0, const float* bias, uint16_t* y, int64_t ys) {
+    switch (mm) {
+        case 1: q8_block<1, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+        case 2: q8_block<2, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+        case 3: q8_block<3, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+        case 4: q8_block<4, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+        case 5: q8_block<5, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+        case 6: q8_block<6, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+        case 7: q8_block<7, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+        default: q8_block<8, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+    }
+}
 
 #ifdef KANGAROO_AMX
 // The same product on AMX tiles (Intel CPUs with AMX-INT8). Per output block (16 outputs) and input
@@ -482,6 +507,13 @@ void q8_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t
     at::parallel_for(0, nth, 1, [&](int64_t a, int64_t bth) {
         for (int64_t t = a; t < bth; ++t) {
             const int64_t s = nblocks * t / nth, e = nblocks * (t + 1) / nth;
+            if (M <= Q4_STEP_ROWS) {  // a step
+                for (int64_t nb = s; nb < e; ++nb)
+                    for (int64_t m0 = 0; m0 < M; m0 += Q8_STEP_PASS)
+                        q8_step_rows(std::min<int64_t>(Q8_STEP_PASS, M - m0), q + nb * nb32 * 128, sc + nb * nb32 * 32, nb32,
+                                     xp + m0 * xs, xs, dxp + m0 * nb32, sdxp + m0 * nb32, nb * 16, bias, y + m0 * N, N);
+                continue;
+            }
             for (int64_t mt = 0; mt < M; mt += Q8_TILE) {
                 const int64_t mend = std::min(M, mt + Q8_TILE);
                 for (int64_t nb = s; nb < e;) {
@@ -503,9 +535,6 @@ void q8_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t
 
 }  // namespace
 
-// rows up to which products keep bfloat16 activations (kangaroo.kernels.MAX_ROWS: every decoding step
-// and verification); larger calls are prompts, which take the int8 path when it is switched on
-constexpr int64_t Q4_STEP_ROWS = 16;
 static std::atomic<bool> q4_prompt_int8{false};
 // rows from which int8-activation products run on AMX tiles (0: never); the same bits either way
 static std::atomic<int64_t> q4_amx_rows{0};
