@@ -277,6 +277,10 @@ def test_auto_configuration_is_measured_once_then_cached(tmp_path, monkeypatch):
     assert "prompt_tiles" not in given and given_engine.prompt_tiles == "float32" and not given_engine.prompt_int8
     eager, e = calibration.build_engine(backbone, EngineConfig(engine="eager"))
     assert eager is backbone and e["engine"] == "eager"
+    # changed kernels (their sources, flags, CPU or torch) are timed again, not hidden behind the cache
+    monkeypatch.setattr(attn_kernel, "build_id", lambda: "another-build")
+    _, rebuilt = calibration.build_engine(backbone, EngineConfig())
+    assert rebuilt["source"] == "measured" and rebuilt["attention_source"] == "measured"
 
 
 @pytest.mark.parametrize("kwargs,message", [
