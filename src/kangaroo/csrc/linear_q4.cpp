@@ -222,11 +222,9 @@ inline void q8_rows(int64_t mm, const uint16_t* q, const uint16_t* sc, int64_t n
 // registers) and rows per tile (each thread walks its output blocks over one tile of rows, then the
 // next). Steps (at most Q8_STEP_PASS rows per pass): one output block at a time, all of a step's rows
 // in one pass over its weights. A step streams its weights from memory, and one stream per thread
-// kept them flowing where two side by side did not; one pass instead of two over a block makes the
-// second pass's scaling and re-unpacking unnecessary (Zen 4, one thread, weights from memory, cycles
-// per block of 16 x 32: 1 row ~55 against 80-90 as pairs, 8 rows ~100-107 against ~130 in two passes
-// of 4; the bf16-activation q4_1 product takes ~53 and ~210). The sums' order per output is the same
-// on every path, so the bits are too.
+// kept them flowing where two side by side did not; one pass over a block unpacks it once (docs/
+// ENGINE.md §3, "Steps in one pass"). The sums' order per output is the same on every path, so the
+// bits are too.
 constexpr int64_t Q8_ROWS = 4, Q8_TILE = 64, Q8_STEP_PASS = 8;
 
 inline void q8_step_rows(int64_t mm, const uint16_t* q, const uint16_t* sc, int64_t nb32, const int32_t* x, int64_t xs,
