@@ -140,11 +140,12 @@ class _Kept:
     states: torch.Tensor | None = None  # [1, n, D] its exit-layer states (the adapter's input)
     key: tuple | None = None  # the engine's prompt_reuse_key when it was computed
 
-    def reusable(self, backbone: Engine, input_ids: torch.Tensor) -> int:
-        """How many leading tokens of ``input_ids`` ``[1, n]`` need no prefill here (0: none)."""
+    def reusable(self, reuse_key: tuple | None, input_ids: torch.Tensor) -> int:
+        """How many leading tokens of ``input_ids`` ``[1, n]``, to be prefilled under the engine's
+        ``reuse_key``, need no prefill here (0: none)."""
         new = input_ids[0]
         n = min(len(self.ids), len(new) - MAX_ROWS - 1) if self.ids is not None else 0
-        if n < PromptCache.MIN_TOKENS or self.key is None or backbone.prompt_reuse_key(len(new)) != self.key:
+        if n < PromptCache.MIN_TOKENS or reuse_key is None or reuse_key != self.key:
             return 0
         differ = (self.ids[:n] != new[:n]).nonzero()
         shared = int(differ[0, 0]) if len(differ) else n
@@ -174,12 +175,12 @@ class PromptCache:
         self.num_layers, self.slots = num_layers, slots
         self.kept: list[_Kept] = []
 
-    def take(self, backbone: Engine, input_ids: torch.Tensor) -> tuple[_Kept, int]:
-        """The slot to prefill ``input_ids`` into and how many of its leading tokens it holds: the
-        slot sharing the longest prefix, else a new one while there is room, else the least recently
-        used one. The slot keeps nothing until :meth:`keep` (so an interrupted prefill leaves none)."""
+    def take(self, reuse_key: tuple | None, input_ids: torch.Tensor) -> tuple[_Kept, int]:
+        """The slot to prefill ``input_ids`` into (under the engine's ``reuse_key``) and how many of its
+        leading tokens it holds: the slot sharing the longest prefix, else a new one while there is
+        room, else the least recently used one. The slot keeps nothing until :meth:`keep` (so an interrupted prefill leaves none)."""
         # max keeps the first of equals: the most recently used
-        r, slot = max(((s.reusable(backbone, input_ids), s) for s in self.kept), key=lambda p: p[0], default=(0, None))
+        r, slot = max(((s.reusable(reuse_key, input_ids), s) for s in self.kept), key=lambda p: p[0], default=(0, None))
         if r:
             self.kept.remove(slot)
         elif len(self.kept) < self.slots:
@@ -189,10 +190,10 @@ class PromptCache:
         slot.ids = None
         return slot, r
 
-    def keep(self, slot: _Kept, backbone: Engine, input_ids: torch.Tensor, states: torch.Tensor) -> None:
-        """``slot`` now holds the prompt ``input_ids`` ``[1, n]`` (its keys and values below ``n``) and
-        its exit-layer states ``[1, n, D]``: the most recently used."""
-        slot.ids, slot.states, slot.key = input_ids[0].clone(), states, backbone.prompt_reuse_key(input_ids.shape[1])
+    def keep(self, slot: _Kept, reuse_key: tuple | None, input_ids: torch.Tensor, states: torch.Tensor) -> None:
+        """``slot`` now holds the prompt ``input_ids`` ``[1, n]`` (its keys and values below ``n``, computed
+        under ``reuse_key``) and its exit-layer states ``[1, n, D]``: the most recently used."""
+        slot.ids, slot.states, slot.key = input_ids[0].clone(), states, reuse_key
         self.kept.insert(0, slot)
         del self.kept[self.slots:]
 
@@ -205,14 +206,15 @@ def _prefill(backbone: Engine, input_ids: torch.Tensor, exit_layer: int, sampler
     """The prompt through all layers, after the part a kept prompt still holds (whose keys and values
     are then used as they are). Returns (the cache it is now in, first token, exit-layer states
     ``[1, n, D]``, reused tokens)."""
-    slot, r = kept.take(backbone, input_ids)
+    reuse_key = backbone.prompt_reuse_key(input_ids.shape[1])
+    slot, r = kept.take(reuse_key, input_ids)
     cache = slot.cache
     cache.crop(r)
     h_exit = backbone.run_layers(0, exit_layer, backbone.embed(input_ids[:, r:]), cache, r)
     h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, r)
     if r:
         h_exit = torch.cat([slot.states[:, :r], h_exit], dim=1)
-    kept.keep(slot, backbone, input_ids, h_exit)
+    kept.keep(slot, reuse_key, input_ids, h_exit)
     return cache, _next_token(backbone, h_last[:, -1:], sampler), h_exit, r
 
 

@@ -207,15 +207,14 @@ inline void q8_block(const uint16_t* q, const uint16_t* sc, int64_t nb32, const 
     store_rows<M, GN>(acc, bias, n0, y, ys);
 }
 
+// q8_block for mm (1 .. MR) rows, the row count a compile-time constant
 template <int GN, int MR>
 inline void q8_rows(int64_t mm, const uint16_t* q, const uint16_t* sc, int64_t nb32, const int32_t* x, int64_t xs,
                     const float* dx, const float* sdx, int64_t n0, const float* bias, uint16_t* y, int64_t ys) {
-    switch (mm) {
-        case 1: q8_block<1, GN>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-        case 2: q8_block<2, GN>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-        case 3: q8_block<3, GN>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-        default: q8_block<MR, GN>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
+    if constexpr (MR > 1) {
+        if (mm < MR) return q8_rows<GN, MR - 1>(mm, q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys);
     }
+    q8_block<MR, GN>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys);
 }
 
 // Prompts: rows per pass (two output blocks side by side: 2 x 4 int32 sums + 2 x 4 float sums in
@@ -226,20 +225,6 @@ inline void q8_rows(int64_t mm, const uint16_t* q, const uint16_t* sc, int64_t n
 // ENGINE.md §3, "Steps in one pass"). The sums' order per output is the same on every path, so the
 // bits are too.
 constexpr int64_t Q8_ROWS = 4, Q8_TILE = 64, Q8_STEP_PASS = 8;
-
-inline void q8_step_rows(int64_t mm, const uint16_t* q, const uint16_t* sc, int64_t nb32, const int32_t* x, int64_t xs,
-                         const float* dx, const float* sdx, int64_t n0, const float* bias, uint16_t* y, int64_t ys) {
-    switch (mm) {
-        case 1: q8_block<1, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-        case 2: q8_block<2, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-        case 3: q8_block<3, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-        case 4: q8_block<4, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-        case 5: q8_block<5, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-        case 6: q8_block<6, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-        case 7: q8_block<7, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-        default: q8_block<8, 1>(q, sc, nb32, x, xs, dx, sdx, n0, bias, y, ys); break;
-    }
-}
 
 #ifdef KANGAROO_AMX
 // The same product on AMX tiles (Intel CPUs with AMX-INT8). Per output block (16 outputs) and input
@@ -508,8 +493,8 @@ void q8_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t
             if (M <= Q4_STEP_ROWS) {  // a step
                 for (int64_t nb = s; nb < e; ++nb)
                     for (int64_t m0 = 0; m0 < M; m0 += Q8_STEP_PASS)
-                        q8_step_rows(std::min<int64_t>(Q8_STEP_PASS, M - m0), q + nb * nb32 * 128, sc + nb * nb32 * 32, nb32,
-                                     xp + m0 * xs, xs, dxp + m0 * nb32, sdxp + m0 * nb32, nb * 16, bias, y + m0 * N, N);
+                        q8_rows<1, Q8_STEP_PASS>(std::min<int64_t>(Q8_STEP_PASS, M - m0), q + nb * nb32 * 128, sc + nb * nb32 * 32,
+                                                 nb32, xp + m0 * xs, xs, dxp + m0 * nb32, sdxp + m0 * nb32, nb * 16, bias, y + m0 * N, N);
                 continue;
             }
             for (int64_t mt = 0; mt < M; mt += Q8_TILE) {
