@@ -175,6 +175,43 @@ def test_early_exit_drafter_on_the_fused_engine():
     assert result.accepted > 0
 
 
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_last_row_prefill_writes_every_key_and_value(arch):
+    """``run_layers(..., last_row=True)``, as prefills call it: every row's keys and values are the full
+    call's, bit for bit; only the last row leaves the last layer, equal to the full call's last row for
+    a few rows (both take the steps' attention) and close to it for a prompt (whose full call takes the
+    prompt tiles); the compiled loop gives the Python loop's bits; HF's modules compute and slice."""
+    backbone = Backbone(tiny_model(arch, seed=5))
+    kernel = "dpbf16" if (torch.bfloat16, "dpbf16") in CONFIGS else "stock"
+    engines = [FusedEngine(backbone, torch.bfloat16, kernel, "kernel") for _ in range(2)]
+    engines[1]._stack = (None, [])  # the Python loop
+    D = backbone.model.config.hidden_size
+    h = torch.randn(1, 70, D, generator=torch.Generator().manual_seed(0))
+    for n in (70, 5, 1):  # a prompt past the 16-row steps and the 48-token windows, a few rows, one
+        full_cache = KVCache(NUM_LAYERS)
+        full = engines[0].run_layers(0, NUM_LAYERS, h[:, :n], full_cache, 0)
+        outs = []
+        for e in engines:
+            c = KVCache(NUM_LAYERS)
+            outs.append(e.run_layers(0, NUM_LAYERS, h[:, :n], c, 0, last_row=True))
+            assert outs[-1].shape == (1, 1, D)
+            for i in range(NUM_LAYERS):
+                assert c.length(i) == n
+                assert torch.equal(c.keys[i][..., :n, :], full_cache.keys[i][..., :n, :])
+                assert torch.equal(c.values[i][..., :n, :], full_cache.values[i][..., :n, :])
+        assert torch.equal(outs[0], outs[1])
+        if n <= MAX_ROWS or arch == "qwen3":  # Qwen3's per-head norms: every row through the same attention
+            assert torch.equal(outs[0], full[:, -1:])
+        else:
+            torch.testing.assert_close(outs[0], full[:, -1:], rtol=2e-2, atol=2e-2)
+    ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = backbone.run_layers(0, NUM_LAYERS, backbone.embed(ids), KVCache(NUM_LAYERS), 0)
+        assert torch.equal(backbone.run_layers(0, NUM_LAYERS, backbone.embed(ids), KVCache(NUM_LAYERS), 0, last_row=True), a[:, -1:])
+    with pytest.raises(ValueError):
+        engines[0].run_layers(0, NUM_LAYERS, h[:, :3], KVCache(NUM_LAYERS), 0, TreeLayout.of([0, 1]), last_row=True)
+
+
 STACK_CONFIGS = ([(arch, "dpbf16") for arch in ARCHITECTURES] if (torch.bfloat16, "dpbf16") in CONFIGS else []) + \
                 [(arch, kernel) for kernel in Q4_KERNELS for arch in ("llama", "mistral")]
 

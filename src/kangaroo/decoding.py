@@ -211,19 +211,19 @@ def _prefill(backbone: Engine, input_ids: torch.Tensor, exit_layer: int, sampler
     cache = slot.cache
     cache.crop(r)
     h_exit = backbone.run_layers(0, exit_layer, backbone.embed(input_ids[:, r:]), cache, r)
-    h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, r)
+    h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, r, last_row=True)  # [1, 1, D]
     if r:
         h_exit = torch.cat([slot.states[:, :r], h_exit], dim=1)
     kept.keep(slot, reuse_key, input_ids, h_exit)
-    return cache, _next_token(backbone, h_last[:, -1:], sampler), h_exit, r
+    return cache, _next_token(backbone, h_last, sampler), h_exit, r
 
 
 @torch.no_grad()
 def next_token_logits(backbone: Engine, input_ids: torch.Tensor) -> torch.Tensor:
     """The target's float32 logits ``[V]`` for the token after ``input_ids`` ``[1, n]`` (a fresh prefill)."""
     cache = KVCache(backbone.num_layers, input_ids.shape[1])
-    h = backbone.run_layers(0, backbone.num_layers, backbone.embed(input_ids), cache, 0)
-    return backbone.logits(h[:, -1:])[0, -1]
+    h = backbone.run_layers(0, backbone.num_layers, backbone.embed(input_ids), cache, 0, last_row=True)
+    return backbone.logits(h)[0, -1]
 
 
 def target_verdict(backbone: Engine, h_last: torch.Tensor, sampler: Sampler | None) -> torch.Tensor:
@@ -375,7 +375,7 @@ class AutoregressiveDecoder:
         bb, L = self.backbone, self.backbone.num_layers
         budget = check_request(bb, input_ids, max_new_tokens)
         sampler = Sampler.for_config(sampling, bb.device)
-        self.cache, y, _, cached = _prefill(bb, input_ids, L, sampler, self.kept)
+        self.cache, y, _, cached = _prefill(bb, input_ids, 0, sampler, self.kept)  # no exit-layer states needed
         pos = input_ids.shape[1]
         tokens, done = truncate_at_stop([y], eos_token_ids, budget)
         yield Step(tokens, cached=cached)

@@ -86,11 +86,12 @@ class LayerStack {
     // passes its segments (first, stop, depth) and one key and one value stash [H_kv, T, d] per layer
     // (kangaroo.attention.rope_attend_tree); a chain passes none. As FusedEngine.run_layers with the
     // fused ops: norm, QKV, rope_attend, o, residual + norm, gate/up, SiLU gating, down, residual
-    // (+ the next layer's norm).
+    // (+ the next layer's norm). With first_out > 0 (a chain only), the last layer's rows before it
+    // only write their keys and values, and only x's rows from first_out on hold its output.
     void run(torch::Tensor x, int64_t start, int64_t end, std::vector<torch::Tensor> kbufs, std::vector<torch::Tensor> vbufs,
              std::vector<int64_t> kv_start, std::vector<torch::Tensor> ropes, int64_t step_rows, std::vector<int64_t> seg_first,
              std::vector<int64_t> seg_stop, std::vector<int64_t> seg_depth, std::vector<torch::Tensor> kstash,
-             std::vector<torch::Tensor> vstash) const {
+             std::vector<torch::Tensor> vstash, int64_t first_out) const {
         TORCH_CHECK(0 <= start && start < end && end <= size(), "LayerStack.run: layers outside the stack");
         const size_t n = static_cast<size_t>(end - start);
         TORCH_CHECK(kbufs.size() == n && vbufs.size() == n && kv_start.size() == n, "LayerStack.run: one cache per layer");
@@ -98,16 +99,19 @@ class LayerStack {
         const bool tree = !seg_first.empty();
         TORCH_CHECK(!tree || (kstash.size() == n && vstash.size() == n), "LayerStack.run: a tree needs one stash per layer");
         TORCH_CHECK((int64_t)ropes.size() >= ropes_, "LayerStack.run: missing RoPE rows");
+        TORCH_CHECK(0 <= first_out && first_out < x.size(0) && (first_out == 0 || !tree), "LayerStack.run: first_out outside the rows");
         torch::NoGradGuard no_grad;
         torch::Tensor h = rms_norm(x, layers_[start].in_w, layers_[start].in_eps);
         for (int64_t i = start; i < end; ++i) {
             const Layer& l = layers_[i];
             const size_t j = static_cast<size_t>(i - start);
+            const int64_t first = i + 1 < end ? 0 : first_out;
             const torch::Tensor qkv = l.qkv(h);
             const torch::Tensor att =
                 tree ? rope_attend_tree(qkv, ropes[l.rope], kbufs[j], vbufs[j], kv_start[j], seg_first, seg_stop, seg_depth, l.H, l.Hkv,
                                         l.scale, l.window, kstash[j], vstash[j])
-                     : rope_attend(qkv, ropes[l.rope], kbufs[j], vbufs[j], kv_start[j], l.H, l.Hkv, l.scale, l.window, 0, step_rows);
+                     : rope_attend(qkv, ropes[l.rope], kbufs[j], vbufs[j], kv_start[j], l.H, l.Hkv, l.scale, l.window, first, step_rows);
+            if (first) x = x.narrow(0, first, x.size(0) - first);  // the trailing rows: still contiguous, updated in place
             h = add_rms_norm(x, l.o(att), l.post_w, l.post_eps);
             const torch::Tensor down = l.down(silu_mul(l.gate_up(h)));
             if (i + 1 < end)
