@@ -179,6 +179,8 @@ def measure_run(km, repeats: int = 15) -> dict:
 
 def table(costs: dict) -> str:
     """The Markdown table of ``costs.json`` (one row per engine)."""
+    from .report import engine_label
+
     rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | tree +1 / +2 branches ms | draft step ms | draft ÷ forward | LM head ms (greedy / full) | prefill ms | build s | compile s |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in costs.items():
@@ -187,14 +189,12 @@ def table(costs: dict) -> str:
         cfg = e["engine"]
         # row counts are ints when measured, strings once read back from JSON
         f, v = ({int(k): ms for k, ms in e[key].items()} for key in ("forward_ms", "verify_ms"))
-        attention = f" + {cfg['attention']} attention" if "attention" in cfg else ""
-        attention += " + bfloat16 KV cache" if cfg.get("kv_dtype") == "bfloat16" else ""
         compiled = cfg.get("attention_compile_s") or 0  # the kernel's first compile on this machine
         tree = {int(k): ms for k, ms in e.get("tree_extra_ms", {}).items()}
         tree = f"{tree[1]:.2f} / {tree[2]:.2f}" if tree else "–"
         head = f"{e['lm_head_ms']:.2f}" + (f" / {e['full_head_ms']:.2f}" if "full_head_ms" in e else "")
         prefill = f"{e['prefill_ms']:.0f} ({e['context']} tokens)" if "prefill_ms" in e else "–"  # older files have none
-        rows.append(f"| {name}: {cfg['engine']} {cfg['dtype']}/{cfg['kernel']}{attention} | {' / '.join(f'{f[k]:.1f}' for k in ROWS)} | "
+        rows.append(f"| {name}: {engine_label(cfg)} | {' / '.join(f'{f[k]:.1f}' for k in ROWS)} | "
                     f"{e['forward_ratio_8_to_1']:.2f} | {v[1]:.1f} / {v[8]:.1f} | {tree} | {e['draft_step_ms']:.2f} | "
                     f"{e['draft_to_forward']:.2f} | {head} | {prefill} | {cfg.get('build_s', 0):.1f} | {compiled:.0f} |")
     return "\n".join(rows)

@@ -431,8 +431,12 @@ def write_benchmarks(summary: dict, run_dir: Path, md_path: Path, image_dir: Pat
 
 
 def _engine(machine: dict) -> str:
-    """``fused bfloat16/packed``: the engine, weight dtype and kernel a run used."""
-    e = machine.get("engine") or {}
+    return engine_label(machine.get("engine") or {})
+
+
+def engine_label(e: dict) -> str:
+    """``fused bfloat16/q4_1 + kernel attention + …``: the engine, weight dtype, kernel and the choices
+    around them that an engine's info dict (``KangarooModel.engine_info``) records."""
     label = f"{e.get('engine', '?')} {e.get('dtype', '?')}/{e.get('kernel', '?')}"
     label += f" + {e['attention']} attention" if "attention" in e else ""
     label += " + int8 prompt products" if e.get("prompt_product") == "int8" else ""

@@ -117,28 +117,23 @@ inline void q4_block(const uint16_t* q, const uint16_t* sc, int64_t nb32, const 
 
 constexpr int64_t Q4_ROWS = 8;  // rows per pass over a loaded block (registers: 3 M + 4 + 2 <= 32, one output block at a time)
 
+// q4_block for mm (1 .. MR) rows, the row count a compile-time constant
+template <int GN, int MR>
+inline void q4_block_rows(int64_t mm, const uint16_t* q, const uint16_t* sc, int64_t nb32, const int32_t* x, int64_t xs,
+                          const float* sx, int64_t n0, const float* bias, uint16_t* y, int64_t ys) {
+    if constexpr (MR > 1) {
+        if (mm < MR) return q4_block_rows<GN, MR - 1>(mm, q, sc, nb32, x, xs, sx, n0, bias, y, ys);
+    }
+    q4_block<MR, GN>(q, sc, nb32, x, xs, sx, n0, bias, y, ys);
+}
+
+// mm rows of g (GN, or fewer at a thread's last blocks, one at a time) output blocks from n0
 template <int GN>
 inline void q4_rows(int64_t mm, int64_t g, const uint16_t* q, const uint16_t* sc, int64_t nb32, const int32_t* x,
                     int64_t xs, const float* sx, int64_t n0, const float* bias, uint16_t* y, int64_t ys) {
-#define KANGAROO_Q4_ROWS(G, Q, S, N0)                                                                 \
-    switch (mm) {                                                                                     \
-        case 1: q4_block<1, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
-        case 2: q4_block<2, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
-        case 3: q4_block<3, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
-        case 4: q4_block<4, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
-        case 5: q4_block<5, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
-        case 6: q4_block<6, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
-        case 7: q4_block<7, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                   \
-        default: q4_block<8, G>(Q, S, nb32, x, xs, sx, N0, bias, y, ys); break;                  \
-    }
-    if (g == GN) {
-        KANGAROO_Q4_ROWS(GN, q, sc, n0)
-    } else {
-        for (int64_t j = 0; j < g; ++j) {
-            KANGAROO_Q4_ROWS(1, q + j * nb32 * 128, sc + j * nb32 * 32, n0 + j * 16)
-        }
-    }
-#undef KANGAROO_Q4_ROWS
+    if (g == GN) return q4_block_rows<GN, Q4_ROWS>(mm, q, sc, nb32, x, xs, sx, n0, bias, y, ys);
+    for (int64_t j = 0; j < g; ++j)
+        q4_block_rows<1, Q4_ROWS>(mm, q + j * nb32 * 128, sc + j * nb32 * 32, nb32, x, xs, sx, n0 + j * 16, bias, y, ys);
 }
 
 template <int GN>
