@@ -323,3 +323,23 @@ def test_tree_attention_block_gives_each_row_its_one_token_bits(kernel):
         assert torch.equal(alone[0], out[t]), t
         assert torch.equal(k1[:, pos + depths[t]], stash[0][:, t]) and torch.equal(v1[:, pos + depths[t]], stash[1][:, t])
     assert torch.equal(keys[:, :pos], prefix_k[:, :pos])
+
+
+def test_the_ninja_beside_this_python_is_taken_first(tmp_path, monkeypatch):
+    """Another ninja first on PATH (a system one) must not build the kernels: two ninja versions read
+    each other's build log as out of date and recompile everything at every switch."""
+    scripts, other = tmp_path / "venv-bin", tmp_path / "usr-bin"
+    for d in (scripts, other):
+        d.mkdir()
+        (d / "ninja").write_text("#!/bin/sh\n")
+        (d / "ninja").chmod(0o755)
+    monkeypatch.setattr(attention.sysconfig, "get_path", lambda name: str(scripts))
+    monkeypatch.setenv("PATH", str(other))
+    attention._ensure_ninja()
+    assert attention.shutil.which("ninja") == str(scripts / "ninja")
+    attention._ensure_ninja()  # already first: PATH is left as it is
+    assert os.environ["PATH"] == os.pathsep.join([str(scripts), str(other)])
+    (scripts / "ninja").unlink()  # no ninja beside this Python: PATH's own is used
+    monkeypatch.setenv("PATH", str(other))
+    attention._ensure_ninja()
+    assert os.environ["PATH"] == str(other)
