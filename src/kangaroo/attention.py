@@ -89,9 +89,9 @@ def _name() -> str:
 def _ensure_ninja() -> None:
     """torch builds with the first ``ninja`` on PATH. The ``ninja`` wheel puts one beside this Python,
     which is on PATH only when the environment is activated, and it is taken whenever it is there:
-    two ninja versions read each other's build log as out of date, so with a system ninja (1.11)
-    besides the wheel's (1.13) every switch between an activated shell and ``.venv/bin/python``
-    compiled the kernels again (~80 s, Zen 4 machine, 2026-12-07)."""
+    two ninja versions read each other's build log as out of date, so with a system ninja besides the
+    wheel's, every switch between an activated shell and ``.venv/bin/python`` compiled the kernels
+    again (docs/ENGINE.md §8)."""
     scripts = sysconfig.get_path("scripts")
     if not scripts or not (Path(scripts) / "ninja").exists():
         return  # whatever ninja PATH has, or none (the build then fails with its reason)
