@@ -176,8 +176,8 @@ def test_early_exit_drafter_on_the_fused_engine():
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_last_row_prefill_writes_every_key_and_value(arch):
-    """``run_layers(..., last_row=True)``, as prefills call it: every row's keys and values are the full
+def test_last_rows_prefill_writes_every_key_and_value(arch):
+    """``run_layers(..., last=1)``, as prefills call it: every row's keys and values are the full
     call's, bit for bit; only the last row leaves the last layer, equal to the full call's last row for
     a few rows (both take the steps' attention) and close to it for a prompt (whose full call takes the
     prompt tiles); the compiled loop gives the Python loop's bits; HF's modules compute and slice."""
@@ -193,7 +193,7 @@ def test_last_row_prefill_writes_every_key_and_value(arch):
         outs = []
         for e in engines:
             c = KVCache(NUM_LAYERS)
-            outs.append(e.run_layers(0, NUM_LAYERS, h[:, :n], c, 0, last_row=True))
+            outs.append(e.run_layers(0, NUM_LAYERS, h[:, :n], c, 0, last=1))
             assert outs[-1].shape == (1, 1, D)
             for i in range(NUM_LAYERS):
                 assert c.length(i) == n
@@ -207,9 +207,12 @@ def test_last_row_prefill_writes_every_key_and_value(arch):
     ids = torch.randint(0, VOCAB, (1, 70), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a = backbone.run_layers(0, NUM_LAYERS, backbone.embed(ids), KVCache(NUM_LAYERS), 0)
-        assert torch.equal(backbone.run_layers(0, NUM_LAYERS, backbone.embed(ids), KVCache(NUM_LAYERS), 0, last_row=True), a[:, -1:])
+        assert torch.equal(backbone.run_layers(0, NUM_LAYERS, backbone.embed(ids), KVCache(NUM_LAYERS), 0, last=1), a[:, -1:])
     with pytest.raises(ValueError):
-        engines[0].run_layers(0, NUM_LAYERS, h[:, :3], KVCache(NUM_LAYERS), 0, TreeLayout.of([0, 1]), last_row=True)
+        engines[0].run_layers(0, NUM_LAYERS, h[:, :3], KVCache(NUM_LAYERS), 0, TreeLayout.of([0, 1]), last=1)
+    for bad in (0, 4):  # no row, or more rows than there are
+        with pytest.raises(ValueError):
+            engines[0].run_layers(0, NUM_LAYERS, h[:, :3], KVCache(NUM_LAYERS), 0, last=bad)
 
 
 STACK_CONFIGS = ([(arch, "dpbf16") for arch in ARCHITECTURES] if (torch.bfloat16, "dpbf16") in CONFIGS else []) + \

@@ -28,7 +28,7 @@ bfloat16 products (``vdpbf16ps``), or on AMX tiles where the CPU has them (:func
 The kernel is C++ compiled at first use for the machine at hand (``-march=native``), in one module
 with the engine's bfloat16 and Q4_1 products (``csrc/linear_bf16.cpp``, ``csrc/linear_q4.cpp``) and
 fused step ops (``csrc/step_ops.cpp``):
-~50 s on 2 cores, then cached under ``$KANGAROO_CACHE/ext`` per CPU, compiler flags, torch version and
+~80 s on 2 cores, then cached under ``$KANGAROO_CACHE/ext`` per CPU, compiler flags, torch version and
 sources. It is
 CPU only, with float32 queries over a float32 or a bfloat16 cache (:func:`bf16_cache_native`). Where it cannot be built, or fails its check,
 or measures slower than per-row SDPA for the model's shapes, the engine keeps per-row SDPA.
@@ -102,7 +102,7 @@ def _ensure_ninja() -> None:
 
 def _clear_stale_lock(build: Path, max_age_s: float = 300.0) -> None:
     """torch's build waits for as long as a ``lock`` file stands in the build folder; a compile that
-    was killed leaves one behind, and every later run would hang. A compile takes ~50 s, so a lock
+    was killed leaves one behind, and every later run would hang. A compile takes ~80 s, so a lock
     older than ``max_age_s`` is a leftover: remove it."""
     lock = build / "lock"
     try:
@@ -134,7 +134,7 @@ def load():
         _clear_stale_lock(build)
         _ensure_ninja()
         if fresh:
-            logger.info("compiling our kernels for this machine (attention, bfloat16 and Q4_1 products, step ops; once, ~50 s)")
+            logger.info("compiling our kernels for this machine (attention, bfloat16 and Q4_1 products, step ops; once, ~80 s)")
         module = cpp_extension.load(name, [str(src) for src in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                     build_directory=str(build), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: no kernel, per-row SDPA

@@ -211,7 +211,7 @@ def _prefill(backbone: Engine, input_ids: torch.Tensor, exit_layer: int, sampler
     cache = slot.cache
     cache.crop(r)
     h_exit = backbone.run_layers(0, exit_layer, backbone.embed(input_ids[:, r:]), cache, r)
-    h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, r, last_row=True)  # [1, 1, D]
+    h_last = backbone.run_layers(exit_layer, backbone.num_layers, h_exit, cache, r, last=1)  # [1, 1, D]
     if r:
         h_exit = torch.cat([slot.states[:, :r], h_exit], dim=1)
     kept.keep(slot, reuse_key, input_ids, h_exit)
@@ -222,7 +222,7 @@ def _prefill(backbone: Engine, input_ids: torch.Tensor, exit_layer: int, sampler
 def next_token_logits(backbone: Engine, input_ids: torch.Tensor) -> torch.Tensor:
     """The target's float32 logits ``[V]`` for the token after ``input_ids`` ``[1, n]`` (a fresh prefill)."""
     cache = KVCache(backbone.num_layers, input_ids.shape[1])
-    h = backbone.run_layers(0, backbone.num_layers, backbone.embed(input_ids), cache, 0, last_row=True)
+    h = backbone.run_layers(0, backbone.num_layers, backbone.embed(input_ids), cache, 0, last=1)
     return backbone.logits(h)[0, -1]
 
 

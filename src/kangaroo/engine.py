@@ -400,23 +400,25 @@ class FusedEngine:
 
     # ------------------------------------------------------------------ layers
     def run_layers(self, start: int, end: int, hidden: torch.Tensor, cache: KVCache | None, pos: int,
-                   tree: TreeLayout | None = None, last_row: bool = False) -> torch.Tensor:
+                   tree: TreeLayout | None = None, last: int | None = None) -> torch.Tensor:
         """Decoder layers ``[start, end)`` over ``hidden`` ``[1, T, D]`` at positions ``pos..pos+T-1``;
         every layer in the range holds ``pos`` cached positions and appends ``T``. Returns ``[1, T, D]``,
-        or with ``last_row`` ``[1, 1, D]``: the last layer's other rows then only write their keys and
-        values (a prompt's prefill needs only the next token; its attention, o-projection and MLP over
-        the other rows were ~2.5% of a long prompt's time).
+        or with ``last`` ``[1, last, D]``: the last layer's earlier rows then only write their keys and
+        values, as in :meth:`adapter_forward` (a prompt's prefill needs only the next token; its
+        attention, o-projection and MLP over the other rows were ~2.5% of a long prompt's time).
 
         With ``tree`` (a :class:`~kangaroo.tree.TreeLayout` of ``T`` rows, row 0 at ``pos``), row ``i``
         sits at ``pos + depth_i`` and attends over the prefix and its ancestors only; the rows' keys
         and values are kept in ``cache.stash`` for :meth:`KVCache.commit`."""
         if start >= end:
-            return hidden[:, -1:] if last_row else hidden
+            return hidden if last is None else hidden[:, -last:]
         x = hidden[0].to(self.act_dtype)  # [T, D]
         T = x.shape[0]
-        if tree is not None and (tree.rows != T or T > MAX_ROWS or last_row):
+        if tree is not None and (tree.rows != T or T > MAX_ROWS or last is not None):
             raise ValueError(f"a tree of {tree.rows} rows over {T} states (at most {MAX_ROWS} rows, all of them out)")
-        first = T - 1 if last_row else 0  # the last layer's first row out
+        if last is not None and not 1 <= last <= T:
+            raise ValueError(f"last={last}: asks for rows out of {T}")
+        first = 0 if last is None else T - last  # the last layer's first row out
         depths = None if tree is None or tree.is_chain else torch.tensor(tree.depths, device=self.device)
         module = attn_kernel.load() if T > MAX_ROWS else None
         if module is not None:  # a prompt: the module-wide switches follow this engine
@@ -468,7 +470,7 @@ class FusedEngine:
             x = x[f:] + self.attend(layer.attention, h, cache, i, ropes[layer.layer_type], masks[layer.window],
                                     layer.window, tree=tree, first_out=f)
             x = x + _mlp(norm(x, layer.post_norm), layer.gate_up, layer.down)
-        return x[None, -1:] if last_row else x[None]
+        return x[None] if last is None else x[None, -last:]
 
     def attend(self, a: _Attention, h: torch.Tensor, cache: KVCache | None, layer_idx: int, rope: torch.Tensor,
                mask: torch.Tensor | None, window: int | None = None, batched: bool = False,

@@ -4,8 +4,8 @@ Kangaroo needs four pieces of a decoder LLM, each callable on its own:
 
 * ``embed(ids)``: the token embedding;
 * ``run_layers(start, end, hidden, cache, pos)``: decoder layers ``[start, end)`` over ``hidden`` at
-  positions ``pos .. pos+T-1``, reading and writing their KV in ``cache`` (``last_row=True``: only the
-  last row's output is needed, as after a prompt);
+  positions ``pos .. pos+T-1``, reading and writing their KV in ``cache`` (``last=1``: only the last
+  row's output is needed, as after a prompt; the adapter's ``adapter_forward`` takes the same);
 * ``final_norm(hidden)`` and ``lm_head(hidden)``: the model's own norm and output projection (the
   LM head is shared with the adapter, never copied).
 
@@ -211,18 +211,18 @@ class Backbone:
         return None
 
     def run_layers(self, start: int, end: int, hidden: torch.Tensor, cache, pos: int, tree=None,
-                   last_row: bool = False) -> torch.Tensor:
+                   last: int | None = None) -> torch.Tensor:
         """Decoder layers ``[start, end)`` over ``hidden`` ``[B, T, D]`` at positions ``pos .. pos+T-1``.
 
         Every layer in the range must hold exactly ``pos`` cached positions; each appends ``T``.
-        Returns the hidden states after layer ``end - 1``, ``[B, T, D]`` (``last_row``: ``[B, 1, D]``,
+        Returns the hidden states after layer ``end - 1``, ``[B, T, D]`` (``last``: ``[B, last, D]``,
         sliced here: HF's layers compute every row). ``tree`` must be None or a chain.
         """
         if tree is not None and not tree.is_chain:
             raise ValueError("the eager engine verifies chains only; token trees need the fused engine")
-        if start >= end or last_row:
+        if start >= end or last is not None:
             out = hidden if start >= end else self.run_layers(start, end, hidden, cache, pos, tree)
-            return out[:, -1:] if last_row else out
+            return out if last is None else out[:, -last:]
         rope = {}
         masks = {}
         for i in range(start, end):

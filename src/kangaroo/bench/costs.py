@@ -126,7 +126,7 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
 
     def prefill():
         fresh = KVCache(L, context + 1)
-        engine.greedy(engine.run_layers(0, L, engine.embed(prompt), fresh, 0, last_row=True))
+        engine.greedy(engine.run_layers(0, L, engine.embed(prompt), fresh, 0, last=1))
     prefill_ms = _interleaved_ms({"prefill": prefill}, 3, best)["prefill"]
     trees = {"tree_extra_ms": {n: round(max(ms[("tree", n)] - ms[("verify", len(p) + 1)], 0.0), 3)
                                for n, p in tree_rows.items()}} if engine.supports_trees else {}
