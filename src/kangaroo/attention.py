@@ -28,7 +28,7 @@ bfloat16 products (``vdpbf16ps``), or on AMX tiles where the CPU has them (:func
 The kernel is C++ compiled at first use for the machine at hand (``-march=native``), in one module
 with the engine's bfloat16 and Q4_1 products (``csrc/linear_bf16.cpp``, ``csrc/linear_q4.cpp``) and
 fused step ops (``csrc/step_ops.cpp``):
-~80 s on 2 cores, then cached under ``$KANGAROO_CACHE/ext`` per CPU, compiler flags, torch version and
+~80–100 s on 2 cores, then cached under ``$KANGAROO_CACHE/ext`` per CPU, compiler flags, torch version and
 sources. It is
 CPU only, with float32 queries over a float32 or a bfloat16 cache (:func:`bf16_cache_native`). Where it cannot be built, or fails its check,
 or measures slower than per-row SDPA for the model's shapes, the engine keeps per-row SDPA.
@@ -134,7 +134,7 @@ def load():
         _clear_stale_lock(build)
         _ensure_ninja()
         if fresh:
-            logger.info("compiling our kernels for this machine (attention, bfloat16 and Q4_1 products, step ops; once, ~80 s)")
+            logger.info("compiling our kernels for this machine (attention, bfloat16 and Q4_1 products, step ops; once, ~80–100 s)")
         module = cpp_extension.load(name, [str(src) for src in SOURCES], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                     build_directory=str(build), verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: no kernel, per-row SDPA

@@ -62,7 +62,7 @@ REQUIRES = {"packed": "a CPU build of torch with oneDNN", "dpbf16": "a CPU with 
 
 def dpbf16_available(device: torch.device | str) -> bool:
     """Whether our AVX512-BF16 product runs here: on a CPU whose compiled module (built on first use
-    with ``-march=native``, ~80 s once per machine) has it, i.e. where the CPU has AVX512-BF16."""
+    with ``-march=native``, ~80–100 s once per machine) has it, i.e. where the CPU has AVX512-BF16."""
     if torch.device(device).type != "cpu":
         return False
     module = native.load()
