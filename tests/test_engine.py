@@ -259,6 +259,50 @@ def test_compiled_layer_loop_is_the_python_loop_bit_for_bit(arch, kernel, kv):
             assert all(torch.equal(a, b) for a, b in zip(caches[0].stash[i], caches[1].stash[i]))
 
 
+@pytest.mark.parametrize("arch,kernel", [c for c in STACK_CONFIGS if c[0] != "qwen3"])
+def test_one_region_steps_are_the_op_by_op_steps_bit_for_bit(arch, kernel):
+    """Chain steps in one parallel region (csrc/layer_stack.cpp, ``run_region``: two threads sharing
+    out the products' parts and the attention's items, each norming its own copy of the residual)
+    give the op-by-op path's hidden states and cache entries bit for bit, for 1 to 16 rows over
+    split layer ranges, float32 and bfloat16 caches; the region was taken."""
+    module = attn_kernel.load()
+    backbone = Backbone(tiny_model(arch, seed=5))
+    q4 = dict(q4_layers=q4_layers(backbone)) if kernel.startswith("q4_1") else {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for kv in (torch.float32, torch.bfloat16):
+            engines = [FusedEngine(backbone, torch.bfloat16, kernel, "kernel", **q4) for _ in range(2)]
+            for e in engines:
+                e.kv_dtype = kv
+            g = torch.Generator().manual_seed(0)
+            caches = [KVCache(NUM_LAYERS), KVCache(NUM_LAYERS)]
+            runs = module.layer_stack_region_runs()
+            steps = [(40, 0, NUM_LAYERS)] + [(T, a, b) for T in (1, 3, 8, 16, 2) for a, b in ((0, 1), (1, NUM_LAYERS))]
+            for T, a, b in steps:
+                if a == 0:
+                    h = torch.randn(1, T, backbone.model.config.hidden_size, generator=g)
+                outs = []
+                for e, c, region in zip(engines, caches, (True, False)):
+                    old = module.layer_stack_region(region)
+                    try:
+                        outs.append(e.run_layers(a, b, h, c, c.length(a)))
+                    finally:
+                        module.layer_stack_region(old)
+                assert torch.equal(outs[0], outs[1]), (kv, T, a, b)
+                h = outs[0]
+            for i in range(NUM_LAYERS):
+                n = caches[0].length(i)
+                assert torch.equal(caches[0].keys[i][..., :n, :], caches[1].keys[i][..., :n, :])
+                assert torch.equal(caches[0].values[i][..., :n, :], caches[1].values[i][..., :n, :])
+            head_dim = caches[0].keys[0].shape[-1]
+            if kv == torch.float32 or (module.decode_attention_bf16_native() and head_dim in (64, 128, 256)):
+                assert module.layer_stack_region_runs() - runs == len(steps) - 1  # every step but the prompt
+    finally:
+        torch.set_num_threads(before)
+
+
+
 # ---------------------------------------------------------------- configuration and calibration
 class _Meter:  # a ContentionMeter that reports what the test says other processes did
     share = 0.0

@@ -873,6 +873,114 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 
 // q [T, H, D] (rows and heads may be strided, D contiguous), k/v [H_kv, S, D] (D contiguous),
 // begin/end: each row's key range. Returns [T, H, D] float32.
+DecodePlan decode_plan(int64_t T, int64_t H, int64_t Hkv, int64_t D, std::vector<int64_t> begin, std::vector<int64_t> end) {
+    TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && H / Hkv <= MAX_G && H / Hkv * D <= MAX_GD, "decode_attention: too many query heads per kv head");
+    DecodePlan p;
+    p.T = T, p.H = H, p.Hkv = Hkv, p.D = D, p.G = H / Hkv;
+    p.nchunks = 0;
+    for (int64_t t = 0; t < T; ++t) p.nchunks = std::max(p.nchunks, (end[t] - 1) / CHUNK + 1);
+    // work items (kv head g, chunk c): every row with keys in the chunk, one after the other while
+    // the chunk's keys and values are in cache; a row's arithmetic does not depend on the others
+    p.c_first = p.nchunks;
+    for (int64_t t = 0; t < T; ++t) p.c_first = std::min(p.c_first, begin[t] / CHUNK);
+    const int64_t n_items = Hkv * (p.nchunks - p.c_first);
+    std::vector<int64_t> cost(n_items, 0);  // keys summed over rows
+    for (int64_t i = 0; i < n_items; ++i) {
+        const int64_t c = p.c_first + i / Hkv;
+        for (int64_t t = 0; t < T; ++t)
+            cost[i] += std::max<int64_t>(0, std::min(end[t], (c + 1) * CHUNK) - std::max(begin[t], c * CHUNK));
+    }
+    p.workers = plan_items(cost, 16);  // + a fixed cost per item, in keys
+    p.begin = std::move(begin);
+    p.end = std::move(end);
+    return p;
+}
+
+// Worker w's items of plan p: q [T, H, D] float32 (row stride qs0), keys and values [H_kv, S, D]
+// (kv head stride ks0) float32 or, with kv16, bfloat16; each (row, head, chunk)'s max, exp-sum and
+// value sums into m, l [T, H, nchunks] and o [T, H, nchunks, D].
+__attribute__((noinline)) void decode_items(const DecodePlan& p, int64_t w, const float* qp, int64_t qs0, const void* k,
+                                            const void* v, int64_t ks0, bool kv16, float scale, float* mp, float* lp,
+                                            float* op) {
+    const int64_t T = p.T, H = p.H, D = p.D, G = p.G, Hkv = p.Hkv, nchunks = p.nchunks;
+    float mb[MAX_G], lb[MAX_G], ob[MAX_GD];
+    for (int64_t i : p.workers[w]) {
+        const int64_t g = i % Hkv, c = p.c_first + i / Hkv, h0 = g * G;
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t j0 = std::max(p.begin[t], c * CHUNK), j1 = std::min(p.end[t], (c + 1) * CHUNK);
+            if (j0 >= j1) continue;
+            const float* qh = qp + t * qs0 + h0 * D;
+            if (kv16) {  // straight from the bfloat16 cache
+#if KANGAROO_BF16_TILES
+                const uint16_t *kg = static_cast<const uint16_t*>(k) + g * ks0, *vg = static_cast<const uint16_t*>(v) + g * ks0;
+                if (D == 64)
+                    chunk_item_bf16<64>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                else if (D == 128)
+                    chunk_item_bf16<128>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                else
+                    chunk_item_bf16<256>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+#endif
+            } else {
+                const float *kg = static_cast<const float*>(k) + g * ks0, *vg = static_cast<const float*>(v) + g * ks0;
+                if (D == 64)
+                    chunk_item<64>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                else if (D == 128)
+                    chunk_item<128>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                else if (D == 256)
+                    chunk_item<256>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
+                else
+                    chunk_item_any(qh, G, D, kg, vg, D, j0, j1, scale, mb, lb, ob);
+            }
+            for (int64_t hh = 0; hh < G; ++hh) {  // this row's max, sum and value sums per head
+                const int64_t th = t * H + h0 + hh;
+                mp[th * nchunks + c] = mb[hh];
+                lp[th * nchunks + c] = lb[hh];
+                std::memcpy(op + (th * nchunks + c) * D, ob + hh * D, D * sizeof(float));
+            }
+        }
+    }
+}
+
+// (row, head) pairs [a, b) of plan p: their chunks combined in position order into out [T, H, D].
+__attribute__((noinline)) void decode_combine(const DecodePlan& p, int64_t a, int64_t b, const float* mp, const float* lp,
+                                              const float* op, float* outp) {
+    const int64_t H = p.H, D = p.D, nchunks = p.nchunks;
+    for (int64_t th = a; th < b; ++th) {
+        const int64_t t = th / H;
+        const int64_t c0 = p.begin[t] / CHUNK, c1 = (p.end[t] - 1) / CHUNK + 1;
+        const float* mr = mp + th * nchunks;
+        float M = -std::numeric_limits<float>::infinity();
+        for (int64_t c = c0; c < c1; ++c) M = mr[c] > M ? mr[c] : M;
+        float L = 0.0f;
+        float* res = outp + th * D;
+        if (D % W == 0) {
+            for (int64_t e = 0; e < D; e += W) store(res + e, splat(0.0f));
+            for (int64_t c = c0; c < c1; ++c) {
+                const float w = std::exp(mr[c] - M);
+                L = L + lp[th * nchunks + c] * w;
+                const float* oc = op + (th * nchunks + c) * D;
+                for (int64_t e = 0; e < D; e += W) store(res + e, load(res + e) + load(oc + e) * splat(w));
+            }
+            const vf inv = splat(1.0f / L);
+            for (int64_t e = 0; e < D; e += W) store(res + e, load(res + e) * inv);
+            continue;
+        }
+        for (int64_t e = 0; e < D; ++e) res[e] = 0.0f;
+        for (int64_t c = c0; c < c1; ++c) {
+            const float w = std::exp(mr[c] - M);
+            L = L + lp[th * nchunks + c] * w;
+            const float* oc = op + (th * nchunks + c) * D;
+            for (int64_t e = 0; e < D; ++e) res[e] = res[e] + oc[e] * w;
+        }
+        const float inv = 1.0f / L;
+        for (int64_t e = 0; e < D; ++e) res[e] = res[e] * inv;
+    }
+}
+
+// Whether decode_items computes straight from a bfloat16 cache of head size D (a bfloat16 cache is
+// widened to float32 first where it cannot; the engine keeps one only where it can).
+bool decode_kv16_native(int64_t D) { return KANGAROO_BF16_TILES && (D == 64 || D == 128 || D == 256); }
+
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                std::vector<int64_t> begin, std::vector<int64_t> end, double scale_) {
     TORCH_CHECK(q.dtype() == torch::kFloat32, "decode_attention: float32 queries");
@@ -886,124 +994,60 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
                 && k.stride(1) == D && v.stride(1) == D && k.stride(0) == v.stride(0),
                 "decode_attention: the head dimension must be contiguous");
     TORCH_CHECK((int64_t)begin.size() == T && (int64_t)end.size() == T, "decode_attention: one key range per row");
-    int64_t nchunks = 0;
-    for (int64_t t = 0; t < T; ++t) {
+    for (int64_t t = 0; t < T; ++t)
         TORCH_CHECK(0 <= begin[t] && begin[t] < end[t] && end[t] <= k.size(1), "decode_attention: bad key range");
-        nchunks = std::max(nchunks, (end[t] - 1) / CHUNK + 1);
-    }
-    const int64_t G = H / Hkv;
-    TORCH_CHECK(G <= MAX_G && G * D <= MAX_GD, "decode_attention: too many query heads per kv head");
-    const float scale = static_cast<float>(scale_);
+    TORCH_CHECK(H / Hkv <= MAX_G && H / Hkv * D <= MAX_GD, "decode_attention: too many query heads per kv head");
+    const DecodePlan plan = decode_plan(T, H, Hkv, D, std::move(begin), std::move(end));
+    const int64_t nchunks = plan.nchunks;
     auto opts = q.options();
     auto m = torch::empty({T, H, nchunks}, opts), l = torch::empty({T, H, nchunks}, opts);
     auto o = torch::empty({T, H, nchunks, D}, opts);
     auto out = torch::empty({T, H, D}, opts);
-    const float* qp = q.data_ptr<float>();
     // a bfloat16 cache (half the bytes to stream: at 1,536 keys the cache outweighs the layer's
     // weights) is computed on natively on AVX512-BF16 machines for head sizes 64/128/256
     // (chunk_item_bf16); elsewhere it is widened to float32 (exactly) for chunk_item, which saves
     // nothing, so the engine only keeps a bfloat16 cache where it is native (kangaroo.calibration)
-    const bool kv16 = k.scalar_type() == torch::kBFloat16 && KANGAROO_BF16_TILES && (D == 64 || D == 128 || D == 256);
+    const bool kv16 = k.scalar_type() == torch::kBFloat16 && decode_kv16_native(D);
     if (!kv16) {
         k = as_float(k);
         v = as_float(v);
     }
-    const float *kp = kv16 ? nullptr : k.data_ptr<float>(), *vp = kv16 ? nullptr : v.data_ptr<float>();
-    const uint16_t *kb = kv16 ? reinterpret_cast<const uint16_t*>(k.data_ptr()) : nullptr,
-                   *vb = kv16 ? reinterpret_cast<const uint16_t*>(v.data_ptr()) : nullptr;
     float *mp = m.data_ptr<float>(), *lp = l.data_ptr<float>(), *op = o.data_ptr<float>(), *outp = out.data_ptr<float>();
-    const int64_t qs0 = q.stride(0), ks0 = k.stride(0);
-    // work items (kv head g, chunk c): every row with keys in the chunk, one after the other while
-    // the chunk's keys and values are in cache; a row's arithmetic does not depend on the others
-    int64_t c_first = nchunks;
-    for (int64_t t = 0; t < T; ++t) c_first = std::min(c_first, begin[t] / CHUNK);
-    const int64_t n_items = Hkv * (nchunks - c_first);
-    std::vector<int64_t> cost(n_items, 0);  // keys summed over rows
-    for (int64_t i = 0; i < n_items; ++i) {
-        const int64_t c = c_first + i / Hkv;
-        for (int64_t t = 0; t < T; ++t)
-            cost[i] += std::max<int64_t>(0, std::min(end[t], (c + 1) * CHUNK) - std::max(begin[t], c * CHUNK));
-    }
-    const auto plan = plan_items(cost, 16);  // + a fixed cost per item, in keys
-    const int64_t nthreads = static_cast<int64_t>(plan.size());
-    at::parallel_for(0, nthreads, 1, [&](int64_t a, int64_t b) {
-        float mb[MAX_G], lb[MAX_G], ob[MAX_GD];
-        for (int64_t worker = a; worker < b; ++worker)
-        for (int64_t i : plan[worker]) {
-            const int64_t g = i % Hkv, c = c_first + i / Hkv, h0 = g * G;
-            for (int64_t t = 0; t < T; ++t) {
-                const int64_t j0 = std::max(begin[t], c * CHUNK), j1 = std::min(end[t], (c + 1) * CHUNK);
-                if (j0 >= j1) continue;
-                const float* qh = qp + t * qs0 + h0 * D;
-                if (kv16) {  // straight from the bfloat16 cache
-#if KANGAROO_BF16_TILES
-                    const uint16_t *kg = kb + g * ks0, *vg = vb + g * ks0;
-                    if (D == 64)
-                        chunk_item_bf16<64>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                    else if (D == 128)
-                        chunk_item_bf16<128>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                    else
-                        chunk_item_bf16<256>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
-#endif
-                } else {
-                    const float *kg = kp + g * ks0, *vg = vp + g * ks0;
-                    if (D == 64)
-                        chunk_item<64>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                    else if (D == 128)
-                        chunk_item<128>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                    else if (D == 256)
-                        chunk_item<256>(qh, G, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                    else
-                        chunk_item_any(qh, G, D, kg, vg, D, j0, j1, scale, mb, lb, ob);
-                }
-                for (int64_t hh = 0; hh < G; ++hh) {  // this row's max, sum and value sums per head
-                    const int64_t th = t * H + h0 + hh;
-                    mp[th * nchunks + c] = mb[hh];
-                    lp[th * nchunks + c] = lb[hh];
-                    std::memcpy(op + (th * nchunks + c) * D, ob + hh * D, D * sizeof(float));
-                }
-            }
-        }
+    const float scale = static_cast<float>(scale_);
+    const int64_t nworkers = static_cast<int64_t>(plan.workers.size());
+    at::parallel_for(0, nworkers, 1, [&](int64_t a, int64_t b) {
+        for (int64_t w = a; w < b; ++w)
+            decode_items(plan, w, q.data_ptr<float>(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0), kv16, scale, mp, lp, op);
     });
     // combine each (row, head)'s chunks in position order
-    at::parallel_for(0, T * H, 16, [&](int64_t a, int64_t b) {
-        for (int64_t th = a; th < b; ++th) {
-            const int64_t t = th / H;
-            const int64_t c0 = begin[t] / CHUNK, c1 = (end[t] - 1) / CHUNK + 1;
-            const float* mr = mp + th * nchunks;
-            float M = -std::numeric_limits<float>::infinity();
-            for (int64_t c = c0; c < c1; ++c) M = mr[c] > M ? mr[c] : M;
-            float L = 0.0f;
-            float* res = outp + th * D;
-            if (D % W == 0) {
-                for (int64_t e = 0; e < D; e += W) store(res + e, splat(0.0f));
-                for (int64_t c = c0; c < c1; ++c) {
-                    const float w = std::exp(mr[c] - M);
-                    L = L + lp[th * nchunks + c] * w;
-                    const float* oc = op + (th * nchunks + c) * D;
-                    for (int64_t e = 0; e < D; e += W) store(res + e, load(res + e) + load(oc + e) * splat(w));
-                }
-                const vf inv = splat(1.0f / L);
-                for (int64_t e = 0; e < D; e += W) store(res + e, load(res + e) * inv);
-                continue;
-            }
-            for (int64_t e = 0; e < D; ++e) res[e] = 0.0f;
-            for (int64_t c = c0; c < c1; ++c) {
-                const float w = std::exp(mr[c] - M);
-                L = L + lp[th * nchunks + c] * w;
-                const float* oc = op + (th * nchunks + c) * D;
-                for (int64_t e = 0; e < D; ++e) res[e] = res[e] + oc[e] * w;
-            }
-            const float inv = 1.0f / L;
-            for (int64_t e = 0; e < D; ++e) res[e] = res[e] * inv;
-        }
-    });
+    at::parallel_for(0, T * H, 16, [&](int64_t a, int64_t b) { decode_combine(plan, a, b, mp, lp, op, outp); });
     return out;
 }
 
 // RMSNorm over the last dimension of x [T, D] (rows contiguous): x / sqrt(mean(x^2) + eps) * w.
 // Each row is summed in one fixed order, so a row's result does not depend on the other rows; one
-// call costs ~1 us where F.rms_norm costs ~8 us on a decoding step's few rows.
+// call costs ~1 us where F.rms_norm costs ~8 us on a decoding step's few rows. Here rows [t0, t1)
+// of x (row stride xs) into out [T, D] (contiguous); rms_norm below runs it over its threads.
+__attribute__((noinline)) void rms_norm_rows(const float* xp, int64_t xs, const float* wp, float* op, int64_t t0, int64_t t1,
+                                             int64_t D, float e) {
+    const float inv_d = 1.0f / static_cast<float>(D);
+    for (int64_t t = t0; t < t1; ++t) {
+        const float* xr = xp + t * xs;
+        float* orow = op + t * D;
+        if (D % W == 0) {
+            vf acc = splat(0.0f);
+            for (int64_t i = 0; i < D; i += W) { const vf v = load(xr + i); acc = acc + v * v; }
+            const vf r = splat(1.0f / std::sqrt(hsum(acc) * inv_d + e));
+            for (int64_t i = 0; i < D; i += W) store(orow + i, load(xr + i) * r * load(wp + i));
+        } else {
+            float ss = 0.0f;
+            for (int64_t i = 0; i < D; ++i) ss = ss + xr[i] * xr[i];
+            const float r = 1.0f / std::sqrt(ss * inv_d + e);
+            for (int64_t i = 0; i < D; ++i) orow[i] = xr[i] * r * wp[i];
+        }
+    }
+}
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32, "rms_norm: float32 only");
     TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rms_norm: CPU only");
@@ -1013,24 +1057,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
     auto out = torch::empty({T, D}, x.options());
     const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
     float* op = out.data_ptr<float>();
-    const float e = static_cast<float>(eps), inv_d = 1.0f / static_cast<float>(D);
-    at::parallel_for(0, T, 64, [&](int64_t a, int64_t b) {
-        for (int64_t t = a; t < b; ++t) {
-            const float* xr = xp + t * xs;
-            float* orow = op + t * D;
-            if (D % W == 0) {
-                vf acc = splat(0.0f);
-                for (int64_t i = 0; i < D; i += W) { const vf v = load(xr + i); acc = acc + v * v; }
-                const vf r = splat(1.0f / std::sqrt(hsum(acc) * inv_d + e));
-                for (int64_t i = 0; i < D; i += W) store(orow + i, load(xr + i) * r * load(wp + i));
-            } else {
-                float ss = 0.0f;
-                for (int64_t i = 0; i < D; ++i) ss = ss + xr[i] * xr[i];
-                const float r = 1.0f / std::sqrt(ss * inv_d + e);
-                for (int64_t i = 0; i < D; ++i) orow[i] = xr[i] * r * wp[i];
-            }
-        }
-    });
+    const float e = static_cast<float>(eps);
+    at::parallel_for(0, T, 64, [&](int64_t a, int64_t b) { rms_norm_rows(xp, xs, wp, op, a, b, D, e); });
     return out;
 }
 
@@ -1041,6 +1069,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("prompt_attention", &prompt_attention, "a prompt's causal attention, flash tiles (not row-invariant)");
     mod.def("prompt_attention_tiles_available", &prompt_attention_tiles_available, "whether prompt tiles of this mode (0 float32, 1 bfloat16, 2 AMX) can run here");
     mod.def("prompt_attention_tiles", &prompt_attention_tiles, "how prompt tiles compute (0 float32, 1 bfloat16, 2 AMX); returns the old mode");
+    mod.def("layer_stack_region", &layer_stack_region, "whether LayerStack runs chain steps in one parallel region; returns the old setting");
+    mod.def("layer_stack_region_runs", &layer_stack_region_runs, "how many steps LayerStack has run in one region");
     mod.def("rms_norm", &rms_norm, "row-wise RMSNorm in a fixed summation order");
     mod.def("linear_bf16_available", &linear_bf16_available, "whether linear_bf16 was built (AVX512-BF16)");
     mod.def("linear_bf16", &linear_bf16, "x W^T (+ b) over prepacked bfloat16 weights, row-invariant",

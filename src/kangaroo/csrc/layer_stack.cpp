@@ -3,14 +3,22 @@
 // the same order, so every bit is what the Python loop gives. A layer is ~8 calls; from Python each
 // costs a few microseconds of argument parsing, attribute lookups and dtype casts, 0.3-0.5 ms of a
 // 30-layer step of ~4-7 ms (docs/ENGINE.md §2). Here they cost what the ops themselves cost.
+// A chain step (up to 16 rows) goes further and runs all its layers in one parallel region
+// (run_region), calling the same pieces the ops are made of; prompts and token trees go op by op.
 //
 // The weights are registered once per layer (add_layer); a call passes what changes per step: the
 // residual stream, the layers' cache buffers and write positions, and the RoPE rows.
 
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <map>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include "module.h"
@@ -24,6 +32,23 @@ struct Product {
     torch::Tensor a, b;
     c10::optional<torch::Tensor> bias;
     int64_t out = 0;
+
+    int64_t K = 0, N = 0;  // inputs, and outputs as computed (dpbf16: padded to a multiple of 16)
+
+    // the pieces of operator() for the one-region step: x [T, K] bfloat16 made ready by a thread for
+    // its own use (q4: block sums or int8 blocks into its scratch), then one part of y [T, N]
+    void prepare(const uint16_t* x, int64_t T, int8_t* xq, float* dx, float* sdx, float* sx) const {
+        if (q4) linear_q4_prepare(x, 0, T, K, int8, xq, dx, sdx, sx);
+    }
+    void part(const uint16_t* x, int64_t T, const int8_t* xq, const float* dx, const float* sdx, const float* sx, uint16_t* y,
+              int64_t p, int64_t parts) const {
+        const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+        if (q4)
+            linear_q4_part(reinterpret_cast<const uint16_t*>(a.data_ptr()), reinterpret_cast<const uint16_t*>(this->b.data_ptr()), K, N, T,
+                           int8, x, xq, dx, sdx, sx, b, y, p, parts);
+        else
+            linear_bf16_part(reinterpret_cast<const uint16_t*>(a.data_ptr()), K, N, T, x, b, y, p, parts);
+    }
 
     torch::Tensor operator()(const torch::Tensor& x) const {
         const torch::Tensor xb = x.scalar_type() == torch::kBFloat16 ? x : x.to(torch::kBFloat16);
@@ -41,6 +66,59 @@ struct Layer {
     double scale = 1;
 };
 
+
+// A stage of the one-region step (LayerStack::run_region): n items that any thread of the region may
+// take, then a barrier: a thread leaves when all n items are done and all `team` threads have
+// arrived, so the stage's outputs are visible to every thread (release/acquire) and no thread is
+// still reading what the stage before it wrote.
+struct alignas(64) Stage {
+    std::atomic<int64_t> next{0};
+    alignas(64) std::atomic<int64_t> done{0};
+    alignas(64) std::atomic<int64_t> arrived{0};
+};
+
+// spin (the other threads are on other cores, microseconds away), then yield where threads outnumber cores
+template <class Ready>
+inline void spin_until(Ready&& ready) {
+    for (int64_t spins = 0; !ready(); ++spins) {
+        if (spins < (1 << 16)) {
+#if defined(__x86_64__)
+            __builtin_ia32_pause();
+#endif
+        } else {
+            std::this_thread::yield();
+        }
+    }
+}
+
+template <class F>
+inline void run_stage(Stage& s, int64_t n, int64_t team, F&& f) {
+    for (int64_t i = s.next.fetch_add(1, std::memory_order_relaxed); i < n; i = s.next.fetch_add(1, std::memory_order_relaxed)) {
+        f(i);
+        s.done.fetch_add(1, std::memory_order_release);
+    }
+    s.arrived.fetch_add(1, std::memory_order_acq_rel);
+    spin_until([&] {
+        return s.done.load(std::memory_order_acquire) >= n && s.arrived.load(std::memory_order_acquire) >= team;
+    });
+}
+
+// float32 -> bfloat16 as torch's .to(torch.bfloat16) rounds (nearest even; what Product's cast gives)
+inline void to_bf16(const float* x, uint16_t* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(x[i]);
+}
+
+std::atomic<bool> region_on{true};
+std::atomic<int64_t> region_runs{0};  // steps run in one region (tests check the path was taken)
+
+}  // namespace
+
+// Whether chain steps run LayerStack's one-region path (the default); returns the old setting. The
+// other path is the reference in tests and the comparison in docs/ENGINE.md.
+bool layer_stack_region(bool on) { return region_on.exchange(on); }
+int64_t layer_stack_region_runs() { return region_runs.load(); }
+
+namespace {
 }  // namespace
 
 class LayerStack {
@@ -68,6 +146,9 @@ class LayerStack {
             TORCH_CHECK(p.q4 || p.a.scalar_type() == torch::kBFloat16, "LayerStack.add_layer: Q4_1 or dpbf16 products only");
             if (mats[3 * i + 2].numel() > 0) p.bias = mats[3 * i + 2].to(torch::kFloat32).contiguous();
             p.out = outs[i];
+            p.a = p.a.contiguous();
+            p.K = p.q4 ? p.a.size(1) * 32 : p.a.size(1) * 2;
+            p.N = p.a.size(0) * 16;
         }
         l.H = H;
         l.Hkv = Hkv;
@@ -100,6 +181,7 @@ class LayerStack {
         TORCH_CHECK(!tree || (kstash.size() == n && vstash.size() == n), "LayerStack.run: a tree needs one stash per layer");
         TORCH_CHECK((int64_t)ropes.size() >= ropes_, "LayerStack.run: missing RoPE rows");
         TORCH_CHECK(0 <= first_out && first_out < x.size(0) && (first_out == 0 || !tree), "LayerStack.run: first_out outside the rows");
+        if (!tree && first_out == 0 && run_region(x, start, end, kbufs, vbufs, kv_start, ropes, step_rows)) return;
         torch::NoGradGuard no_grad;
         torch::Tensor h = rms_norm(x, layers_[start].in_w, layers_[start].in_eps);
         for (int64_t i = start; i < end; ++i) {
@@ -122,6 +204,180 @@ class LayerStack {
     }
 
   private:
+    // A chain step's layers [start, end) over x [T, D] (T <= step_rows, at most 16 rows) in one
+    // parallel region, or false where the step needs run()'s op-by-op path. Why: op by op, a one-row
+    // step is ~180 parallel regions of a few microseconds each, and between them the calling thread
+    // allocates, casts and dispatches (~0.9 ms of a ~4.3 ms step on 2 cores) while the other thread
+    // spins (~45% of its time). Here the threads stay in one region: each keeps its own copy of the
+    // residual stream and computes the norms, SiLU gating and activation preparation itself
+    // (identical arithmetic on identical inputs, so identical copies), and they share out each
+    // product's parts, the attention's work items and the combination of its chunks, meeting after
+    // each (7 stages a layer, run_stage). Every piece is the function the op-by-op path calls (the
+    // products' parts, rope_rows, decode_items, decode_combine, rms_norm_rows, add_rows, silu_rows),
+    // with the same parts and plans, so every bit is that path's.
+    bool run_region(torch::Tensor& x, int64_t start, int64_t end, const std::vector<torch::Tensor>& kbufs,
+                    const std::vector<torch::Tensor>& vbufs, const std::vector<int64_t>& kv_start,
+                    const std::vector<torch::Tensor>& ropes, int64_t step_rows) const {
+        const int64_t T = x.size(0), D = x.size(1);
+#if !AT_PARALLEL_OPENMP
+        return false;  // the region's threads must run at once (an OpenMP team), not as queued tasks
+#endif
+        if (!region_on.load() || T > step_rows || T > 16) return false;
+        const int64_t amx_rows = linear_q4_amx_rows_get();
+        int64_t kmax = D, nmax = 0, hd_max = 0, imax = 0, dmax = 0;
+        for (int64_t i = start; i < end; ++i) {
+            const Layer& l = layers_[i];
+            const size_t j = static_cast<size_t>(i - start);
+            for (const Product* p : {&l.qkv, &l.o, &l.gate_up, &l.down}) {
+                if (p->int8 && amx_rows > 0 && T >= amx_rows) return false;  // AMX tiles: op by op
+                kmax = std::max(kmax, p->K);
+                nmax = std::max(nmax, p->N);
+            }
+            const int64_t d = kbufs[j].size(2);
+            const bool kv16 = kbufs[j].scalar_type() == torch::kBFloat16;
+            if ((kv16 && !decode_kv16_native(d)) || l.gate_up.out % 2 || l.o.K != l.H * d || l.qkv.out != (l.H + 2 * l.Hkv) * d
+                || l.down.K != l.gate_up.out / 2 || !kbufs[j].is_contiguous() || !vbufs[j].is_contiguous()
+                || kv_start[j] < 0 || kv_start[j] + T > kbufs[j].size(1))
+                return false;
+            hd_max = std::max(hd_max, (l.H + 2 * l.Hkv + 1) * d);
+            dmax = std::max(dmax, d);
+            imax = std::max(imax, l.gate_up.out / 2);
+        }
+        // the plans, made here as the op-by-op path makes them (the thread count inside the region
+        // need not be the calling thread's): each layer's attention plan, shared by key ranges
+        std::map<std::pair<int64_t, int64_t>, DecodePlan> plans;
+        std::vector<const DecodePlan*> plan(end - start);
+        int64_t chunks_max = 0;
+        for (int64_t i = start; i < end; ++i) {
+            const Layer& l = layers_[i];
+            const size_t j = static_cast<size_t>(i - start);
+            auto key = std::make_pair(kv_start[j], l.window);
+            auto it = plans.find(key);
+            if (it == plans.end()) {
+                std::vector<int64_t> begins(T), ends(T);
+                for (int64_t t = 0; t < T; ++t) {
+                    ends[t] = kv_start[j] + t + 1;
+                    begins[t] = l.window > 0 ? std::max<int64_t>(0, ends[t] - l.window) : 0;
+                }
+                it = plans.emplace(key, decode_plan(T, l.H, l.Hkv, kbufs[j].size(2), begins, ends)).first;
+            }
+            plan[j] = &it->second;
+            chunks_max = std::max(chunks_max, it->second.nchunks * l.H);
+        }
+        std::vector<torch::Tensor> cs(ropes.size());  // the RoPE rows as rope_rows reads them: [T, d/2, 2]
+        for (int64_t i = start; i < end; ++i) {
+            const Layer& l = layers_[i];
+            if (cs[l.rope].defined()) continue;
+            const int64_t d = kbufs[i - start].size(2);
+            if (ropes[l.rope].scalar_type() != torch::kFloat32 || ropes[l.rope].numel() != T * d) return false;
+            cs[l.rope] = ropes[l.rope].reshape({T, d / 2, 2}).contiguous();
+        }
+        // shared buffers: the four products' outputs [T, N] (consecutive products write different
+        // ones: a thread may start the next product while another still reads the last one's
+        // output), the rotated queries and the attention output [T, H d] float32, the attention's
+        // partial results
+        thread_local std::vector<uint16_t> y_buf;
+        thread_local std::vector<float> q_buf, att_buf, m_buf, l_buf, o_buf;
+        auto grow = [](auto& v, int64_t n) { if (static_cast<int64_t>(v.size()) < n) v.resize(n); };
+        grow(y_buf, 4 * T * nmax), grow(q_buf, T * hd_max), grow(att_buf, T * hd_max);
+        grow(m_buf, T * chunks_max), grow(l_buf, T * chunks_max), grow(o_buf, T * chunks_max * dmax);
+        // each thread's own (in floats, each piece 64-byte aligned): residual copy [T, D], norm output
+        // [T, D], a product's input [T, kmax] bfloat16, its int8 blocks [T, kmax] and their scales and
+        // sums [T, kmax / 32] x 3, RoPE scratch, SiLU scratch
+        auto up16 = [](int64_t n) { return (n + 15) / 16 * 16; };
+        const int64_t nb = up16(T * (kmax / 32));
+        const int64_t off_hf = up16(T * D), off_hb = off_hf + up16(T * D), off_xq = off_hb + up16((T * kmax + 1) / 2),
+                      off_dx = off_xq + up16((T * kmax + 3) / 4), off_row = off_dx + 3 * nb, off_silu = off_row + up16(hd_max),
+                      per_slot = off_silu + up16(3 * imax);
+        const int64_t nslots = std::max<int64_t>(1, at::get_num_threads());
+        thread_local std::vector<float> slot_buf;
+        grow(slot_buf, nslots * per_slot + 16);
+        const int64_t n_stages = 7 * (end - start);
+        thread_local std::vector<Stage> stages;
+        if (static_cast<int64_t>(stages.size()) < n_stages) stages = std::vector<Stage>(n_stages);
+        for (int64_t i = 0; i < n_stages; ++i) {
+            stages[i].next.store(0, std::memory_order_relaxed);
+            stages[i].done.store(0, std::memory_order_relaxed);
+            stages[i].arrived.store(0, std::memory_order_relaxed);
+        }
+        std::vector<int64_t> parts(4 * (end - start));
+        for (int64_t i = start; i < end; ++i) {
+            const Layer& l = layers_[i];
+            const Product* ps[4] = {&l.qkv, &l.o, &l.gate_up, &l.down};
+            for (int k = 0; k < 4; ++k) parts[4 * (i - start) + k] = linear_parts(ps[k]->N);
+        }
+        float* const xp = x.data_ptr<float>();
+        uint16_t *const yq = y_buf.data(), *const yo = yq + T * nmax, *const yg = yo + T * nmax, *const yd = yg + T * nmax;
+        float* const slots = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(slot_buf.data()) + 63) / 64 * 64);
+        Stage* const stage0 = stages.data();  // (thread_locals named inside the region would be each thread's own)
+        std::atomic<int64_t> members{0}, covered{0};
+        float *const qr = q_buf.data(), *const att = att_buf.data(), *const mp = m_buf.data(), *const lp = l_buf.data(),
+                     *const op = o_buf.data();
+        at::parallel_for(0, nslots, 1, [&](int64_t a, int64_t b) {
+            // the team: however many threads OpenMP gave the region (each covers slots [a, b))
+            members.fetch_add(1, std::memory_order_acq_rel);
+            covered.fetch_add(b - a, std::memory_order_acq_rel);
+            spin_until([&] { return covered.load(std::memory_order_acquire) >= nslots; });
+            const int64_t team = members.load(std::memory_order_acquire);
+            float* const sl = slots + a * per_slot;
+            float* const xs = sl;             // [T, D] this thread's residual stream
+            float* const hf = sl + off_hf;    // [T, D] a norm's output
+            auto* const hb = reinterpret_cast<uint16_t*>(sl + off_hb);  // [T, K] a product's input
+            auto* const xq = reinterpret_cast<int8_t*>(sl + off_xq);   // [T, K] its int8 blocks
+            float *const dx = sl + off_dx, *const sdx = dx + nb, *const sx = sdx + nb;  // [T, K / 32] each
+            float* const row = sl + off_row;       // RoPE scratch
+            float* const scratch = sl + off_silu;  // SiLU scratch
+            std::memcpy(xs, xp, T * D * sizeof(float));
+            // a product: its input hb made ready, then its parts shared out; its output in y
+            auto product = [&](const Product& p, int64_t nparts, Stage& st, uint16_t* y) {
+                p.prepare(hb, T, xq, dx, sdx, sx);
+                run_stage(st, nparts, team, [&](int64_t k) { p.part(hb, T, xq, dx, sdx, sx, y, k, nparts); });
+            };
+            auto norm_into_hb = [&](const torch::Tensor& w, double eps) {
+                rms_norm_rows(xs, D, w.data_ptr<float>(), hf, 0, T, D, static_cast<float>(eps));
+                to_bf16(hf, hb, T * D);
+            };
+            norm_into_hb(layers_[start].in_w, layers_[start].in_eps);
+            for (int64_t i = start; i < end; ++i) {
+                const Layer& l = layers_[i];
+                const size_t j = static_cast<size_t>(i - start);
+                Stage* st = stage0 + 7 * j;
+                const int64_t* np = &parts[4 * j];
+                const DecodePlan& pl = *plan[j];
+                const int64_t d = kbufs[j].size(2), Hd = l.H * d;
+                const bool kv16 = kbufs[j].scalar_type() == torch::kBFloat16;
+                const int64_t cap = kbufs[j].size(1);
+                // 1. QKV; 2. RoPE and the cache's new rows; 3. attention's items; 4. their combination
+                product(l.qkv, np[0], st[0], yq);
+                run_stage(st[1], 1, team, [&](int64_t) {
+                    rope_rows(yq, true, l.qkv.N, 0, T, cs[l.rope].data_ptr<float>(), l.H, l.Hkv, d, qr, kbufs[j].data_ptr(),
+                              vbufs[j].data_ptr(), kv16, kv_start[j], cap, row);
+                });
+                run_stage(st[2], static_cast<int64_t>(pl.workers.size()), team, [&](int64_t w) {
+                    decode_items(pl, w, qr, Hd, kbufs[j].data_ptr(), vbufs[j].data_ptr(), cap * d, kv16, static_cast<float>(l.scale),
+                                 mp, lp, op);
+                });
+                run_stage(st[3], (T * l.H + 15) / 16, team, [&](int64_t k) {
+                    decode_combine(pl, 16 * k, std::min<int64_t>(T * l.H, 16 * (k + 1)), mp, lp, op, att);
+                });
+                // 5. O, then the residual and the post-attention norm
+                to_bf16(att, hb, T * Hd);
+                product(l.o, np[1], st[4], yo);
+                add_rows(xs, yo, true, l.o.N, 0, T, D);
+                norm_into_hb(l.post_w, l.post_eps);
+                // 6. gate/up, then SiLU gating; 7. down, then the residual (and the next layer's norm)
+                product(l.gate_up, np[2], st[5], yg);
+                silu_rows(yg, true, l.gate_up.N, 0, T, l.gate_up.out / 2, hb, scratch);
+                product(l.down, np[3], st[6], yd);
+                add_rows(xs, yd, true, l.down.N, 0, T, D);
+                if (i + 1 < end) norm_into_hb(layers_[i + 1].in_w, layers_[i + 1].in_eps);
+            }
+            if (a == 0) std::memcpy(xp, xs, T * D * sizeof(float));
+        });
+        region_runs.fetch_add(1);
+        return true;
+    }
+
     std::vector<Layer> layers_;
     int64_t ropes_ = 0;  // RoPE row sets the layers use (run() takes at least this many)
 };

@@ -87,27 +87,41 @@ inline void rows_block(int64_t mm, int64_t g, const uint16_t* w, int64_t kp2, co
 #undef KANGAROO_ROWS
 }
 
-// Each thread takes a contiguous range of output blocks (one stream of weights) and, block group by
-// block group, every row in groups of ROWS (later groups find the weights in cache).
+// Part `part` of `parts` of the outputs: a contiguous range of output blocks (one stream of weights)
+// and, block group by block group, every row in groups of ROWS (later groups find the weights in
+// cache).
 template <int GN>
-void run(const uint16_t* w, int64_t K, int64_t N, int64_t M, const int32_t* x, const float* bias, uint16_t* y) {
+void run_part(const uint16_t* w, int64_t K, int64_t N, int64_t M, const int32_t* x, const float* bias, uint16_t* y,
+              int64_t part, int64_t parts) {
     const int64_t nblocks = N / 16, kp2 = K / 2, xs = K / 2, ys = N;
-    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
-    at::parallel_for(0, nth, 1, [&](int64_t a, int64_t b) {
-        for (int64_t t = a; t < b; ++t) {
-            const int64_t s = nblocks * t / nth, e = nblocks * (t + 1) / nth;
-            for (int64_t nb = s; nb < e; nb += GN) {
-                const int64_t g = std::min<int64_t>(GN, e - nb);
-                for (int64_t m0 = 0; m0 < M; m0 += ROWS)
-                    rows_block<GN>(std::min<int64_t>(ROWS, M - m0), g, w + nb * kp2 * 32, kp2, x + m0 * xs, xs, nb * 16,
-                                   bias, y + m0 * ys, ys);
-            }
-        }
-    });
+    const int64_t s = nblocks * part / parts, e = nblocks * (part + 1) / parts;
+    for (int64_t nb = s; nb < e; nb += GN) {
+        const int64_t g = std::min<int64_t>(GN, e - nb);
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS)
+            rows_block<GN>(std::min<int64_t>(ROWS, M - m0), g, w + nb * kp2 * 32, kp2, x + m0 * xs, xs, nb * 16,
+                           bias, y + m0 * ys, ys);
+    }
 }
 #endif
 
 }  // namespace
+
+#ifdef KANGAROO_DPBF16
+// One part of a product (linear_bf16's threads, or a share of the layer stack's one-region step): the
+// same code either way, so the same bits. Output blocks in flight per row group: more for few rows
+// (independent dependency chains), fewer for many (accumulators must stay in the 32 vector registers).
+__attribute__((noinline)) void linear_bf16_part(const uint16_t* w, int64_t K, int64_t N, int64_t M, const uint16_t* x,
+                                                const float* bias, uint16_t* y, int64_t part, int64_t parts) {
+    const auto* xp = reinterpret_cast<const int32_t*>(x);
+    if (M == 1) run_part<8>(w, K, N, M, xp, bias, y, part, parts);
+    else if (M == 2) run_part<6>(w, K, N, M, xp, bias, y, part, parts);
+    else if (M <= 4) run_part<4>(w, K, N, M, xp, bias, y, part, parts);
+    else run_part<3>(w, K, N, M, xp, bias, y, part, parts);
+}
+#endif
+
+int64_t linear_parts(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 16)); }
+
 
 bool linear_bf16_available() {
 #ifdef KANGAROO_DPBF16
@@ -136,14 +150,12 @@ torch::Tensor linear_bf16(torch::Tensor x, torch::Tensor packed, c10::optional<t
     auto y = torch::empty({M, N}, x.options());
     if (M == 0) return y;
     const auto* w = reinterpret_cast<const uint16_t*>(packed.data_ptr());
-    const auto* xp = reinterpret_cast<const int32_t*>(x.data_ptr());
+    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-    // output blocks in flight per row group: more for few rows (independent dependency chains),
-    // fewer for many (accumulators must stay in the 32 vector registers)
-    if (M == 1) run<8>(w, K, N, M, xp, b, yp);
-    else if (M == 2) run<6>(w, K, N, M, xp, b, yp);
-    else if (M <= 4) run<4>(w, K, N, M, xp, b, yp);
-    else run<3>(w, K, N, M, xp, b, yp);
+    const int64_t parts = linear_parts(N);
+    at::parallel_for(0, parts, 1, [&](int64_t a, int64_t bth) {
+        for (int64_t t = a; t < bth; ++t) linear_bf16_part(w, K, N, M, xp, b, yp, t, parts);
+    });
     return y;
 #else
     (void)x; (void)packed; (void)bias;

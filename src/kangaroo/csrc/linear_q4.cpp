@@ -34,7 +34,7 @@
 #include <limits>
 #include <vector>
 
-#include "module.h"  // store_rows
+#include "module.h"  // store_rows, linear_q4_part
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -136,22 +136,18 @@ inline void q4_rows(int64_t mm, int64_t g, const uint16_t* q, const uint16_t* sc
         q4_block_rows<1, Q4_ROWS>(mm, q + j * nb32 * 128, sc + j * nb32 * 32, nb32, x, xs, sx, n0 + j * 16, bias, y, ys);
 }
 
+// Part `part` of `parts` of the outputs (a contiguous range of output blocks), every row
 template <int GN>
-void q4_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t M, const int32_t* x, const float* sx,
-            const float* bias, uint16_t* y) {
+void q4_part(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t M, const int32_t* x, const float* sx,
+             const float* bias, uint16_t* y, int64_t part, int64_t parts) {
     const int64_t nblocks = N / 16, nb32 = K / 32, xs = K / 2, ys = N;
-    const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
-    at::parallel_for(0, nth, 1, [&](int64_t a, int64_t bth) {
-        for (int64_t t = a; t < bth; ++t) {
-            const int64_t s = nblocks * t / nth, e = nblocks * (t + 1) / nth;
-            for (int64_t nb = s; nb < e; nb += GN) {
-                const int64_t g = std::min<int64_t>(GN, e - nb);
-                for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS)
-                    q4_rows<GN>(std::min<int64_t>(Q4_ROWS, M - m0), g, q + nb * nb32 * 128, sc + nb * nb32 * 32, nb32,
-                                x + m0 * xs, xs, sx + m0 * nb32, nb * 16, bias, y + m0 * ys, ys);
-            }
-        }
-    });
+    const int64_t s = nblocks * part / parts, e = nblocks * (part + 1) / parts;
+    for (int64_t nb = s; nb < e; nb += GN) {
+        const int64_t g = std::min<int64_t>(GN, e - nb);
+        for (int64_t m0 = 0; m0 < M; m0 += Q4_ROWS)
+            q4_rows<GN>(std::min<int64_t>(Q4_ROWS, M - m0), g, q + nb * nb32 * 128, sc + nb * nb32 * 32, nb32,
+                        x + m0 * xs, xs, sx + m0 * nb32, nb * 16, bias, y + m0 * ys, ys);
+    }
 }
 #endif
 
@@ -425,6 +421,35 @@ void q4_amx_bf16_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N
 }
 #endif
 
+// each row's blocks as int8, in AVX-512: 32 bfloat16 -> float32, dx = max |x| / 127, qx = x (1 / dx)
+// rounded to nearest even (the default rounding, as np.rint), then each 8 bytes put in the order
+// 0 4 1 5 2 6 3 7 (see q8_block) with one in-lane byte shuffle. A block holding a NaN gets
+// dx = NaN (and infinities give 0 * inf), so its outputs are NaN, as the bfloat16 path's would be.
+void q8_quantize_rows(const uint16_t* xh, int64_t m0, int64_t m1, int64_t K, int8_t* xqp, float* dxp, float* sdxp) {
+    const int64_t nb32 = K / 32;
+    const __m256i order = _mm256_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15,
+                                       0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+    for (int64_t m = m0; m < m1; ++m)
+        for (int64_t b = 0; b < nb32; ++b) {
+            const uint16_t* src = xh + m * K + b * 32;
+            const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
+            const __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16))), 16));
+            const bool nan = (_mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q)) != 0;
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const float d = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
+            const float id = d > 0.0f ? 1.0f / d : 0.0f;
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
+            const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            const __m256i bytes = _mm256_set_m128i(_mm512_cvtepi32_epi8(q1), _mm512_cvtepi32_epi8(q0));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(xqp + m * K + b * 32), _mm256_shuffle_epi8(bytes, order));
+            dxp[m * nb32 + b] = d;
+            sdxp[m * nb32 + b] = d * static_cast<float>(sum);
+        }
+}
+
 // llama.cpp's Q8_1 x Q4_1 product of M rows: quantise each row's blocks, then vpdpbusd (q8_block) or,
 // from `amx_rows` rows on (0: never), AMX tiles (q8_amx_run): the same bits either way.
 void q8_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t M, const uint16_t* xh, const float* bias,
@@ -447,33 +472,7 @@ void q8_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t
         std::fill(dxp + M * nb32, dxp + Mp * nb32, 0.0f);
         std::fill(sdxp + M * nb32, sdxp + Mp * nb32, 0.0f);
     }
-    // each row's blocks as int8, in AVX-512: 32 bfloat16 -> float32, dx = max |x| / 127, qx = x (1 / dx)
-    // rounded to nearest even (the default rounding, as np.rint), then each 8 bytes put in the order
-    // 0 4 1 5 2 6 3 7 (see q8_block) with one in-lane byte shuffle. A block holding a NaN gets
-    // dx = NaN (and infinities give 0 * inf), so its outputs are NaN, as the bfloat16 path's would be.
-    const __m256i order = _mm256_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15,
-                                           0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
-    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-        for (int64_t m = m0; m < m1; ++m)
-            for (int64_t b = 0; b < nb32; ++b) {
-                const uint16_t* src = xh + m * K + b * 32;
-                const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))), 16));
-                const __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16))), 16));
-                const bool nan = (_mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q)) != 0;
-                const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-                const float d = nan ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
-                const float id = d > 0.0f ? 1.0f / d : 0.0f;
-                const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));
-                const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
-                const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-                const __m256i bytes = _mm256_set_m128i(_mm512_cvtepi32_epi8(q1), _mm512_cvtepi32_epi8(q0));
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(xqp + m * K + b * 32), _mm256_shuffle_epi8(bytes, order));
-                dxp[m * nb32 + b] = d;
-                sdxp[m * nb32 + b] = d * static_cast<float>(sum);
-            }
-    });
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) { q8_quantize_rows(xh, m0, m1, K, xqp, dxp, sdxp); });
 #ifdef KANGAROO_AMX
     if (amx) {
         q8_amx_run(q, sc, K, N, M, xqp, dxp, sdxp, bias, y);
@@ -486,10 +485,7 @@ void q8_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t
         for (int64_t t = a; t < bth; ++t) {
             const int64_t s = nblocks * t / nth, e = nblocks * (t + 1) / nth;
             if (M <= Q4_STEP_ROWS) {  // a step
-                for (int64_t nb = s; nb < e; ++nb)
-                    for (int64_t m0 = 0; m0 < M; m0 += Q8_STEP_PASS)
-                        q8_rows<1, Q8_STEP_PASS>(std::min<int64_t>(Q8_STEP_PASS, M - m0), q + nb * nb32 * 128, sc + nb * nb32 * 32,
-                                                 nb32, xp + m0 * xs, xs, dxp + m0 * nb32, sdxp + m0 * nb32, nb * 16, bias, y + m0 * N, N);
+                linear_q4_part(q, sc, K, N, M, true, nullptr, xqp, dxp, sdxp, nullptr, bias, y, t, nth);
                 continue;
             }
             for (int64_t mt = 0; mt < M; mt += Q8_TILE) {
@@ -513,6 +509,64 @@ void q8_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t
 
 }  // namespace
 
+// The pieces of a product that the layer stack's one-region step (layer_stack.cpp) calls directly,
+// and linear_q4 through its threads: the same code either way, so the same bits.
+//
+// Rows [m0, m1) of x [M, K] bfloat16 made ready: int8 -> each block quantised (xq [M, K], dx and
+// sdx [M, K/32]); otherwise each block's sum (sx [M, K/32]) for the minima: every block is one chain
+// over its 32 values in order, and the blocks' chains advance side by side (one block at a time was
+// a chain of K dependent adds, ~2 us a row for K = 1536).
+__attribute__((noinline)) void linear_q4_prepare(const uint16_t* xh, int64_t m0, int64_t m1, int64_t K, bool int8,
+                                                 int8_t* xq, float* dx, float* sdx, float* sx) {
+#ifdef KANGAROO_Q4
+    const int64_t nb32 = K / 32;
+    if (int8) {
+#ifdef KANGAROO_Q8
+        q8_quantize_rows(xh, m0, m1, K, xq, dx, sdx);
+#endif
+        return;
+    }
+    for (int64_t m = m0; m < m1; ++m) {
+        float* s = sx + m * nb32;
+        for (int64_t bb = 0; bb < nb32; ++bb) s[bb] = 0.0f;
+        const uint16_t* xr = xh + m * K;
+        for (int64_t i = 0; i < 32; ++i)
+            for (int64_t bb = 0; bb < nb32; ++bb) {
+                const uint32_t bits = static_cast<uint32_t>(xr[bb * 32 + i]) << 16;
+                float f;
+                std::memcpy(&f, &bits, sizeof(f));
+                s[bb] = s[bb] + f;
+            }
+    }
+#else
+    (void)xh; (void)m0; (void)m1; (void)K; (void)int8; (void)xq; (void)dx; (void)sdx; (void)sx;
+#endif
+}
+
+// Part `part` of `parts` of y [M, N] (a contiguous range of output blocks), from what
+// linear_q4_prepare made of x: int8 -> xq, dx, sdx (at most Q4_STEP_ROWS rows: one output block at a
+// time, all rows in one pass over its weights); otherwise x itself (xh) and sx, any row count.
+__attribute__((noinline)) void linear_q4_part(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N, int64_t M,
+                                              bool int8, const uint16_t* xh, const int8_t* xq, const float* dx,
+                                              const float* sdx, const float* sx, const float* bias, uint16_t* y,
+                                              int64_t part, int64_t parts) {
+#ifdef KANGAROO_Q4
+    if (!int8) return q4_part<1>(q, sc, K, N, M, reinterpret_cast<const int32_t*>(xh), sx, bias, y, part, parts);
+#ifdef KANGAROO_Q8
+    const int64_t nb32 = K / 32, xs = K / 4, nblocks = N / 16;
+    const int64_t s = nblocks * part / parts, e = nblocks * (part + 1) / parts;
+    const auto* xp = reinterpret_cast<const int32_t*>(xq);
+    for (int64_t nb = s; nb < e; ++nb)
+        for (int64_t m0 = 0; m0 < M; m0 += Q8_STEP_PASS)
+            q8_rows<1, Q8_STEP_PASS>(std::min<int64_t>(Q8_STEP_PASS, M - m0), q + nb * nb32 * 128, sc + nb * nb32 * 32,
+                                     nb32, xp + m0 * xs, xs, dx + m0 * nb32, sdx + m0 * nb32, nb * 16, bias, y + m0 * N, N);
+#endif
+#else
+    (void)q; (void)sc; (void)K; (void)N; (void)M; (void)int8; (void)xh; (void)xq; (void)dx; (void)sdx; (void)sx;
+    (void)bias; (void)y; (void)part; (void)parts;
+#endif
+}
+
 static std::atomic<bool> q4_prompt_int8{false};
 // rows from which int8-activation products run on AMX tiles (0: never); the same bits either way
 static std::atomic<int64_t> q4_amx_rows{0};
@@ -520,6 +574,8 @@ static std::atomic<int64_t> q4_amx_rows{0};
 static std::atomic<int64_t> q4_prompt_amx{0};
 
 int64_t linear_q4_step_rows() { return Q4_STEP_ROWS; }
+
+int64_t linear_q4_amx_rows_get() { return q4_amx_rows.load(); }
 
 bool linear_q4_int8_available() {
 #ifdef KANGAROO_Q8
@@ -612,27 +668,16 @@ torch::Tensor linear_q4(torch::Tensor x, torch::Tensor nibbles, torch::Tensor sc
 #else
     TORCH_CHECK(!int8, "linear_q4: this CPU (or compiler) has no AVX512-VNNI for int8 activations");
 #endif
-    // each row's block sums of x (its bfloat16 values, in order), for the minima: every block is one
-    // chain over its 32 values in order, and the blocks' chains advance side by side (one block at a
-    // time was a chain of K dependent adds, ~2 us a row for K = 1536, on the calling thread alone)
-    std::vector<float> sx(M * nb32, 0.0f);
+    std::vector<float> sx(M * nb32);
     const auto* xh = reinterpret_cast<const uint16_t*>(x.data_ptr());
-    for (int64_t m = 0; m < M; ++m) {
-        float* s = sx.data() + m * nb32;
-        const uint16_t* xr = xh + m * K;
-        for (int64_t i = 0; i < 32; ++i)
-            for (int64_t bb = 0; bb < nb32; ++bb) {
-                const uint32_t bits = static_cast<uint32_t>(xr[bb * 32 + i]) << 16;
-                float f;
-                std::memcpy(&f, &bits, sizeof(f));
-                s[bb] = s[bb] + f;
-            }
-    }
+    linear_q4_prepare(xh, 0, M, K, false, nullptr, nullptr, nullptr, sx.data());
     const auto* qp = reinterpret_cast<const uint16_t*>(nibbles.data_ptr());
     const auto* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
-    const auto* xp = reinterpret_cast<const int32_t*>(x.data_ptr());
     auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
-    q4_run<1>(qp, sp, K, N, M, xp, sx.data(), b, yp);  // one output block at a time at every row count (docs/ENGINE.md §3)
+    const int64_t parts = linear_parts(N);
+    at::parallel_for(0, parts, 1, [&](int64_t a, int64_t bth) {
+        for (int64_t t = a; t < bth; ++t) linear_q4_part(qp, sp, K, N, M, false, xh, nullptr, nullptr, nullptr, sx.data(), b, yp, t, parts);
+    });
     return y;
 #else
     (void)x; (void)nibbles; (void)scales; (void)bias; (void)int8;
