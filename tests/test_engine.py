@@ -260,6 +260,31 @@ def test_compiled_layer_loop_is_the_python_loop_bit_for_bit(arch, kernel, kv):
 
 
 @pytest.mark.parametrize("arch,kernel", [c for c in STACK_CONFIGS if c[0] != "qwen3"])
+def test_adapter_with_an_mlp_runs_on_the_compiled_stack_bit_for_bit(arch, kernel):
+    """An adapter with an MLP is a decoder layer plus a final norm: the compiled layer loop runs it
+    (a prompt's last row out, then steps of 1 and 3 rows) with the bits of the ops it replaces, keys
+    and values included; the paper's adapter (no MLP) keeps to the ops."""
+    backbone = Backbone(tiny_model(arch, seed=5))
+    q4 = dict(q4_layers=q4_layers(backbone)) if kernel.startswith("q4_1") else {}
+    engine = FusedEngine(backbone, torch.bfloat16, kernel, "kernel", **q4)
+    h = torch.randn(1, 44, backbone.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    for mlp in (32, 0):
+        adapter = Adapter.random(backbone, 2, seed=3, mlp_hidden=mlp)
+        engine.adapter_forward(adapter, h[:, :1], KVCache(1), 0)
+        entry = engine._adapters[id(adapter)]
+        assert (entry[4] is not None) == bool(mlp)
+        outs, caches = [], [KVCache(1), KVCache(1)]
+        for stack, cache in zip((entry[4], None), caches):
+            engine._adapters[id(adapter)] = entry[:4] + (stack,)
+            outs.append([engine.adapter_forward(adapter, h[:, :40], cache, 0, last=1),
+                         engine.adapter_forward(adapter, h[:, 40:41], cache, 40),
+                         engine.adapter_forward(adapter, h[:, 41:], cache, 41)])
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+        assert torch.equal(caches[0].keys[0][..., :44, :], caches[1].keys[0][..., :44, :])
+        assert torch.equal(caches[0].values[0][..., :44, :], caches[1].values[0][..., :44, :])
+
+
+@pytest.mark.parametrize("arch,kernel", [c for c in STACK_CONFIGS if c[0] != "qwen3"])
 def test_one_region_steps_are_the_op_by_op_steps_bit_for_bit(arch, kernel):
     """Chain steps in one parallel region (csrc/layer_stack.cpp, ``run_region``: two threads sharing
     out the products' parts and the attention's items, each norming its own copy of the residual)

@@ -574,11 +574,19 @@ class FusedEngine:
                 if getattr(adapter, "mlp_hidden", 0):  # (norm, [gate; up], down), as a target layer's MLP
                     mlp = (tuple_float(norm_weights(adapter.mlp_norm)), self._draft_linear(adapter.gate_up.weight),
                            self._draft_linear(adapter.down.weight))
-            fused = self._adapters[id(adapter)] = (adapter, attn, norms, mlp)
-        _, attn, (n1, n2), mlp = fused
+            fused = self._adapters[id(adapter)] = (adapter, attn, norms, mlp, self._adapter_stack(attn, norms[0], mlp))
+        _, attn, (n1, n2), mlp, stack = fused
         x = hidden[0].to(self.act_dtype)
         T, norm = x.shape[0], self.norm
         first = 0 if last is None else max(T - last, 0)
+        if stack is not None and cache is not None:
+            # with an MLP the adapter is a decoder layer (then the final norm): the compiled layer
+            # loop runs it as it runs the target's, a drafted step in one parallel region (~0.1 ms
+            # less than the ops below on the Zen 4 machine; the same bits)
+            x = x.clone().contiguous()
+            keys, values, starts = cache.slots_range(range(1), T, [(attn.kv_heads, attn.head_dim)], x, self.kv_dtype)
+            stack.run(x, 0, 1, keys, values, starts, [self.step_rope(pos, T)], MAX_ROWS, [], [], [], [], [], first)
+            return norm(x[first:], n2)[None]
         # drafts need no bit-exactness: one batched SDPA call unless the kernel (faster) is loaded
         kernel = self.attention == "kernel"
         out = self.attend(attn, norm(x, n1), cache, 0, self.step_rope(pos, T), None if kernel else self.mask(T, pos, None),
@@ -588,6 +596,22 @@ class FusedEngine:
             n3, gate_up, down = mlp
             x = x + _mlp(norm(x, n3), gate_up, down, fused=self.fused_ops)
         return norm(x, n2)[None]
+
+
+    def _adapter_stack(self, attn: _Attention, n1: tuple, mlp: tuple | None):
+        """The adapter as a one-layer compiled stack (input norm, attention, post norm = its MLP's
+        norm, MLP), or None where the ops run it (no MLP, no fused ops, a product the stack cannot take)."""
+        module = attn_kernel.load() if self.fused_ops else None
+        if module is None or not hasattr(module, "LayerStack") or mlp is None or attn.q_norm is not None or attn.k_norm is not None:
+            return None
+        n3, gate_up, down = mlp
+        specs = [p.native() for p in (attn.qkv, attn.o, gate_up, down)]
+        if any(spec is None for spec in specs):
+            return None
+        stack = module.LayerStack()
+        stack.add_layer(*n1, *n3, [t for spec in specs for t in spec[:3]], [spec[3] for spec in specs], attn.heads,
+                        attn.kv_heads, attn.scaling, 0, 0, self.int8)
+        return stack
 
 
 def tuple_float(norm: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:
