@@ -282,6 +282,13 @@ def test_adapter_with_an_mlp_runs_on_the_compiled_stack_bit_for_bit(arch, kernel
         assert all(torch.equal(a, b) for a, b in zip(*outs))
         assert torch.equal(caches[0].keys[0][..., :44, :], caches[1].keys[0][..., :44, :])
         assert torch.equal(caches[0].values[0][..., :44, :], caches[1].values[0][..., :44, :])
+        engine._adapters[id(adapter)] = entry
+        engine.attention = "sdpa"  # switched as `kangaroo bench --costs` does: the ops (SDPA rows) again
+        try:
+            torch.testing.assert_close(engine.adapter_forward(adapter, h[:, :40], KVCache(1), 0, last=1), outs[0][0],
+                                       rtol=2e-2, atol=2e-2)
+        finally:
+            engine.attention = "kernel"
 
 
 @pytest.mark.parametrize("arch,kernel", [c for c in STACK_CONFIGS if c[0] != "qwen3"])

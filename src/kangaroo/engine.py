@@ -579,7 +579,7 @@ class FusedEngine:
         x = hidden[0].to(self.act_dtype)
         T, norm = x.shape[0], self.norm
         first = 0 if last is None else max(T - last, 0)
-        if stack is not None and cache is not None:
+        if stack is not None and cache is not None and self.fused_ops:
             # with an MLP the adapter is a decoder layer (then the final norm): the compiled layer
             # loop runs it as it runs the target's, a drafted step in one parallel region (~0.1 ms
             # less than the ops below on the Zen 4 machine; the same bits)
