@@ -428,7 +428,7 @@ void q4_amx_bf16_run(const uint16_t* q, const uint16_t* sc, int64_t K, int64_t N
 void q8_quantize_rows(const uint16_t* xh, int64_t m0, int64_t m1, int64_t K, int8_t* xqp, float* dxp, float* sdxp) {
     const int64_t nb32 = K / 32;
     const __m256i order = _mm256_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15,
-                                       0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+                                           0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
     for (int64_t m = m0; m < m1; ++m)
         for (int64_t b = 0; b < nb32; ++b) {
             const uint16_t* src = xh + m * K + b * 32;

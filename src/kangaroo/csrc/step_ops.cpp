@@ -210,11 +210,11 @@ torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tenso
     std::vector<float> row((H + 2 * Hkv + 1) * d);
     for (int64_t t = 0; t < T; ++t) {  // the rotations rope_attend computes, into the stash
         if (kv16)
-            rotate_row(qkv.data_ptr(), bf16, qkv.stride(0), t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d, elements<uint16_t>(kstash) + t * d,
-                       elements<uint16_t>(vstash) + t * d, T * d);
+            rotate_row(qkv.data_ptr(), bf16, qkv.stride(0), t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d,
+                       elements<uint16_t>(kstash) + t * d, elements<uint16_t>(vstash) + t * d, T * d);
         else
-            rotate_row(qkv.data_ptr(), bf16, qkv.stride(0), t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d, elements<float>(kstash) + t * d,
-                       elements<float>(vstash) + t * d, T * d);
+            rotate_row(qkv.data_ptr(), bf16, qkv.stride(0), t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d,
+                       elements<float>(kstash) + t * d, elements<float>(vstash) + t * d, T * d);
     }
     auto out = torch::empty({T, H, d}, q.options());
     char *kp = static_cast<char*>(kbuf.data_ptr()), *vp = static_cast<char*>(vbuf.data_ptr());
