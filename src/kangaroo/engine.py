@@ -251,15 +251,21 @@ class FusedEngine:
             return None, []
         stack, types = module.LayerStack(), {}
         for layer in self.layers:
-            a = layer.attention
-            specs = [p.native() for p in (a.qkv, a.o, layer.gate_up, layer.down)]
-            if a.q_norm is not None or a.k_norm is not None or any(spec is None for spec in specs):
+            if not self._stack_layer(stack, layer, types.setdefault(layer.layer_type, len(types))):
                 return None, []
-            rope = types.setdefault(layer.layer_type, len(types))
-            stack.add_layer(*layer.input_norm, *layer.post_norm, [t for spec in specs for t in spec[:3]],
-                            [spec[3] for spec in specs], a.heads, a.kv_heads, a.scaling, layer.window or 0, rope, self.int8)
         self._kv_shapes = [(layer.attention.kv_heads, layer.attention.head_dim) for layer in self.layers]
         return stack, list(types)
+
+    def _stack_layer(self, stack, layer: _Layer, rope: int) -> bool:
+        """Register ``layer`` with the compiled ``stack`` (its RoPE rows ``rope``); False where it cannot
+        take it (per-head norms, a product on another kernel)."""
+        a = layer.attention
+        specs = [p.native() for p in (a.qkv, a.o, layer.gate_up, layer.down)]
+        if a.q_norm is not None or a.k_norm is not None or any(spec is None for spec in specs):
+            return False
+        stack.add_layer(*layer.input_norm, *layer.post_norm, [t for spec in specs for t in spec[:3]],
+                        [spec[3] for spec in specs], a.heads, a.kv_heads, a.scaling, layer.window or 0, rope, self.int8)
+        return True
 
     # ------------------------------------------------------------------ properties
     @property
@@ -600,18 +606,14 @@ class FusedEngine:
 
     def _adapter_stack(self, attn: _Attention, n1: tuple, mlp: tuple | None):
         """The adapter as a one-layer compiled stack (input norm, attention, post norm = its MLP's
-        norm, MLP), or None where the ops run it (no MLP, no fused ops, a product the stack cannot take)."""
+        norm, MLP), or None where the ops run it (no MLP, no fused ops, what :meth:`_stack_layer` refuses)."""
         module = attn_kernel.load() if self.fused_ops else None
-        if module is None or not hasattr(module, "LayerStack") or mlp is None or attn.q_norm is not None or attn.k_norm is not None:
+        if module is None or not hasattr(module, "LayerStack") or mlp is None:
             return None
         n3, gate_up, down = mlp
-        specs = [p.native() for p in (attn.qkv, attn.o, gate_up, down)]
-        if any(spec is None for spec in specs):
-            return None
         stack = module.LayerStack()
-        stack.add_layer(*n1, *n3, [t for spec in specs for t in spec[:3]], [spec[3] for spec in specs], attn.heads,
-                        attn.kv_heads, attn.scaling, 0, 0, self.int8)
-        return stack
+        layer = _Layer(n1, attn, n3, gate_up, down, window=None, layer_type="full_attention")
+        return stack if self._stack_layer(stack, layer, rope=0) else None
 
 
 def tuple_float(norm: tuple[torch.Tensor, float]) -> tuple[torch.Tensor, float]:
