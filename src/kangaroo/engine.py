@@ -587,8 +587,8 @@ class FusedEngine:
         first = 0 if last is None else max(T - last, 0)
         if stack is not None and cache is not None and self.fused_ops:
             # with an MLP the adapter is a decoder layer (then the final norm): the compiled layer
-            # loop runs it as it runs the target's, a drafted step in one parallel region (~0.1 ms
-            # less than the ops below on the Zen 4 machine; the same bits)
+            # loop runs it as it runs the target's, in one parallel region, with the bits of the ops
+            # below and less dispatch (docs/ENGINE.md §2)
             x = x.clone().contiguous()
             keys, values, starts = cache.slots_range(range(1), T, [(attn.kv_heads, attn.head_dim)], x, self.kv_dtype)
             stack.run(x, 0, 1, keys, values, starts, [self.step_rope(pos, T)], MAX_ROWS, [], [], [], [], [], first)
