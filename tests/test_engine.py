@@ -256,7 +256,7 @@ def test_compiled_layer_loop_is_the_python_loop_bit_for_bit(arch, kernel, kv):
         assert torch.equal(caches[0].keys[i][..., :n, :], caches[1].keys[i][..., :n, :])
         assert torch.equal(caches[0].values[i][..., :n, :], caches[1].values[i][..., :n, :])
         if i:
-            assert all(torch.equal(a, b) for a, b in zip(caches[0].stash[i], caches[1].stash[i]))
+            assert all(torch.equal(a, b) for a, b in zip(caches[0].stashed(i), caches[1].stashed(i)))
 
 
 @pytest.mark.parametrize("arch,kernel", [c for c in STACK_CONFIGS if c[0] != "qwen3"])
@@ -293,10 +293,11 @@ def test_adapter_with_an_mlp_runs_on_the_compiled_stack_bit_for_bit(arch, kernel
 
 @pytest.mark.parametrize("arch,kernel", [c for c in STACK_CONFIGS if c[0] != "qwen3"])
 def test_one_region_steps_are_the_op_by_op_steps_bit_for_bit(arch, kernel):
-    """Chain steps in one parallel region (csrc/layer_stack.cpp, ``run_region``: two threads sharing
-    out the products' parts and the attention's items, each norming its own copy of the residual)
-    give the op-by-op path's hidden states and cache entries bit for bit, for 1 to 16 rows over
-    split layer ranges, float32 and bfloat16 caches; the region was taken."""
+    """Chain steps and token trees in one parallel region (csrc/layer_stack.cpp, ``run_region``: two
+    threads sharing out the products' parts and the attention's items, each norming its own copy of
+    the residual) give the op-by-op path's hidden states, cache entries and tree stashes bit for bit,
+    for 1 to 16 rows over split layer ranges, trees with one to several segments, float32 and
+    bfloat16 caches; the region was taken."""
     module = attn_kernel.load()
     backbone = Backbone(tiny_model(arch, seed=5))
     q4 = dict(q4_layers=q4_layers(backbone)) if kernel.startswith("q4_1") else {}
@@ -310,18 +311,26 @@ def test_one_region_steps_are_the_op_by_op_steps_bit_for_bit(arch, kernel):
             g = torch.Generator().manual_seed(0)
             caches = [KVCache(NUM_LAYERS), KVCache(NUM_LAYERS)]
             runs = module.layer_stack_region_runs()
-            steps = [(40, 0, NUM_LAYERS)] + [(T, a, b) for T in (1, 3, 8, 16, 2) for a, b in ((0, 1), (1, NUM_LAYERS))]
+            # trees: a chain with a leaf at depth 1, branches at several depths, 16 rows in 4 segments
+            trees = [TreeLayout.of([0, 1, 2, 3, 0]), TreeLayout.of([0, 1, 2, 1, 0, 5, 0]),
+                     TreeLayout.of([0, 1, 2, 3, 4, 2, 6, 7, 0, 9, 10, 11, 9, 13, 14])]
+            steps = [(40, 0, NUM_LAYERS)] + [(T, a, b) for T in (1, 3, 8, 16, 2, *trees) for a, b in ((0, 1), (1, NUM_LAYERS))]
             for T, a, b in steps:
+                tree = T if isinstance(T, TreeLayout) else None
+                rows = tree.rows if tree else T
                 if a == 0:
-                    h = torch.randn(1, T, backbone.model.config.hidden_size, generator=g)
+                    h = torch.randn(1, rows, backbone.model.config.hidden_size, generator=g)
                 outs = []
                 for e, c, region in zip(engines, caches, (True, False)):
                     old = module.layer_stack_region(region)
                     try:
-                        outs.append(e.run_layers(a, b, h, c, c.length(a)))
+                        outs.append(e.run_layers(a, b, h, c, c.length(a), tree))
                     finally:
                         module.layer_stack_region(old)
                 assert torch.equal(outs[0], outs[1]), (kv, T, a, b)
+                if tree:
+                    for i in range(a, b):
+                        assert all(torch.equal(x, y) for x, y in zip(caches[0].stashed(i), caches[1].stashed(i))), (kv, T, i)
                 h = outs[0]
             for i in range(NUM_LAYERS):
                 n = caches[0].length(i)

@@ -442,12 +442,12 @@ class FusedEngine:
             if cache is not None and stack is not None:
                 # the layers in one compiled call: the loop below, op for op
                 keys, values, starts = cache.slots_range(range(start, end), T, self._kv_shapes, x, self.kv_dtype)
-                segments, stashes = ([], [], []), []
+                segments, stashes = ([], [], []), ([], [])
                 if tree is not None:
                     segments = tuple(list(s) for s in zip(*tree.segments))
-                    stashes = [cache.new_stash(i, *self._kv_shapes[i], T, x.device, self.kv_dtype) for i in range(start, end)]
+                    stashes = cache.new_stashes(range(start, end), self._kv_shapes, T, x.device, self.kv_dtype)
                 stack.run(x, start, end, keys, values, starts, [self.step_rope(pos, T, t, depths) for t in types],
-                          MAX_ROWS, *segments, [k for k, _ in stashes], [v for _, v in stashes], first)
+                          MAX_ROWS, *segments, *stashes, first)
                 return x[None, first:]
             h = norm(x, self.layers[start].input_norm)
             for i in range(start, end):

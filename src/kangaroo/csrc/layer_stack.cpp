@@ -4,7 +4,7 @@
 // costs a few microseconds of argument parsing, attribute lookups and dtype casts, 0.3-0.5 ms of a
 // 30-layer step of ~4-7 ms (docs/ENGINE.md §2). Here they cost what the ops themselves cost.
 // A chain step (up to 16 rows) goes further and runs all its layers in one parallel region
-// (run_region), calling the same pieces the ops are made of; prompts and token trees go op by op.
+// (run_region), calling the same pieces the ops are made of, and so do token trees; prompts go op by op.
 //
 // The weights are registered once per layer (add_layer); a call passes what changes per step: the
 // residual stream, the layers' cache buffers and write positions, and the RoPE rows.
@@ -181,7 +181,8 @@ class LayerStack {
         TORCH_CHECK(!tree || (kstash.size() == n && vstash.size() == n), "LayerStack.run: a tree needs one stash per layer");
         TORCH_CHECK((int64_t)ropes.size() >= ropes_, "LayerStack.run: missing RoPE rows");
         TORCH_CHECK(0 <= first_out && first_out < x.size(0) && (first_out == 0 || !tree), "LayerStack.run: first_out outside the rows");
-        if (!tree && first_out == 0 && run_region(x, start, end, kbufs, vbufs, kv_start, ropes, step_rows)) return;
+        if (first_out == 0 && run_region(x, start, end, kbufs, vbufs, kv_start, ropes, step_rows, seg_first, seg_stop, seg_depth, kstash, vstash))
+            return;
         torch::NoGradGuard no_grad;
         torch::Tensor h = rms_norm(x, layers_[start].in_w, layers_[start].in_eps);
         for (int64_t i = start; i < end; ++i) {
@@ -212,13 +213,28 @@ class LayerStack {
     // residual stream and computes the norms, SiLU gating and activation preparation itself
     // (identical arithmetic on identical inputs, so identical copies), and they share out each
     // product's parts, the attention's work items and the combination of its chunks, meeting after
-    // each (7 stages a layer, run_stage). Every piece is the function the op-by-op path calls (the
+    // each (7 stages a layer for a chain, run_stage). Every piece is the function the op-by-op path calls (the
     // products' parts, rope_rows, decode_items, decode_combine, rms_norm_rows, add_rows, silu_rows),
     // with the same parts and plans, so every bit is that path's.
+    //
+    // A token tree (segments (first, stop, depth) and stashes as run() takes them) does what
+    // rope_attend_tree does op by op: its rows rotated into the queries and the stashes, then segment
+    // by segment the segment's keys and values written at slots pos + depth .. and its rows' attention
+    // items, a barrier between a segment's items and the next segment's writes (those overwrite slots
+    // the items read), and one combination over all rows: 5 + 2 x segments stages a layer.
     bool run_region(torch::Tensor& x, int64_t start, int64_t end, const std::vector<torch::Tensor>& kbufs,
                     const std::vector<torch::Tensor>& vbufs, const std::vector<int64_t>& kv_start,
-                    const std::vector<torch::Tensor>& ropes, int64_t step_rows) const {
+                    const std::vector<torch::Tensor>& ropes, int64_t step_rows, const std::vector<int64_t>& seg_first,
+                    const std::vector<int64_t>& seg_stop, const std::vector<int64_t>& seg_depth,
+                    const std::vector<torch::Tensor>& kstash, const std::vector<torch::Tensor>& vstash) const {
         const int64_t T = x.size(0), D = x.size(1);
+        const bool tree = !seg_first.empty();
+        // a chain is one segment of all rows at depth 0, written straight into the cache
+        const std::vector<int64_t> first_of = tree ? seg_first : std::vector<int64_t>{0},
+                                   stop_of = tree ? seg_stop : std::vector<int64_t>{T},
+                                   depth_of = tree ? seg_depth : std::vector<int64_t>{0};
+        const int64_t S = static_cast<int64_t>(first_of.size()), per_layer = 5 + 2 * S;
+        if (tree && (seg_stop.size() != first_of.size() || seg_depth.size() != first_of.size())) return false;
 #if !AT_PARALLEL_OPENMP
         return false;  // the region's threads must run at once (an OpenMP team), not as queued tasks
 #endif
@@ -239,14 +255,30 @@ class LayerStack {
                 || l.down.K != l.gate_up.out / 2 || !kbufs[j].is_contiguous() || !vbufs[j].is_contiguous()
                 || kv_start[j] < 0 || kv_start[j] + T > kbufs[j].size(1))
                 return false;
+            if (tree) {  // what rope_attend_tree checks: else its error comes from the op-by-op path
+                for (const torch::Tensor* st : {&kstash[j], &vstash[j]})
+                    if (st->scalar_type() != kbufs[j].scalar_type() || !st->is_contiguous() || st->dim() != 3 || st->size(0) != l.Hkv
+                        || st->size(1) != T || st->size(2) != d)
+                        return false;
+                for (int64_t s = 0; s < S; ++s)
+                    if (first_of[s] < 0 || first_of[s] >= stop_of[s] || stop_of[s] > T || depth_of[s] < 0
+                        || kv_start[j] + depth_of[s] + stop_of[s] - first_of[s] > kbufs[j].size(1))
+                        return false;
+            }
             hd_max = std::max(hd_max, (l.H + 2 * l.Hkv + 1) * d);
             dmax = std::max(dmax, d);
             imax = std::max(imax, l.gate_up.out / 2);
         }
         // the plans, made here as the op-by-op path makes them (the thread count inside the region
-        // need not be the calling thread's): each layer's attention plan, shared by key ranges
-        std::map<std::pair<int64_t, int64_t>, DecodePlan> plans;
-        std::vector<const DecodePlan*> plan(end - start);
+        // need not be the calling thread's): each layer's attention plans, shared by key ranges, one per
+        // segment for its items, and one over all rows for the combination; all index the partial
+        // results with the largest chunk count (only their layout, not their arithmetic, changes)
+        struct Plans {
+            std::vector<DecodePlan> seg;
+            DecodePlan all;
+        };
+        std::map<std::pair<int64_t, int64_t>, Plans> plans;
+        std::vector<const Plans*> plan(end - start);
         int64_t chunks_max = 0;
         for (int64_t i = start; i < end; ++i) {
             const Layer& l = layers_[i];
@@ -254,15 +286,25 @@ class LayerStack {
             auto key = std::make_pair(kv_start[j], l.window);
             auto it = plans.find(key);
             if (it == plans.end()) {
-                std::vector<int64_t> begins(T), ends(T);
-                for (int64_t t = 0; t < T; ++t) {
-                    ends[t] = kv_start[j] + t + 1;
-                    begins[t] = l.window > 0 ? std::max<int64_t>(0, ends[t] - l.window) : 0;
+                Plans ps;
+                std::vector<int64_t> all_begins(T), all_ends(T);
+                for (int64_t s = 0; s < S; ++s) {
+                    const int64_t n = stop_of[s] - first_of[s], at = kv_start[j] + depth_of[s];
+                    std::vector<int64_t> begins(n), ends(n);
+                    for (int64_t r = 0; r < n; ++r) {
+                        ends[r] = at + r + 1;
+                        begins[r] = l.window > 0 ? std::max<int64_t>(0, ends[r] - l.window) : 0;
+                        all_begins[first_of[s] + r] = begins[r];
+                        all_ends[first_of[s] + r] = ends[r];
+                    }
+                    ps.seg.push_back(decode_plan(n, l.H, l.Hkv, kbufs[j].size(2), begins, ends));
                 }
-                it = plans.emplace(key, decode_plan(T, l.H, l.Hkv, kbufs[j].size(2), begins, ends)).first;
+                ps.all = decode_plan(T, l.H, l.Hkv, kbufs[j].size(2), all_begins, all_ends);
+                for (DecodePlan& p : ps.seg) p.nchunks = ps.all.nchunks;
+                it = plans.emplace(key, std::move(ps)).first;
             }
             plan[j] = &it->second;
-            chunks_max = std::max(chunks_max, it->second.nchunks * l.H);
+            chunks_max = std::max(chunks_max, it->second.all.nchunks * l.H);
         }
         std::vector<torch::Tensor> cs(ropes.size());  // the RoPE rows as rope_rows reads them: [T, d/2, 2]
         for (int64_t i = start; i < end; ++i) {
@@ -292,7 +334,7 @@ class LayerStack {
         const int64_t nslots = std::max<int64_t>(1, at::get_num_threads());
         thread_local std::vector<float> slot_buf;
         grow(slot_buf, nslots * per_slot + 16);
-        const int64_t n_stages = 7 * (end - start);
+        const int64_t n_stages = per_layer * (end - start);
         thread_local std::vector<Stage> stages;
         if (static_cast<int64_t>(stages.size()) < n_stages) stages = std::vector<Stage>(n_stages);
         for (int64_t i = 0; i < n_stages; ++i) {
@@ -341,34 +383,57 @@ class LayerStack {
             for (int64_t i = start; i < end; ++i) {
                 const Layer& l = layers_[i];
                 const size_t j = static_cast<size_t>(i - start);
-                Stage* st = stage0 + 7 * j;
+                Stage* st = stage0 + per_layer * j;
                 const int64_t* np = &parts[4 * j];
-                const DecodePlan& pl = *plan[j];
-                const int64_t d = kbufs[j].size(2), Hd = l.H * d;
+                const Plans& pl = *plan[j];
+                const int64_t d = kbufs[j].size(2), Hd = l.H * d, nch = pl.all.nchunks;
                 const bool kv16 = kbufs[j].scalar_type() == torch::kBFloat16;
-                const int64_t cap = kbufs[j].size(1);
-                // 1. QKV; 2. RoPE and the cache's new rows; 3. attention's items; 4. their combination
+                const int64_t cap = kbufs[j].size(1), es = kbufs[j].element_size();
+                // a segment's keys and values from the stashes into slots pos + depth ..
+                auto write_segment = [&](int64_t s) {
+                    const int64_t n = stop_of[s] - first_of[s], at = kv_start[j] + depth_of[s];
+                    char *kp = static_cast<char*>(kbufs[j].data_ptr()), *vp = static_cast<char*>(vbufs[j].data_ptr());
+                    const char *ksp = static_cast<const char*>(kstash[j].data_ptr()), *vsp = static_cast<const char*>(vstash[j].data_ptr());
+                    for (int64_t g = 0; g < l.Hkv; ++g) {
+                        std::memcpy(kp + (g * cap + at) * d * es, ksp + (g * T + first_of[s]) * d * es, n * d * es);
+                        std::memcpy(vp + (g * cap + at) * d * es, vsp + (g * T + first_of[s]) * d * es, n * d * es);
+                    }
+                };
+                // 1. QKV; 2. RoPE and the cache's new rows (a tree: into the stashes, then its first
+                // segment's); 3. each segment's attention items (a tree: then the next segment's rows);
+                // 4. their combination
                 product(l.qkv, np[0], st[0], yq);
                 run_stage(st[1], 1, team, [&](int64_t) {
-                    rope_rows(yq, true, l.qkv.N, 0, T, cs[l.rope].data_ptr<float>(), l.H, l.Hkv, d, qr, kbufs[j].data_ptr(),
-                              vbufs[j].data_ptr(), kv16, kv_start[j], cap, row);
+                    if (tree) {
+                        rope_rows(yq, true, l.qkv.N, 0, T, cs[l.rope].data_ptr<float>(), l.H, l.Hkv, d, qr, kstash[j].data_ptr(),
+                                  vstash[j].data_ptr(), kv16, 0, T, row);
+                        write_segment(0);
+                    } else {
+                        rope_rows(yq, true, l.qkv.N, 0, T, cs[l.rope].data_ptr<float>(), l.H, l.Hkv, d, qr, kbufs[j].data_ptr(),
+                                  vbufs[j].data_ptr(), kv16, kv_start[j], cap, row);
+                    }
                 });
-                run_stage(st[2], static_cast<int64_t>(pl.workers.size()), team, [&](int64_t w) {
-                    decode_items(pl, w, qr, Hd, kbufs[j].data_ptr(), vbufs[j].data_ptr(), cap * d, kv16, static_cast<float>(l.scale),
-                                 mp, lp, op);
-                });
-                run_stage(st[3], (T * l.H + 15) / 16, team, [&](int64_t k) {
-                    decode_combine(pl, 16 * k, std::min<int64_t>(T * l.H, 16 * (k + 1)), mp, lp, op, att);
+                for (int64_t s = 0; s < S; ++s) {
+                    const DecodePlan& sp = pl.seg[s];
+                    const int64_t f = first_of[s] * l.H * nch;
+                    run_stage(st[2 + 2 * s], static_cast<int64_t>(sp.workers.size()), team, [&](int64_t w) {
+                        decode_items(sp, w, qr + first_of[s] * Hd, Hd, kbufs[j].data_ptr(), vbufs[j].data_ptr(), cap * d, kv16,
+                                     static_cast<float>(l.scale), mp + f, lp + f, op + f * d);
+                    });
+                    if (s + 1 < S) run_stage(st[3 + 2 * s], 1, team, [&](int64_t) { write_segment(s + 1); });
+                }
+                run_stage(st[1 + 2 * S], (T * l.H + 15) / 16, team, [&](int64_t k) {
+                    decode_combine(pl.all, 16 * k, std::min<int64_t>(T * l.H, 16 * (k + 1)), mp, lp, op, att);
                 });
                 // 5. O, then the residual and the post-attention norm
                 to_bf16(att, hb, T * Hd);
-                product(l.o, np[1], st[4], yo);
+                product(l.o, np[1], st[2 + 2 * S], yo);
                 add_rows(xs, yo, true, l.o.N, 0, T, D);
                 norm_into_hb(l.post_w, l.post_eps);
                 // 6. gate/up, then SiLU gating; 7. down, then the residual (and the next layer's norm)
-                product(l.gate_up, np[2], st[5], yg);
+                product(l.gate_up, np[2], st[3 + 2 * S], yg);
                 silu_rows(yg, true, l.gate_up.N, 0, T, l.gate_up.out / 2, hb, scratch);
-                product(l.down, np[3], st[6], yd);
+                product(l.down, np[3], st[4 + 2 * S], yd);
                 add_rows(xs, yd, true, l.down.N, 0, T, D);
                 if (i + 1 < end) norm_into_hb(layers_[i + 1].in_w, layers_[i + 1].in_eps);
             }
