@@ -2,7 +2,7 @@
 (docs/ENGINE.md §2): the module switch ``layer_stack_region`` alternates between calls, so both
 sides see the same minutes of a drifting machine.
 
-    .venv/bin/python scripts/region_ab.py [--threads 2] [--rounds 4] [--trees]
+    .venv/bin/python scripts/region_ab.py [--threads 2] [--rounds 4 (0: forwards only)] [--trees]
 
 Prints forward times (all layers + the greedy head, 256 cached tokens) for 1-16 rows, then tokens/s
 of plain greedy decoding and of Kangaroo over scripts/prompts.json (128 new tokens each, the
@@ -75,6 +75,8 @@ def main() -> None:
         ms = _interleaved_ms({(name, on): forward(s, on) for name, s in shapes.items() for on in (True, False)}, 20)
     print("forward ms, region / op by op: " + "  ".join(f"{name}: {ms[(name, True)]:.2f} / {ms[(name, False)]:.2f}"
                                                         for name in shapes))
+    if not a.rounds:  # --rounds 0: the forward times only
+        return
     prompts = [text for _, text in json.loads((Path(__file__).parent / "prompts.json").read_text())]
     decoders = {"ar": km.baseline, "kangaroo": km.decoder}
     if a.trees:
