@@ -58,6 +58,27 @@ def test_kv_cache_append_crop_overwrite_and_grow():
     assert cache.lengths == [0, 0]
 
 
+@pytest.mark.parametrize("shapes", [[(2, 4)] * 3, [(2, 4), (1, 8), (2, 4)]])
+def test_kv_cache_tree_stashes_commit_a_moved_path(shapes):
+    """A tree's stashes (one allocation for layers of one shape, else one per layer): commit copies
+    the accepted path's rows from them into slots pos + 1 .. of every layer given, and ends the
+    layers after it."""
+    cache, pos, T = KVCache(num_layers=3, capacity=16), 5, 4
+    for i, (h, d) in enumerate(shapes):
+        cache.slots(i, pos + 1 + T, h, d, torch.empty(0))
+    ks, vs = cache.new_stashes(range(1, 3), shapes, T, "cpu")
+    assert [tuple(k.shape) for k in ks] == [(h, T, d) for h, d in shapes[1:]] and len(vs) == 2
+    for j, (k, v) in enumerate(zip(ks, vs)):
+        k.copy_(torch.arange(k.numel(), dtype=torch.float32).view_as(k) + 100 * j)
+        v.copy_(-k)
+    cache.commit(range(1, 3), pos, [3, 1], resident=False)
+    for j, i in enumerate(range(1, 3)):
+        assert cache.length(i) == pos + 3
+        assert torch.equal(cache.keys[i][0, :, pos + 1:pos + 3], ks[j][:, [3, 1]])
+        assert torch.equal(cache.values[i][0, :, pos + 1:pos + 3], -ks[j][:, [3, 1]])
+    assert not cache.stash and cache._stash_block is None
+
+
 def test_adapter_state_matches_teacher_forcing_across_rounds():
     """After every rollback (partial, and all-accepted with a pending state) the adapter's cached view
     must equal a fresh teacher-forced adapter pass over the committed sequence."""
