@@ -76,7 +76,9 @@ def test_kv_cache_tree_stashes_commit_a_moved_path(shapes):
         assert cache.length(i) == pos + 3
         assert torch.equal(cache.keys[i][0, :, pos + 1:pos + 3], ks[j][:, [3, 1]])
         assert torch.equal(cache.values[i][0, :, pos + 1:pos + 3], -ks[j][:, [3, 1]])
-    assert not cache.stash and cache._stash_block is None
+    assert not cache.stash
+    with pytest.raises(KeyError):
+        cache.stashed(1)  # nothing is stashed after a commit
 
 
 def test_adapter_state_matches_teacher_forcing_across_rounds():

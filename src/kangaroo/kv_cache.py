@@ -32,7 +32,7 @@ class KVCache:
         # a token tree's keys/values per layer, ``[B, H_kv, rows, D]``, while its round is verified
         # (kangaroo.tree): the accepted path is copied back from here when a later branch overwrote it
         self.stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._stash_block: tuple[range, torch.Tensor] | None = None  # new_stashes' layers and their [2, n, H_kv, rows, D]
+        self._stash_blocks: list[tuple[range, torch.Tensor]] = []  # new_stashes' layers and their [2, n, H_kv, rows, D]
         # the buffers as the fused attention takes them, ``[H_kv, capacity, D]`` (batch 1; float32 or bfloat16)
         self._flat: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
@@ -90,16 +90,18 @@ class KVCache:
             pairs = [self.new_stash(i, *shapes[i], T, device, dtype) for i in layers]
             return [k for k, _ in pairs], [v for _, v in pairs]
         block = torch.empty(2, len(layers), shapes[layers.start][0], T, shapes[layers.start][1], device=device, dtype=dtype)
-        self._stash_block = (layers, block)
+        self._stash_blocks.append((layers, block))
         return list(block[0].unbind(0)), list(block[1].unbind(0))
 
     def stashed(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's stash ``([B, H_kv, rows, D], same)``, from :meth:`new_stash` or :meth:`new_stashes`."""
         if layer_idx in self.stash:
             return self.stash[layer_idx]
-        layers, block = self._stash_block
-        j = layer_idx - layers.start
-        return block[0, j][None], block[1, j][None]
+        for layers, block in reversed(self._stash_blocks):  # the latest call's, as the dict keeps
+            if layer_idx in layers:
+                j = layer_idx - layers.start
+                return block[0, j][None], block[1, j][None]
+        raise KeyError(f"layer {layer_idx} has no stash")
 
     def write(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, start: int):
         """Write ``[B, H_kv, T, D]`` at positions ``start..start+T-1`` (at most the current length) and
@@ -121,7 +123,7 @@ class KVCache:
                 self.values[i][:, :, pos + 1:end] = v[:, :, idx]
             self.lengths[i] = end
         self.stash.clear()
-        self._stash_block = None
+        self._stash_blocks.clear()
 
     def _grow(self, layer_idx: int, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
         """(Re)allocate one layer's buffers with room for at least ``needed`` positions."""
