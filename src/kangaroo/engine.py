@@ -603,7 +603,6 @@ class FusedEngine:
             x = x + _mlp(norm(x, n3), gate_up, down, fused=self.fused_ops)
         return norm(x, n2)[None]
 
-
     def _adapter_stack(self, attn: _Attention, n1: tuple, mlp: tuple | None):
         """The adapter as a one-layer compiled stack (input norm, attention, post norm = its MLP's
         norm, MLP), or None where the ops run it (no MLP, no fused ops, what :meth:`_stack_layer` refuses)."""

@@ -746,11 +746,7 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         std::vector<torch::Tensor> parts;
         for (int64_t b = 0; b < T; b += 64) {
             const int64_t n = std::min<int64_t>(64, T - b);
-            std::vector<int64_t> begins(n), ends(n);
-            for (int64_t i = 0; i < n; ++i) {
-                ends[i] = start + b + i + 1;
-                begins[i] = window > 0 ? std::max<int64_t>(0, ends[i] - window) : 0;
-            }
+            auto [begins, ends] = key_ranges(start + b, n, window);
             parts.push_back(decode_attention(q.narrow(0, b, n), k, v, begins, ends, scale_));
         }
         return torch::cat(parts);
@@ -869,6 +865,17 @@ torch::Tensor prompt_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
             }
     });
     return out;
+}
+
+// The key ranges of n rows at positions at .. at + n - 1 that each attend over their prefix (their
+// last `window` keys when window > 0): (begins, ends).
+std::pair<std::vector<int64_t>, std::vector<int64_t>> key_ranges(int64_t at, int64_t n, int64_t window) {
+    std::vector<int64_t> begins(n), ends(n);
+    for (int64_t i = 0; i < n; ++i) {
+        ends[i] = at + i + 1;
+        begins[i] = window > 0 ? std::max<int64_t>(0, ends[i] - window) : 0;
+    }
+    return {std::move(begins), std::move(ends)};
 }
 
 // q [T, H, D] (rows and heads may be strided, D contiguous), k/v [H_kv, S, D] (D contiguous),
@@ -996,7 +1003,6 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     TORCH_CHECK((int64_t)begin.size() == T && (int64_t)end.size() == T, "decode_attention: one key range per row");
     for (int64_t t = 0; t < T; ++t)
         TORCH_CHECK(0 <= begin[t] && begin[t] < end[t] && end[t] <= k.size(1), "decode_attention: bad key range");
-    TORCH_CHECK(H / Hkv <= MAX_G && H / Hkv * D <= MAX_GD, "decode_attention: too many query heads per kv head");
     const DecodePlan plan = decode_plan(T, H, Hkv, D, std::move(begin), std::move(end));
     const int64_t nchunks = plan.nchunks;
     auto opts = q.options();

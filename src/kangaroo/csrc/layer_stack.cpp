@@ -260,8 +260,8 @@ class LayerStack {
                     if (st->scalar_type() != kbufs[j].scalar_type() || !st->is_contiguous() || st->dim() != 3 || st->size(0) != l.Hkv
                         || st->size(1) != T || st->size(2) != d)
                         return false;
-                for (int64_t s = 0; s < S; ++s)
-                    if (first_of[s] < 0 || first_of[s] >= stop_of[s] || stop_of[s] > T || depth_of[s] < 0
+                for (int64_t s = 0; s < S; ++s)  // segments cover the rows in order (the combination's plan joins them)
+                    if (first_of[s] != (s ? stop_of[s - 1] : 0) || first_of[s] >= stop_of[s] || stop_of[S - 1] != T || depth_of[s] < 0
                         || kv_start[j] + depth_of[s] + stop_of[s] - first_of[s] > kbufs[j].size(1))
                         return false;
             }
@@ -287,19 +287,18 @@ class LayerStack {
             auto it = plans.find(key);
             if (it == plans.end()) {
                 Plans ps;
-                std::vector<int64_t> all_begins(T), all_ends(T);
                 for (int64_t s = 0; s < S; ++s) {
-                    const int64_t n = stop_of[s] - first_of[s], at = kv_start[j] + depth_of[s];
-                    std::vector<int64_t> begins(n), ends(n);
-                    for (int64_t r = 0; r < n; ++r) {
-                        ends[r] = at + r + 1;
-                        begins[r] = l.window > 0 ? std::max<int64_t>(0, ends[r] - l.window) : 0;
-                        all_begins[first_of[s] + r] = begins[r];
-                        all_ends[first_of[s] + r] = ends[r];
-                    }
-                    ps.seg.push_back(decode_plan(n, l.H, l.Hkv, kbufs[j].size(2), begins, ends));
+                    auto [begins, ends] = key_ranges(kv_start[j] + depth_of[s], stop_of[s] - first_of[s], l.window);
+                    ps.seg.push_back(decode_plan(stop_of[s] - first_of[s], l.H, l.Hkv, kbufs[j].size(2), begins, ends));
                 }
-                ps.all = decode_plan(T, l.H, l.Hkv, kbufs[j].size(2), all_begins, all_ends);
+                ps.all = ps.seg[0];  // a chain: its one plan; a tree: every row's range, the largest chunk count
+                for (int64_t s = 1; s < S; ++s) {
+                    const DecodePlan& p = ps.seg[s];
+                    ps.all.T += p.T;
+                    ps.all.nchunks = std::max(ps.all.nchunks, p.nchunks);
+                    ps.all.begin.insert(ps.all.begin.end(), p.begin.begin(), p.begin.end());
+                    ps.all.end.insert(ps.all.end.end(), p.end.begin(), p.end.end());
+                }
                 for (DecodePlan& p : ps.seg) p.nchunks = ps.all.nchunks;
                 it = plans.emplace(key, std::move(ps)).first;
             }
@@ -388,16 +387,11 @@ class LayerStack {
                 const Plans& pl = *plan[j];
                 const int64_t d = kbufs[j].size(2), Hd = l.H * d, nch = pl.all.nchunks;
                 const bool kv16 = kbufs[j].scalar_type() == torch::kBFloat16;
-                const int64_t cap = kbufs[j].size(1), es = kbufs[j].element_size();
-                // a segment's keys and values from the stashes into slots pos + depth ..
-                auto write_segment = [&](int64_t s) {
-                    const int64_t n = stop_of[s] - first_of[s], at = kv_start[j] + depth_of[s];
-                    char *kp = static_cast<char*>(kbufs[j].data_ptr()), *vp = static_cast<char*>(vbufs[j].data_ptr());
-                    const char *ksp = static_cast<const char*>(kstash[j].data_ptr()), *vsp = static_cast<const char*>(vstash[j].data_ptr());
-                    for (int64_t g = 0; g < l.Hkv; ++g) {
-                        std::memcpy(kp + (g * cap + at) * d * es, ksp + (g * T + first_of[s]) * d * es, n * d * es);
-                        std::memcpy(vp + (g * cap + at) * d * es, vsp + (g * T + first_of[s]) * d * es, n * d * es);
-                    }
+                const int64_t cap = kbufs[j].size(1);
+                auto write_segment = [&](int64_t s) {  // a segment's keys and values from the stashes into slots pos + depth ..
+                    write_tree_segment(kbufs[j].data_ptr(), vbufs[j].data_ptr(), cap, kstash[j].data_ptr(), vstash[j].data_ptr(), T,
+                                       l.Hkv, d, kbufs[j].element_size(), first_of[s], stop_of[s] - first_of[s],
+                                       kv_start[j] + depth_of[s]);
                 };
                 // 1. QKV; 2. RoPE and the cache's new rows (a tree: into the stashes, then its first
                 // segment's); 3. each segment's attention items (a tree: then the next segment's rows);

@@ -122,7 +122,6 @@ __attribute__((noinline)) void linear_bf16_part(const uint16_t* w, int64_t K, in
 
 int64_t linear_parts(int64_t N) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 16)); }
 
-
 bool linear_bf16_available() {
 #ifdef KANGAROO_DPBF16
     return true;

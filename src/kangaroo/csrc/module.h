@@ -63,6 +63,7 @@ struct DecodePlan {
     std::vector<int64_t> begin, end;            // each row's keys
     std::vector<std::vector<int64_t>> workers;  // each worker's items
 };
+std::pair<std::vector<int64_t>, std::vector<int64_t>> key_ranges(int64_t at, int64_t n, int64_t window);
 DecodePlan decode_plan(int64_t T, int64_t H, int64_t Hkv, int64_t D, std::vector<int64_t> begin, std::vector<int64_t> end);
 void decode_items(const DecodePlan& p, int64_t w, const float* q, int64_t qs0, const void* k, const void* v, int64_t ks0,
                   bool kv16, float scale, float* m, float* l, float* o);
@@ -112,6 +113,8 @@ torch::Tensor silu_mul(torch::Tensor gu);
 // the row functions behind them, which the layer stack's one-region step calls too
 void rope_rows(const void* qkv, bool qkv_bf16, int64_t qs, int64_t t0, int64_t t1, const float* cs, int64_t H, int64_t Hkv,
                int64_t d, float* q, void* kbuf, void* vbuf, bool kv16, int64_t start, int64_t cap, float* row);
+void write_tree_segment(void* kbuf, void* vbuf, int64_t cap, const void* kstash, const void* vstash, int64_t T, int64_t Hkv,
+                        int64_t d, int64_t es, int64_t first, int64_t n, int64_t at);
 void add_rows(float* x, const void* y, bool y_bf16, int64_t ys, int64_t t0, int64_t t1, int64_t D);
 void silu_rows(const void* gu, bool bf16, int64_t gs, int64_t t0, int64_t t1, int64_t I, void* out, float* scratch);
 

@@ -120,12 +120,6 @@ inline void rotate_row(const void* qkv, bool bf16, int64_t qs, int64_t t, const 
     }
 }
 
-// A cache buffer's elements: float32, or bfloat16 as their bits.
-template <typename E>
-inline E* elements(const torch::Tensor& t) {
-    return reinterpret_cast<E*>(t.data_ptr());
-}
-
 }  // namespace
 
 // Rows [t0, t1) of an attention block at positions start + t: Q rotated into q [T, H, d], K rotated
@@ -174,12 +168,20 @@ torch::Tensor rope_attend(torch::Tensor qkv, torch::Tensor cs, torch::Tensor kbu
     const int64_t n = T - first_out;
     if (n > step_rows)
         return prompt_attention(q.narrow(0, first_out, n), keys, values, start + first_out, window, scale).view({n, H * d});
-    std::vector<int64_t> begins(n), ends(n);
-    for (int64_t i = 0; i < n; ++i) {
-        ends[i] = start + first_out + i + 1;
-        begins[i] = window > 0 ? std::max<int64_t>(0, ends[i] - window) : 0;
-    }
+    auto [begins, ends] = key_ranges(start + first_out, n, window);
     return decode_attention(q.narrow(0, first_out, n), keys, values, begins, ends, scale).view({n, H * d});
+}
+
+// A tree segment's keys and values (rows [first, first + n) of the stashes [H_kv, T, d], elements of
+// es bytes) into slots at .. at + n - 1 of the cache buffers [H_kv, cap, d].
+void write_tree_segment(void* kbuf, void* vbuf, int64_t cap, const void* kstash, const void* vstash, int64_t T, int64_t Hkv,
+                        int64_t d, int64_t es, int64_t first, int64_t n, int64_t at) {
+    char *kp = static_cast<char*>(kbuf), *vp = static_cast<char*>(vbuf);
+    const char *ksp = static_cast<const char*>(kstash), *vsp = static_cast<const char*>(vstash);
+    for (int64_t g = 0; g < Hkv; ++g) {
+        std::memcpy(kp + (g * cap + at) * d * es, ksp + (g * T + first) * d * es, n * d * es);
+        std::memcpy(vp + (g * cap + at) * d * es, vsp + (g * T + first) * d * es, n * d * es);
+    }
 }
 
 // A token tree's attention block between its products (kangaroo/tree.py): qkv [T, (H + 2 H_kv) d] in
@@ -207,30 +209,15 @@ torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tenso
     float* qp = q.data_ptr<float>();
     const float* cp = cs.data_ptr<float>();
     const bool kv16 = kbuf.scalar_type() == torch::kBFloat16, bf16 = qkv.scalar_type() == torch::kBFloat16;
-    std::vector<float> row((H + 2 * Hkv + 1) * d);
-    for (int64_t t = 0; t < T; ++t) {  // the rotations rope_attend computes, into the stash
-        if (kv16)
-            rotate_row(qkv.data_ptr(), bf16, qkv.stride(0), t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d,
-                       elements<uint16_t>(kstash) + t * d, elements<uint16_t>(vstash) + t * d, T * d);
-        else
-            rotate_row(qkv.data_ptr(), bf16, qkv.stride(0), t, cp + t * d, H, Hkv, d, row.data(), qp + t * H * d,
-                       elements<float>(kstash) + t * d, elements<float>(vstash) + t * d, T * d);
-    }
+    std::vector<float> row((H + 2 * Hkv + 1) * d);  // the rotations rope_attend computes, into the stash
+    rope_rows(qkv.data_ptr(), bf16, qkv.stride(0), 0, T, cp, H, Hkv, d, qp, kstash.data_ptr(), vstash.data_ptr(), kv16, 0, T,
+              row.data());
     auto out = torch::empty({T, H, d}, q.options());
-    char *kp = static_cast<char*>(kbuf.data_ptr()), *vp = static_cast<char*>(vbuf.data_ptr());
-    const char *ksp = static_cast<const char*>(kstash.data_ptr()), *vsp = static_cast<const char*>(vstash.data_ptr());
-    const int64_t es = kbuf.element_size();
     for (int64_t s = 0; s < S; ++s) {
         const int64_t n = stop[s] - first[s], at = pos + depth[s];
-        for (int64_t g = 0; g < Hkv; ++g) {
-            std::memcpy(kp + (g * cap + at) * d * es, ksp + (g * T + first[s]) * d * es, n * d * es);
-            std::memcpy(vp + (g * cap + at) * d * es, vsp + (g * T + first[s]) * d * es, n * d * es);
-        }
-        std::vector<int64_t> begins(n), ends(n);
-        for (int64_t i = 0; i < n; ++i) {
-            ends[i] = at + i + 1;
-            begins[i] = window > 0 ? std::max<int64_t>(0, ends[i] - window) : 0;
-        }
+        write_tree_segment(kbuf.data_ptr(), vbuf.data_ptr(), cap, kstash.data_ptr(), vstash.data_ptr(), T, Hkv, d,
+                           kbuf.element_size(), first[s], n, at);
+        auto [begins, ends] = key_ranges(at, n, window);
         out.narrow(0, first[s], n).copy_(decode_attention(q.narrow(0, first[s], n), kbuf.narrow(1, 0, at + n),
                                                            vbuf.narrow(1, 0, at + n), begins, ends, scale));
     }
