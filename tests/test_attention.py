@@ -225,6 +225,26 @@ def test_fused_step_ops_match_the_torch_ops_they_replace(kernel):
     assert all(torch.equal(attention.silu_mul(gu[t:t + 1].clone())[0], got[t]) for t in range(T))
 
 
+def test_top1_prob_is_torch_softmax_max_of_the_last_row(kernel, monkeypatch):
+    """The draft's second early exit reads the compiled top-1 and its probability: torch's argmax
+    (first of equal logits) and softmax maximum, over the last row, bfloat16 or float32, any length
+    (vector body and scalar tail); without the module, torch computes it."""
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.bfloat16, torch.float32):
+        for V in (1, 15, 16, 17, 8192, 49152):
+            x = (torch.randn(3, V, generator=gen) * 4).to(dtype)
+            x[-1, V // 2] = x[-1, V - 1] = x[-1].max()  # a tie: the first index wins
+            conf, idx = torch.softmax(x[-1].float(), dim=-1).max(dim=-1)
+            got = attention.top1_prob(x[None])
+            assert got[0] == int(idx) and got[1] == pytest.approx(float(conf), rel=1e-5), (dtype, V)
+    x = torch.tensor([-float("inf"), 5.0, 5.0, -float("inf")])
+    assert attention.top1_prob(x) == (1, pytest.approx(0.5, rel=1e-6))
+    idx, prob = attention.top1_prob(torch.tensor([1.0, float("nan"), 3.0]))
+    assert idx == 1 and not prob < 0.99  # NaN logits: a NaN probability, never below η
+    monkeypatch.setitem(attention._state, "module", None)
+    assert attention.top1_prob(x) == (1, pytest.approx(0.5, rel=1e-6))
+
+
 @pytest.mark.parametrize("T,start,heads,kv_heads,head_dim,window", [
     (810, 0, 9, 3, 64, 0),     # SmolLM2's prompt shape
     (100, 37, 8, 2, 128, 0),   # a prompt after cached positions

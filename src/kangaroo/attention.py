@@ -184,6 +184,17 @@ def bf16_cache_native(head_dim: int = 64) -> bool:
     return module is not None and module.decode_attention_bf16_native() and head_dim in (64, 128, 256)
 
 
+def top1_prob(logits: torch.Tensor) -> tuple[int, float]:
+    """The first index of the largest of ``logits`` ``[..., V]`` (last row) and its softmax
+    probability: one compiled pass where the module is loaded and the logits are on the CPU (what a
+    draft step's second early exit needs), else torch's softmax and max."""
+    module = _state.get("module")
+    if module is not None and logits.device.type == "cpu":
+        return module.top1_prob(logits)
+    conf, idx = torch.softmax(logits.reshape(-1, logits.shape[-1])[-1].float(), dim=-1).max(dim=-1)
+    return int(idx), float(conf)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of ``x`` ``[T, D]`` (float32, rows contiguous) with ``weight`` ``[D]``, from the same
     compiled module: each row in one fixed summation order, ~1 µs a call where ``F.rms_norm`` takes

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from . import attention as native
 from .adapter import Adapter
 from .config import MAX_DRAFT, KangarooConfig
 from .kv_cache import KVCache
@@ -187,19 +188,19 @@ class Drafter:
             a_in = h if self.pending is None else torch.cat([self.pending, h], dim=1)
             out = bb.adapter_forward(self.adapter, a_in, self.cache, self.cache.length(), last=1)  # [1, 1, D]
             self.pending = None
-            logits = self.head(out).float()[0, -1]  # [V], or [V_draft] over the draft vocabulary
+            logits = self.head(out)[0, -1]  # [V], or [V_draft] over the draft vocabulary
             if sampler is None:
-                probs = torch.softmax(logits, dim=-1)
-                conf, idx = probs.max(dim=-1)
-                y = self._token(int(idx))
+                idx, conf = native.top1_prob(logits)
+                y = self._token(idx)
                 if step == 0 and width > 1:
-                    top = torch.topk(probs, min(width, probs.shape[-1]))
-                    pairs = [(self._token(int(i)), p) for p, i in zip(top.values[1:].tolist(), top.indices[1:])
-                             if p >= cfg.tree_threshold]
+                    probs = torch.softmax(logits.float(), dim=-1)
+                    top = torch.topk(probs, min(width + 1, probs.shape[-1]))  # one spare: ties may put y anywhere
+                    pairs = [(t, p) for p, t in zip(top.values.tolist(), map(self._token, top.indices.tolist()))
+                             if t != y and p >= cfg.tree_threshold][: width - 1]
                     leaves = [t for t, _ in pairs if t != avoid]
                     leaf_probs = [p for t, p in pairs if t != avoid]
             else:
-                q = sampler.probs(logits)
+                q = sampler.probs(logits.float())
                 conf, idx = q.max(), sampler.sample(q)
                 y = self._token(idx)
                 qs.append(q if self.vocab is None else q.new_zeros(self.vocab_size).index_copy_(0, self.vocab, q))

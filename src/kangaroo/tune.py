@@ -38,8 +38,10 @@ from .errors import KangarooError
 logger = logging.getLogger(__name__)
 
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-MAX_STEPS = (2, 3, 4, 6, 8)
-LOOKUP_TOKENS = (0, 4, 6, 8, 10, 12)
+MAX_STEPS = (1, 2, 3, 4, 5, 6, 8)
+# short proposals too: verification is flat in rows only up to a few (docs/ENGINE.md §8)
+LOOKUP_TOKENS = (0, 2, 3, 4, 6, 8, 10, 12)
+BRANCH_LOOKUP_TOKENS = 6  # a lookup branch's length where the chain it is added to had none
 LOOKUP_NGRAMS = (1, 2, 3)
 VERIFY_LOW = (False, True)  # also verify the token that fell below η (its draft step is paid already)
 TREE_WIDTHS = (1, 2, 3)  # the adapter's candidates at the first draft position (1 = a chain)
@@ -233,7 +235,7 @@ def tree_grid(best: list) -> list:
         for w, τ, branch in itertools.product(TREE_WIDTHS, TREE_THRESHOLDS, (False, True)):
             if (w == 1 and τ != TREE_THRESHOLDS[0]) or (w == 1 and not branch):
                 continue
-            for lt in {config.lookup_tokens, 0} if not branch else {config.lookup_tokens or LOOKUP_TOKENS[2]}:
+            for lt in {config.lookup_tokens, 0} if not branch else {config.lookup_tokens or BRANCH_LOOKUP_TOKENS}:
                 out.append(replace(config, tree_width=w, tree_threshold=τ, lookup_branch=branch, lookup_tokens=lt))
     return out
 

@@ -1097,6 +1097,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
     mod.def("rope_attend", &rope_attend, "RoPE, cache write and decode attention between an attention block's products");
     mod.def("rope_attend_tree", &rope_attend_tree, "a token tree's RoPE, stash, per-segment cache writes and decode attention");
     mod.def("add_rms_norm", &add_rms_norm, "residual add in place, then RMSNorm");
+    mod.def("top1_prob", &top1_prob, "a draft head's top-1 token and its softmax probability (last row)");
     mod.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate/up product");
     bind_layer_stack(mod);
 }

@@ -110,6 +110,7 @@ torch::Tensor rope_attend_tree(torch::Tensor qkv, torch::Tensor cs, torch::Tenso
                                torch::Tensor vstash);
 torch::Tensor add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor w, double eps);
 torch::Tensor silu_mul(torch::Tensor gu);
+std::tuple<int64_t, double> top1_prob(torch::Tensor logits);
 // the row functions behind them, which the layer stack's one-region step calls too
 void rope_rows(const void* qkv, bool qkv_bf16, int64_t qs, int64_t t0, int64_t t1, const float* cs, int64_t H, int64_t Hkv,
                int64_t d, float* q, void* kbuf, void* vbuf, bool kv16, int64_t start, int64_t cap, float* row);
