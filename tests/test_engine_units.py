@@ -58,6 +58,23 @@ def test_kv_cache_append_crop_overwrite_and_grow():
     assert cache.lengths == [0, 0]
 
 
+def test_kv_cache_slots_range_reserves_grows_and_keeps_what_was_written():
+    """Reserving slots for a range of layers at once gives each layer's buffers and first slot, moves
+    its length, grows a layer without room (keeping what it held) and re-allocates for another dtype."""
+    cache, shapes, x = KVCache(num_layers=4, capacity=8), [(2, 4)] * 4, torch.empty(0)
+    keys, values, starts = cache.slots_range(range(4), 6, shapes, x)
+    assert starts == [0] * 4 and [cache.length(i) for i in range(4)] == [6] * 4
+    keys[2][:, :6] = 7.0
+    cache.crop(3, range(2))
+    keys, values, starts = cache.slots_range(range(1, 4), 2, shapes, x)  # layers of unequal lengths, room in all
+    assert starts == [3, 6, 6] and [cache.length(i) for i in range(4)] == [3, 5, 8, 8]
+    assert keys[1].data_ptr() == cache.keys[2].data_ptr() and tuple(values[0].shape) == (2, 8, 4)
+    keys, _, starts = cache.slots_range(range(1, 4), 2, shapes, x)  # layers 2 and 3 must grow
+    assert starts == [5, 8, 8] and keys[1].shape[1] >= 10 and torch.equal(keys[1][:, :6], torch.full((2, 6, 4), 7.0))
+    keys, _, starts = cache.slots_range(range(4), 1, shapes, x, torch.bfloat16)
+    assert all(k.dtype == torch.bfloat16 for k in keys) and starts == [3, 7, 10, 10]
+
+
 @pytest.mark.parametrize("shapes", [[(2, 4)] * 3, [(2, 4), (1, 8), (2, 4)]])
 def test_kv_cache_tree_stashes_commit_a_moved_path(shapes):
     """A tree's stashes (one allocation for layers of one shape, else one per layer): commit copies
