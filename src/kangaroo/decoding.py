@@ -323,7 +323,8 @@ class KangarooDecoder:
             tokens, done = truncate_at_stop(new, eos_token_ids, budget)
             # 4. roll back every cache to the committed length, with the accepted path in place
             self._keep_path(draft, path, pos)
-            self.drafter.rollback(pos + m + 1, draft.hidden[:, [0, *path]], pos, adapter_end(draft, path, pos))
+            kept = draft.hidden[:, :m + 1] if draft.tree is None else draft.hidden[:, [0, *path]]  # a chain's path: rows 1..m
+            self.drafter.rollback(pos + m + 1, kept, pos, adapter_end(draft, path, pos))
             yield Step(tokens, len(draft.tokens), len(tokens) - 1, draft.steps, draft.confidences,
                        draft.source_of(path))
             if lookup:

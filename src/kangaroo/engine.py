@@ -283,7 +283,8 @@ class FusedEngine:
     # ------------------------------------------------------------------ pieces
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[1, T]`` ids -> ``[1, T, D]`` float32 embeddings."""
-        return F.embedding(input_ids, self.embed_weight).to(self.act_dtype)
+        x = F.embedding(input_ids, self.embed_weight)
+        return x if x.dtype is self.act_dtype else x.to(self.act_dtype)  # a no-op .to still costs ~1 us
 
     @property
     def fused_ops(self) -> bool:
@@ -318,7 +319,8 @@ class FusedEngine:
         return _native_norm if self.attention == "kernel" else _norm
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden.to(self.act_dtype)[0], self.final_norm_w)[None]
+        x = hidden[0]
+        return self.norm(x if x.dtype is self.act_dtype else x.to(self.act_dtype), self.final_norm_w)[None]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head alone, ``[1, T, D] -> [1, T, V]``."""
@@ -418,7 +420,8 @@ class FusedEngine:
         and values are kept in ``cache.stash`` for :meth:`KVCache.commit`."""
         if start >= end:
             return hidden if last is None else hidden[:, -last:]
-        x = hidden[0].to(self.act_dtype)  # [T, D]
+        x = hidden[0]  # [T, D]
+        x = x if x.dtype is self.act_dtype else x.to(self.act_dtype)
         T = x.shape[0]
         if tree is not None and (tree.rows != T or T > MAX_ROWS or last is not None):
             raise ValueError(f"a tree of {tree.rows} rows over {T} states (at most {MAX_ROWS} rows, all of them out)")
@@ -448,7 +451,7 @@ class FusedEngine:
                     stashes = cache.new_stashes(range(start, end), self._kv_shapes, T, x.device, self.kv_dtype)
                 stack.run(x, start, end, keys, values, starts, [self.step_rope(pos, T, t, depths) for t in types],
                           MAX_ROWS, *segments, *stashes, first)
-                return x[None, first:]
+                return (x[first:] if first else x)[None]
             h = norm(x, self.layers[start].input_norm)
             for i in range(start, end):
                 layer = self.layers[i]
