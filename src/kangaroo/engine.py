@@ -281,10 +281,14 @@ class FusedEngine:
         return f"fused/{self.kernel}/{str(self.weight_dtype).removeprefix('torch.')}/{self.attention}-attention{kv}"
 
     # ------------------------------------------------------------------ pieces
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the activation dtype: itself when it is already (a no-op ``.to`` still costs ~1 µs,
+        several times a round)."""
+        return x if x.dtype is self.act_dtype else x.to(self.act_dtype)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``[1, T]`` ids -> ``[1, T, D]`` float32 embeddings."""
-        x = F.embedding(input_ids, self.embed_weight)
-        return x if x.dtype is self.act_dtype else x.to(self.act_dtype)  # a no-op .to still costs ~1 us
+        return self._act(F.embedding(input_ids, self.embed_weight))
 
     @property
     def fused_ops(self) -> bool:
@@ -319,8 +323,7 @@ class FusedEngine:
         return _native_norm if self.attention == "kernel" else _norm
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = hidden[0]
-        return self.norm(x if x.dtype is self.act_dtype else x.to(self.act_dtype), self.final_norm_w)[None]
+        return self.norm(self._act(hidden[0]), self.final_norm_w)[None]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head alone, ``[1, T, D] -> [1, T, V]``."""
@@ -420,8 +423,7 @@ class FusedEngine:
         and values are kept in ``cache.stash`` for :meth:`KVCache.commit`."""
         if start >= end:
             return hidden if last is None else hidden[:, -last:]
-        x = hidden[0]  # [T, D]
-        x = x if x.dtype is self.act_dtype else x.to(self.act_dtype)
+        x = self._act(hidden[0])  # [T, D]
         T = x.shape[0]
         if tree is not None and (tree.rows != T or T > MAX_ROWS or last is not None):
             raise ValueError(f"a tree of {tree.rows} rows over {T} states (at most {MAX_ROWS} rows, all of them out)")
@@ -517,7 +519,7 @@ class FusedEngine:
         compiled attention (Qwen3's per-head norms) or without the module; ``[T, D]``."""
         T, H, Hkv, d = qkv.shape[0], a.heads, a.kv_heads, a.head_dim
         fused = self.fused_ops
-        qkv = qkv.to(self.act_dtype)
+        qkv = self._act(qkv)
         qk = qkv[:, : (H + Hkv) * d].view(T, H + Hkv, d)
         v = qkv[:, (H + Hkv) * d:].view(T, Hkv, d)
         if a.q_norm is not None:  # Qwen3: RMSNorm per head before RoPE
@@ -585,7 +587,7 @@ class FusedEngine:
                            self._draft_linear(adapter.down.weight))
             fused = self._adapters[id(adapter)] = (adapter, attn, norms, mlp, self._adapter_stack(attn, norms[0], mlp))
         _, attn, (n1, n2), mlp, stack = fused
-        x = hidden[0].to(self.act_dtype)
+        x = self._act(hidden[0])
         T, norm = x.shape[0], self.norm
         first = 0 if last is None else max(T - last, 0)
         if stack is not None and cache is not None and self.fused_ops:

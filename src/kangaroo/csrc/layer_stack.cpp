@@ -235,6 +235,12 @@ class LayerStack {
                                    depth_of = tree ? seg_depth : std::vector<int64_t>{0};
         const int64_t S = static_cast<int64_t>(first_of.size()), per_layer = 5 + 2 * S;
         if (tree && (seg_stop.size() != first_of.size() || seg_depth.size() != first_of.size())) return false;
+        int64_t reach = 0;  // slots past a layer's start its segments write: depth + rows, at most
+        for (int64_t s = 0; s < S; ++s) {  // segments cover the rows in order (the combination's plan joins them)
+            if (first_of[s] != (s ? stop_of[s - 1] : 0) || first_of[s] >= stop_of[s] || depth_of[s] < 0) return false;
+            reach = std::max(reach, depth_of[s] + stop_of[s] - first_of[s]);
+        }
+        if (stop_of[S - 1] != T) return false;
 #if !AT_PARALLEL_OPENMP
         return false;  // the region's threads must run at once (an OpenMP team), not as queued tasks
 #endif
@@ -260,10 +266,7 @@ class LayerStack {
                     if (st->scalar_type() != kbufs[j].scalar_type() || !st->is_contiguous() || st->dim() != 3 || st->size(0) != l.Hkv
                         || st->size(1) != T || st->size(2) != d)
                         return false;
-                for (int64_t s = 0; s < S; ++s)  // segments cover the rows in order (the combination's plan joins them)
-                    if (first_of[s] != (s ? stop_of[s - 1] : 0) || first_of[s] >= stop_of[s] || stop_of[S - 1] != T || depth_of[s] < 0
-                        || kv_start[j] + depth_of[s] + stop_of[s] - first_of[s] > kbufs[j].size(1))
-                        return false;
+                if (kv_start[j] + reach > kbufs[j].size(1)) return false;
             }
             hd_max = std::max(hd_max, (l.H + 2 * l.Hkv + 1) * d);
             dmax = std::max(dmax, d);
