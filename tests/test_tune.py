@@ -51,6 +51,13 @@ def test_replay_predicts_the_real_rounds(tiny_model_dir, tmp_path, monkeypatch):
             assert priced > ms if branched and s["tree_threshold"] == 0.0 else priced >= ms
             if not branched:
                 assert priced == ms
+            # a round's first draft step priced apart (it reloads the draft path's weights): 1 ms more
+            # for each round in which the adapter drafted
+            _, _, split = tune.replay(positions, config, {**costs, "draft_first_ms": 1.1, "draft_next_ms": 0.1})
+            drafting_rounds = split - ms
+            assert abs(drafting_rounds - round(drafting_rounds)) < 1e-9 and 0 <= round(drafting_rounds) <= rounds
+            if not s["lookup_tokens"]:
+                assert round(drafting_rounds) >= rounds - 1  # every round but perhaps the last (no budget left)
             checked.add(tuple(sorted(s.items())))
             accepted += result.accepted
     assert len(checked) == len(settings) and accepted > 0

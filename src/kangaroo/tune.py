@@ -123,6 +123,11 @@ def replay(positions: list[Position], config, costs: dict) -> tuple[int, int, fl
     def shallow_ms(rows: int) -> float:
         return (_interp(costs["forward_ms"], rows) - costs["lm_head_ms"]) * share
 
+    def draft_ms(steps: int) -> float:  # a round's first step reloads the draft path's weights
+        if not steps or "draft_first_ms" not in costs:
+            return steps * costs["draft_step_ms"]
+        return costs["draft_first_ms"] + (steps - 1) * costs["draft_next_ms"]
+
     def agree(drafts: list[int], truth: list[int]) -> int:
         m = 0
         while m < len(drafts) and m < len(truth) and drafts[m] == truth[m]:
@@ -154,7 +159,7 @@ def replay(positions: list[Position], config, costs: dict) -> tuple[int, int, fl
                         drafts.append(tok)
                     break
                 drafts.append(tok)
-            cost += steps * costs["draft_step_ms"] + (shallow_ms(1) if drafts and len(drafts) == steps else 0.0)
+            cost += draft_ms(steps) + (shallow_ms(1) if drafts and len(drafts) == steps else 0.0)
             if not proposal and not drafts and not low:
                 cost += shallow_ms(1)  # y0's own exit state, when nothing was drafted
             leaves = [t for t, prob in pos.siblings[: config.tree_width - 1] if prob >= config.tree_threshold and t != avoid]

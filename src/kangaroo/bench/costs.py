@@ -13,6 +13,9 @@ modules):
   ``k`` tokens, k = 1 .. 9 and 16 (:data:`VERIFY_ROWS`);
 * ``draft_step_ms``: one drafted token: layers ``[0, ℓ)`` + adapter + draft head (the adapter's
   draft vocabulary, if it has one) + top-1, the mean of :data:`DRAFT_STEPS` steps in a row;
+  ``draft_first_ms`` / ``draft_next_ms``: the first of them, right after a forward that evicted the
+  draft path's weights from the caches, and each later one (what :mod:`kangaroo.tune` prices a
+  round's drafting with);
 * ``lm_head_ms``: the greedy head on one row (the screened argmax, :mod:`kangaroo.screened_head`,
   where it runs); ``full_head_ms``: the whole LM head's logits on one row (what sampling runs);
 * ``tree_extra_ms[n]``: what verifying a token tree with ``n`` more branches costs beyond a chain of
@@ -110,18 +113,21 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
     token = new[:, :1]
     head, vocab = engine.draft_head(adapter)
 
-    def draft_steps():  # a round's drafting: DRAFT_STEPS steps in a row, the first after a forward
-        cache.crop(context)
-        a_cache.crop(context)
-        for i in range(DRAFT_STEPS):
-            h = engine.run_layers(0, exit_layer, engine.embed(token), cache, context + i)
-            out = engine.adapter_forward(adapter, h, a_cache, context + i)
-            native.top1_prob(head(out))  # as the drafter's second early exit reads it
+    def draft_steps(n):  # a round's drafting: n steps in a row, the first after a forward
+        def run():
+            cache.crop(context)
+            a_cache.crop(context)
+            for i in range(n):
+                h = engine.run_layers(0, exit_layer, engine.embed(token), cache, context + i)
+                out = engine.adapter_forward(adapter, h, a_cache, context + i)
+                native.top1_prob(head(out))  # as the drafter's second early exit reads it
+        return run
 
     x = torch.randn(1, 1, engine.config.hidden_size, device=device)
     calls = {("forward", k): forward(k) for k in ROWS}
+    calls[("draft", 1)] = draft_steps(1)  # after the 16-token forward: the draft path's weights evicted
     calls.update({("verify", k): verify(k) for k in VERIFY_ROWS})
-    calls.update({("draft", 0): draft_steps, ("lm_head", 0): lambda: engine.greedy(x),
+    calls.update({("draft", DRAFT_STEPS): draft_steps(DRAFT_STEPS), ("lm_head", 0): lambda: engine.greedy(x),
                   ("full_head", 0): lambda: engine.logits(x)})
     tree_rows = {n: [0, 1, 2] + [0] * n for n in (1, 2)}  # a 3-token chain and n siblings of its first token
     if engine.supports_trees:
@@ -140,7 +146,9 @@ def measure(engine, adapter, exit_layer: int, context: int = 256, repeats: int =
         "exit_layer": exit_layer,
         "forward_ms": {k: round(ms[("forward", k)], 3) for k in ROWS},
         "verify_ms": {k: round(ms[("verify", k)], 3) for k in VERIFY_ROWS},
-        "draft_step_ms": round(ms[("draft", 0)] / DRAFT_STEPS, 3),
+        "draft_step_ms": round(ms[("draft", DRAFT_STEPS)] / DRAFT_STEPS, 3),
+        "draft_first_ms": round(ms[("draft", 1)], 3),
+        "draft_next_ms": round(max(ms[("draft", DRAFT_STEPS)] - ms[("draft", 1)], 0.0) / (DRAFT_STEPS - 1), 3),
         "draft_vocab": None if vocab is None else int(vocab.numel()),
         "lm_head_ms": round(ms[("lm_head", 0)], 3),
         "prefill_ms": round(prefill_ms, 3),
@@ -186,7 +194,7 @@ def table(costs: dict) -> str:
     """The Markdown table of ``costs.json`` (one row per engine)."""
     from .report import engine_label
 
-    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | tree +1 / +2 branches ms | draft step ms | draft ÷ forward | LM head ms (greedy / full) | prefill ms | build s | compile s |",
+    rows = ["| engine | forward ms (1 / 2 / 4 / 8 / 16 tokens) | 8 ÷ 1 | verify ms (1 / 8 tokens) | tree +1 / +2 branches ms | draft step ms (first / next) | draft ÷ forward | LM head ms (greedy / full) | prefill ms | build s | compile s |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, e in costs.items():
         if not isinstance(e, dict) or "forward_ms" not in e:
@@ -199,7 +207,8 @@ def table(costs: dict) -> str:
         tree = f"{tree[1]:.2f} / {tree[2]:.2f}" if tree else "–"
         head = f"{e['lm_head_ms']:.2f}" + (f" / {e['full_head_ms']:.2f}" if "full_head_ms" in e else "")
         prefill = f"{e['prefill_ms']:.0f} ({e['context']} tokens)" if "prefill_ms" in e else "–"  # older files have none
+        draft = f"{e['draft_step_ms']:.2f}" + (f" ({e['draft_first_ms']:.2f} / {e['draft_next_ms']:.2f})" if "draft_first_ms" in e else "")
         rows.append(f"| {name}: {engine_label(cfg)} | {' / '.join(f'{f[k]:.1f}' for k in ROWS)} | "
-                    f"{e['forward_ratio_8_to_1']:.2f} | {v[1]:.1f} / {v[8]:.1f} | {tree} | {e['draft_step_ms']:.2f} | "
+                    f"{e['forward_ratio_8_to_1']:.2f} | {v[1]:.1f} / {v[8]:.1f} | {tree} | {draft} | "
                     f"{e['draft_to_forward']:.2f} | {head} | {prefill} | {cfg.get('build_s', 0):.1f} | {compiled:.0f} |")
     return "\n".join(rows)
