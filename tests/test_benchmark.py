@@ -167,6 +167,23 @@ def test_speed_and_accepted_tokens_recomputed_from_answer_files_alone(bench_run)
             assert m["tokens_per_s"] == pytest.approx(mean(speeds), rel=1e-9)
             assert m["speedup"] == pytest.approx(mean(speeds) / mean(speeds0), rel=1e-9)
             assert m["compression_rate"] == pytest.approx(mean(accept), rel=1e-9)
+            # time to first token (our decoders record it; transformers' generate does not) and what follows it
+            choices = [r["choices"][0] for r in rows if keep(r)]
+            if method.startswith("ar-hf") or method == "pld":
+                assert all("first_token_time" not in c for c in choices) and m.get("prefill_share") is None
+                continue
+            assert all(0 < f < w for c in choices for f, w in zip(c["first_token_time"], c["wall_time"]))
+            first = sum(f for c in choices for f in c["first_token_time"])
+            assert m["prefill_share"] == pytest.approx(first / sum(sum(c["wall_time"]) for c in choices), rel=1e-9)
+            decode = mean((sum(c["new_tokens"]) - len(c["new_tokens"])) / (sum(c["wall_time"]) - sum(c["first_token_time"]))
+                          for c in choices)
+            assert m["decode_tokens_per_s"] == pytest.approx(decode, rel=1e-9)
+            base = summary["methods"][baseline]["overall" if group == "overall" else "by_category"]
+            base = base if group == "overall" else base[group]
+            if base.get("decode_tokens_per_s"):  # a transformers baseline records no first-token time
+                assert m["decode_speedup"] == pytest.approx(decode / base["decode_tokens_per_s"], rel=1e-9)
+            else:
+                assert m["decode_speedup"] is None
 
 
 def test_ctar_and_rounds_by_hand():

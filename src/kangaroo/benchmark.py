@@ -172,7 +172,7 @@ def run_methods(km, methods, questions, max_new_tokens: int, warmup: int = 1):
         for m in methods[i % len(methods):] + methods[: i % len(methods)]:
             m.new_conversation()  # no prompt kept from the warm-up or the last question; turns may reuse
             messages, turns, new_tokens, wall, accept, drafts, token_ids, turn_prompts = [], [], [], [], [], [], [], []
-            sources, cached = [], []
+            sources, cached, first = [], [], []
             for turn in q["turns"]:
                 messages.append({"role": "user", "content": turn})
                 ids = _encode(km, messages)
@@ -193,11 +193,14 @@ def run_methods(km, methods, questions, max_new_tokens: int, warmup: int = 1):
                 token_ids.append(r.token_ids)
                 turn_prompts.append(ids[0].tolist())
                 cached.append(r.cached_tokens)
+                first.append(r.first_token_s)
             choice = {"index": 0, "turns": turns, "new_tokens": new_tokens, "wall_time": wall, "accept_lengths": accept}
             if m.reports_drafts:
                 choice["draft_lengths"] = drafts
             if sources:
                 choice["draft_sources"] = sources
+            if None not in first:
+                choice["first_token_time"] = first
             choice["cached_tokens"] = cached  # ours: prompt tokens per turn kept from the turn before
             choice.update(token_ids=token_ids, identical=None, mismatch=None)
             answers[m.name].append({

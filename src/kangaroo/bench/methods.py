@@ -31,6 +31,7 @@ class Run:
     draft_lengths: list[int] | None = None  # drafts verified per target forward (0 for the prefill)
     draft_sources: list[str] | None = None  # where each round's drafts came from ("adapter", "lookup"; "" = none)
     cached_tokens: int = 0  # prompt tokens kept from the previous turn, not prefilled again
+    first_token_s: float | None = None  # from the call to the first new token: the prefill (our decoders)
 
 
 @dataclass
@@ -113,6 +114,7 @@ class _OurDecoder(Method):
             draft_lengths=[s.drafted for s in result.steps] if self.reports_drafts else None,
             draft_sources=[s.source if s.drafted else "" for s in result.steps] if self.reports_drafts else None,
             cached_tokens=result.cached_tokens,
+            first_token_s=result.prefill_s,
         )
 
 

@@ -7,6 +7,7 @@ Answer records use Spec-Bench's ``model_answer`` layout (one JSON object per que
                   "accept_lengths": [int],                  # Spec-Bench: tokens per target forward
                   "draft_lengths": [int] | absent,          # ours: drafts verified per target forward
                   "cached_tokens": [int] | absent,          # ours: prompt tokens per turn kept from the turn before
+                  "first_token_time": [float] | absent,     # ours: seconds from the call to each turn's first token
                   "token_ids": [[int]], "identical": bool | null, "mismatch": {...} | null}]}
 
 Definitions (Spec-Bench's ``evaluation/speed.py`` for the first three):
@@ -14,6 +15,10 @@ Definitions (Spec-Bench's ``evaluation/speed.py`` for the first three):
 - **tokens/s** of a method on a set of answers: the mean over answers of
   ``sum(new_tokens) / sum(wall_time)`` (an answer's turns pooled; warm-up excluded by the runner).
 - **speedup**: tokens/s of the method ÷ tokens/s of the baseline on the same answers.
+- **prefill share**: time to each turn's first token (the prefill, which every method pays alike)
+  ÷ wall time, pooled; **decoding tokens/s**: the same mean as tokens/s over what follows the first
+  token, ``(sum(new_tokens) - turns) / (sum(wall_time) - sum(first_token_time))``, and **decoding
+  speedup** its ratio to the baseline's (methods that record first-token times only).
 - **compression rate** (Spec-Bench's "#Mean accepted tokens"): the mean of all ``accept_lengths``
   pooled over answers = new tokens ÷ target forwards, the prefill forward and the bonus token
   counted. Autoregressive decoding has exactly 1.00.
@@ -45,6 +50,12 @@ def answer_speed(answer: dict) -> float:
     return sum(choice["new_tokens"]) / t if t > 0 else 0.0
 
 
+def _decode_speed(choice: dict) -> float:
+    """Tokens after each turn's first ÷ the time after it, turns pooled (one answer)."""
+    t = sum(choice["wall_time"]) - sum(choice["first_token_time"])
+    return (sum(choice["new_tokens"]) - len(choice["new_tokens"])) / t if t > 0 else 0.0
+
+
 def group_metrics(answers: list[dict], max_steps: int) -> dict:
     """Metrics of one method over a set of answers (see the module docstring)."""
     if not answers:
@@ -63,6 +74,10 @@ def group_metrics(answers: list[dict], max_steps: int) -> dict:
         "ctar": None,
         "mean_draft_length": None,
     }
+    if all(c.get("first_token_time") is not None for c in choices):
+        first = sum(sum(c["first_token_time"]) for c in choices)
+        m["prefill_share"] = first / m["wall_time"] if m["wall_time"] else None
+        m["decode_tokens_per_s"] = mean(_decode_speed(c) for c in choices)
     if has_drafts:
         rs = [r for c in choices for r in verification_rounds(c)]
         drafted = sum(d for d, _ in rs)
@@ -147,12 +162,13 @@ def summarize(answers: dict[str, list[dict]], max_steps: int | dict[str, int]) -
     baseline = max(ran, key=lambda b: methods[b]["overall"]["tokens_per_s"]) if ran else None
     for name, entry in methods.items():
         for m in (entry["overall"], *entry["by_category"].values()):
-            for b, key in ((baseline, "speedup"), ("ar-hf", "speedup_vs_ar_hf"), ("ar", "speedup_vs_ar")):
-                if b not in methods:
-                    m[key] = None
-                    continue
-                ref = methods[b]["overall"] if m is entry["overall"] else _same_task(methods[b], entry, m)
-                m[key] = m["tokens_per_s"] / ref["tokens_per_s"] if ref and ref["tokens_per_s"] else None
+            for b, key, rate in ((baseline, "speedup", "tokens_per_s"), ("ar-hf", "speedup_vs_ar_hf", "tokens_per_s"),
+                                 ("ar", "speedup_vs_ar", "tokens_per_s"), (baseline, "decode_speedup", "decode_tokens_per_s")):
+                ref = None
+                if b in methods:
+                    ref = methods[b]["overall"] if m is entry["overall"] else _same_task(methods[b], entry, m)
+                mine, theirs = m.get(rate), (ref or {}).get(rate)
+                m[key] = mine / theirs if mine is not None and theirs else None
     return {"baseline": baseline, "tasks": tasks, "methods": methods}
 
 

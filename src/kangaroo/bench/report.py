@@ -44,15 +44,15 @@ def _pct(v) -> str:
 def overall_table(summary: dict) -> str:
     base = summary.get("baseline")
     rows = [
-        f"| Method | Tokens/s | Speedup vs {base or 'AR'} | Speedup vs ar-hf | Mean accepted tokens | Acceptance rate | Mean draft length | Identical to AR |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| Method | Tokens/s | Speedup vs {base or 'AR'} | Speedup vs ar-hf | Prefill share | Decoding speedup | Mean accepted tokens | Acceptance rate | Mean draft length | Identical to AR |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, entry in summary["methods"].items():
         m = entry["overall"]
         ident = "reference" if name == summary.get("reference") else _pct(m.get("identical_fraction"))
         rows.append(
             f"| `{name}` | {_f(m['tokens_per_s'])} | {_x(m.get('speedup'))} | {_x(m.get('speedup_vs_ar_hf'))} | "
-            f"{_f(m.get('compression_rate'))} | {_pct(m.get('acceptance_rate'))} | {_f(m.get('mean_draft_length'))} | {ident} |"
+            f"{_pct(m.get('prefill_share'))} | {_x(m.get('decode_speedup'))} | {_f(m.get('compression_rate'))} | {_pct(m.get('acceptance_rate'))} | {_f(m.get('mean_draft_length'))} | {ident} |"
         )
     return "\n".join(rows)
 
@@ -165,6 +165,9 @@ DEFINITIONS = """\
   `evaluation/speed.py`; **speedup** is the ratio of those means on the same questions. Warm-up excluded; each turn is
   timed around the generate call only. (speed.py counts the baseline's tokens by re-tokenising its text; we count the
   generated ids for every method.)
+- **Prefill share**: time to each turn's first token ÷ wall time (the prefill; the same work for every method on our
+  engine). **Decoding speedup**: tokens after each turn's first ÷ the time after it, against the baseline's (our methods
+  only: transformers' `generate` reports no first-token time).
 - **Mean accepted tokens** (compression rate): new tokens ÷ target forwards, the prefill forward and the bonus token
   counted (Spec-Bench's `accept_lengths` pooled). Autoregressive = 1.00.
 - **Acceptance rate**: accepted drafts ÷ drafts verified. **Mean draft length**: drafts verified per verification round.
