@@ -43,17 +43,14 @@ from .questions import task_of, task_order
 AR_BASELINES = ("ar", "ar-eager", "ar-hf", "ar-hf-static")  # autoregressive baselines; the fastest that ran is the headline baseline
 
 
-def answer_speed(answer: dict) -> float:
-    """new tokens / wall time of one answer, turns pooled (speed.py's per-answer speed)."""
-    choice = answer["choices"][0]
-    t = sum(choice["wall_time"])
-    return sum(choice["new_tokens"]) / t if t > 0 else 0.0
-
-
-def _decode_speed(choice: dict) -> float:
-    """Tokens after each turn's first ÷ the time after it, turns pooled (one answer)."""
-    t = sum(choice["wall_time"]) - sum(choice["first_token_time"])
-    return (sum(choice["new_tokens"]) - len(choice["new_tokens"])) / t if t > 0 else 0.0
+def answer_speed(answer: dict, after_first: bool = False) -> float:
+    """new tokens / wall time of one answer, turns pooled (speed.py's per-answer speed); with
+    ``after_first``, of what follows each turn's first token (the decoding, the prefill left out)."""
+    c = answer["choices"][0]
+    tokens, t = sum(c["new_tokens"]), sum(c["wall_time"])
+    if after_first:
+        tokens, t = tokens - len(c["new_tokens"]), t - sum(c["first_token_time"])
+    return tokens / t if t > 0 else 0.0
 
 
 def group_metrics(answers: list[dict], max_steps: int) -> dict:
@@ -77,7 +74,7 @@ def group_metrics(answers: list[dict], max_steps: int) -> dict:
     if all(c.get("first_token_time") is not None for c in choices):
         first = sum(sum(c["first_token_time"]) for c in choices)
         m["prefill_share"] = first / m["wall_time"] if m["wall_time"] else None
-        m["decode_tokens_per_s"] = mean(_decode_speed(c) for c in choices)
+        m["decode_tokens_per_s"] = mean(answer_speed(a, after_first=True) for a in answers)
     if has_drafts:
         rs = [r for c in choices for r in verification_rounds(c)]
         drafted = sum(d for d, _ in rs)
